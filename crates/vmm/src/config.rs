@@ -1,0 +1,169 @@
+//! The VM configuration: what a worker is started with and what a state file carries first.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::{MAX_MEMORY, MIN_MEMORY};
+
+/// Largest number of vCPUs Ferry gives a VM.
+pub const MAX_VCPUS: u8 = 32;
+
+/// Errors of configuration validation.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Bad VM name.
+    #[error("invalid VM name {0:?}: use 1 to 64 characters from A-Z a-z 0-9 . _ -, not starting with '.'")]
+    BadName(String),
+    /// Bad vCPU count.
+    #[error("invalid vCPU count {0}: must be 1 to {MAX_VCPUS}")]
+    BadVcpus(u8),
+    /// Bad memory size.
+    #[error("invalid memory size {0} MiB: must be {min} to {max} MiB, a multiple of 2", min = MIN_MEMORY >> 20, max = MAX_MEMORY >> 20)]
+    BadMemory(u64),
+    /// Unparsable size string.
+    #[error("invalid size {0:?}: expected a number with an optional K, M or G suffix")]
+    BadSize(String),
+    /// Config JSON did not parse (unknown keys included).
+    #[error("invalid VM config: {0}")]
+    Parse(#[from] serde_json::Error),
+}
+
+/// Everything needed to create a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// VM name, unique on a host.
+    pub name: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Kernel image: Linux bzImage or vmlinux, or a bare-metal 64-bit ELF.
+    pub kernel: PathBuf,
+    /// Optional initramfs (Linux only).
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (given to bare-metal guests in their boot-info block).
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+impl VmConfig {
+    /// Checks the values a user can get wrong.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_name(&self.name)?;
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::BadVcpus(self.vcpus));
+        }
+        let bytes = self.memory_mib.saturating_mul(1 << 20);
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) || !self.memory_mib.is_multiple_of(2) {
+            return Err(ConfigError::BadMemory(self.memory_mib));
+        }
+        Ok(())
+    }
+
+    /// Parses a config from JSON, refusing unknown keys.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let cfg: VmConfig = serde_json::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+/// Checks a VM name (also used as a directory name).
+pub fn validate_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::BadName(name.to_string()))
+    }
+}
+
+/// Parses `256M`, `1G`, `65536K` or a plain number of MiB into MiB.
+pub fn parse_mib(s: &str) -> Result<u64, ConfigError> {
+    let t = s.trim();
+    let bad = || ConfigError::BadSize(s.to_string());
+    let (num, mul_kib): (&str, u64) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1024),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1024 * 1024),
+        _ => (t, 1024),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let kib = n.checked_mul(mul_kib).ok_or_else(bad)?;
+    if !kib.is_multiple_of(1024) {
+        return Err(bad());
+    }
+    Ok(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        VmConfig {
+            name: "vm-1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_mib("256M").unwrap(), 256);
+        assert_eq!(parse_mib("1G").unwrap(), 1024);
+        assert_eq!(parse_mib("64").unwrap(), 64);
+        assert_eq!(parse_mib("2048k").unwrap(), 2);
+        assert!(parse_mib("12X").is_err());
+        assert!(parse_mib("1K").is_err());
+    }
+
+    #[test]
+    fn validation_refuses_bad_values() {
+        assert!(cfg().validate().is_ok());
+        assert!(matches!(
+            VmConfig { vcpus: 0, ..cfg() }.validate(),
+            Err(ConfigError::BadVcpus(0))
+        ));
+        assert!(matches!(
+            VmConfig {
+                memory_mib: 8,
+                ..cfg()
+            }
+            .validate(),
+            Err(ConfigError::BadMemory(8))
+        ));
+        assert!(matches!(
+            VmConfig {
+                name: "../x".into(),
+                ..cfg()
+            }
+            .validate(),
+            Err(ConfigError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let mut v = serde_json::to_value(cfg()).unwrap();
+        v["colour"] = "blue".into();
+        let err = VmConfig::from_json(&v.to_string()).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+}

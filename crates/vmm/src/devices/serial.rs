@@ -1,0 +1,191 @@
+//! COM1: a 16550 UART from `vm-superio`, wired to IRQ 4 through an irqfd, writing the guest's
+//! output to the console log (and the terminal in foreground mode).
+
+use std::fs::File;
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1's first I/O port.
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's interrupt line.
+pub const COM1_IRQ: u32 = 4;
+
+/// Errors of the serial device.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialError {
+    /// The eventfd could not be created or cloned.
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Saved state is not acceptable to the device model.
+    #[error("invalid serial state: {0}")]
+    BadState(String),
+}
+
+/// Signals the guest's interrupt line through an eventfd registered as an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.write(1)
+    }
+}
+
+/// Where console output goes.
+#[derive(Debug, Default)]
+pub struct ConsoleOut {
+    /// The console log file.
+    pub log: Option<File>,
+    /// Whether to copy to standard output too.
+    pub stdout: bool,
+}
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(f) = &mut self.log {
+            // A console log that cannot be written must not stop the guest.
+            let _ = f.write_all(buf);
+        }
+        if self.stdout {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(buf);
+            let _ = o.flush();
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Saved serial state (the registers and the receive FIFO).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Bytes the guest has not read yet.
+    pub in_buffer: Vec<u8>,
+}
+
+/// The COM1 device.
+#[derive(Debug)]
+pub struct SerialDevice {
+    serial: Serial<IrqTrigger, NoEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    /// A new UART in its reset state; `irq` is the eventfd registered as an irqfd.
+    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
+        SerialDevice {
+            serial: Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// A UART with saved registers.
+    pub fn restore(
+        irq: EventFd,
+        out: ConsoleOut,
+        state: &SerialDeviceState,
+    ) -> Result<Self, SerialError> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        Ok(SerialDevice { serial })
+    }
+
+    /// Captures the device state.
+    pub fn save(&self) -> SerialDeviceState {
+        let s = self.serial.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A guest read of register `offset`.
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.serial.read(offset)
+    }
+
+    /// A guest write of register `offset`.
+    pub fn write(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.serial.write(offset, value) {
+            tracing::debug!("serial write: {e:?}");
+        }
+    }
+
+    /// Queues input for the guest (console input), as much as fits.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_with_pending_input() {
+        let mut dev = SerialDevice::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOut::default(),
+        );
+        dev.write(3, 0x83); // DLAB on
+        dev.write(0, 0x0c); // divisor low
+        dev.write(3, 0x03);
+        dev.write(7, 0x5a); // scratch
+        dev.write(1, 0x01); // IER: receive interrupts
+        assert_eq!(dev.enqueue_input(b"hi"), 2);
+        let saved = dev.save();
+        let mut back = SerialDevice::restore(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOut::default(),
+            &saved,
+        )
+        .unwrap();
+        assert_eq!(back.save(), saved);
+        assert_eq!(back.read(7), 0x5a);
+        assert_eq!(back.read(0), b'h');
+        assert_eq!(saved.baud_divisor_low, 0x0c);
+    }
+}

@@ -1,0 +1,749 @@
+//! A running VM: KVM VM + RAM + vCPU threads + devices, with pause/resume and complete
+//! save/restore.
+//!
+//! vCPU threads own nothing but their loop: each vCPU fd sits in a mutex that its thread holds
+//! only while in `KVM_RUN` and handling the exit, so a paused machine can read every vCPU's
+//! state from the controlling thread. Pausing kicks each thread out of `KVM_RUN` with a signal
+//! whose handler sets `immediate_exit`, so a kick that lands just before `KVM_RUN` is not lost,
+//! and completes any pending port I/O before parking.
+
+use std::cell::Cell;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_cpuid_entry2, kvm_run};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, KernelKind};
+use crate::config::VmConfig;
+use crate::cpuid;
+use crate::devices::serial::{ConsoleOut, SerialDevice, SerialDeviceState, COM1_BASE, COM1_IRQ};
+use crate::memory::{GuestRam, PAGE_SIZE};
+use crate::snapshot::{self, SnapshotReader, SnapshotWriter};
+use crate::vcpu::{self, VcpuState};
+use crate::vm::{self, VmState};
+
+/// Errors of machine life-cycle operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Invalid configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// VM-level KVM failure.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// vCPU-level KVM failure.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// CPUID.
+    #[error(transparent)]
+    Cpuid(#[from] cpuid::CpuidError),
+    /// Boot.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Serial device.
+    #[error(transparent)]
+    Serial(#[from] crate::devices::serial::SerialError),
+    /// State file.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// The saved guest saw CPU features this host lacks.
+    #[error("this host cannot run the saved guest: it lacks {}", .0.join(", "))]
+    IncompatibleCpu(Vec<String>),
+    /// Thread creation / eventfd / signal setup.
+    #[error("cannot set up the vCPU threads")]
+    Threads(#[source] std::io::Error),
+    /// Operation needs another state.
+    #[error("the VM is {0}")]
+    WrongState(RunState),
+    /// vCPUs did not stop in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// The state file's VM does not match what it says.
+    #[error("state file is corrupted: {0}")]
+    Inconsistent(String),
+}
+
+/// Life-cycle state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// vCPUs are running.
+    Running,
+    /// vCPUs are parked.
+    Paused,
+    /// vCPUs have exited.
+    Stopped,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Stopped => "stopped",
+        })
+    }
+}
+
+/// Why the vCPUs stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    /// Asked to stop.
+    Requested,
+    /// The guest shut down, reset or triple-faulted.
+    GuestShutdown,
+    /// KVM could not run the guest.
+    Error(String),
+}
+
+/// The complete VM state saved to a file (memory travels separately, in MEMR).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeviceStates {
+    /// COM1.
+    pub serial: SerialDeviceState,
+}
+
+#[derive(Debug)]
+struct Control {
+    target: RunState,
+    parked: usize,
+    exited: usize,
+    reason: Option<StopReason>,
+}
+
+struct Shared {
+    ctl: Mutex<Control>,
+    cv: Condvar,
+    serial: Mutex<SerialDevice>,
+    nvcpus: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Control> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn request_stop(&self, reason: StopReason) {
+        let mut c = self.lock();
+        if c.target != RunState::Stopped {
+            c.target = RunState::Stopped;
+            c.reason.get_or_insert(reason);
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// Report of a save.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SaveReport {
+    /// State file size in bytes.
+    pub file_bytes: u64,
+    /// Bytes of RAM stored (non-zero pages).
+    pub memory_bytes: u64,
+    /// How long the VM was paused for the save.
+    pub duration_ms: u64,
+}
+
+/// A VM with its vCPU threads.
+pub struct Machine {
+    config: VmConfig,
+    kind: KernelKind,
+    _kvm: Kvm,
+    vm: VmFd,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    shared: Arc<Shared>,
+    msr_list: Vec<u32>,
+    cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+    ram: Arc<GuestRam>,
+}
+
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN_PTR.with(Cell::get);
+    if !p.is_null() {
+        // SAFETY: `p` is this thread's own kvm_run mapping, set by the vCPU thread before it
+        // first runs and valid until the vCPU fd (which the thread keeps alive) is dropped; a
+        // volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*p).immediate_exit).write_volatile(1) };
+    }
+}
+
+fn install_kick_handler() -> Result<(), MachineError> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), handle_kick)
+            .map_err(|e| MachineError::Threads(std::io::Error::from_raw_os_error(e.errno())));
+    });
+    result
+}
+
+impl Machine {
+    /// Creates a VM from `config`, boots its image and starts the vCPUs.
+    pub fn boot(config: VmConfig, console: ConsoleOut) -> Result<Machine, MachineError> {
+        config.validate()?;
+        let kind = boot::detect(&config.kernel)?;
+        if let Some(i) = &config.initrd {
+            std::fs::metadata(i).map_err(|source| boot::BootError::Read {
+                path: i.clone(),
+                source,
+            })?;
+        }
+        let ram = GuestRam::new(&config.name, config.memory_bytes())?;
+        let (kvm, vmfd) = vm::create(&ram)?;
+        let supported = cpuid::supported(&kvm)?;
+        let mut fds = Vec::new();
+        let mut cpuids = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vmfd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            let c = cpuid::for_vcpu(&supported, id, config.vcpus)?;
+            fd.set_cpuid2(&c)
+                .map_err(|e| vm::VmError::Kvm("KVM_SET_CPUID2", e))?;
+            cpuids.push(c.as_slice().to_vec());
+            fds.push(fd);
+        }
+        let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
+        boot::long_mode::write_tables(&ram)?;
+        let entry = match kind {
+            KernelKind::BareMetal => boot::bare_metal::load(
+                &ram,
+                &config.kernel,
+                &config.cmdline,
+                config.vcpus,
+                tsc_khz,
+            )?,
+            _ => {
+                boot::mptable::write(&ram, config.vcpus)?;
+                boot::linux::load(
+                    &ram,
+                    kind,
+                    &config.kernel,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                )?
+            }
+        };
+        for (id, fd) in fds.iter().enumerate() {
+            if id > 0 && !entry.all_vcpus {
+                continue; // APs wait for INIT/SIPI in the in-kernel LAPIC
+            }
+            let mut sregs = fd
+                .get_sregs()
+                .map_err(|e| vm::VmError::Kvm("KVM_GET_SREGS", e))?;
+            boot::long_mode::setup_sregs(&mut sregs);
+            fd.set_sregs(&sregs)
+                .map_err(|e| vm::VmError::Kvm("KVM_SET_SREGS", e))?;
+            let (rsp, rdi, rsi) = if entry.all_vcpus {
+                let top = boot::layout::BARE_STACK_TOP - id as u64 * boot::layout::BARE_STACK_SIZE;
+                (top, entry.boot_params, id as u64)
+            } else {
+                (boot::layout::BARE_STACK_TOP, 0, entry.boot_params)
+            };
+            let regs = boot::long_mode::entry_regs(entry.rip, rsp, rdi, rsi);
+            fd.set_regs(&regs)
+                .map_err(|e| vm::VmError::Kvm("KVM_SET_REGS", e))?;
+            fd.set_fpu(&boot::long_mode::initial_fpu())
+                .map_err(|e| vm::VmError::Kvm("KVM_SET_FPU", e))?;
+            if id > 0 {
+                // With the in-kernel LAPIC an AP waits for INIT/SIPI unless made runnable.
+                let runnable = kvm_bindings::kvm_mp_state {
+                    mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+                };
+                fd.set_mp_state(runnable)
+                    .map_err(|e| vm::VmError::Kvm("KVM_SET_MP_STATE", e))?;
+            }
+        }
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
+        vmfd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+        let serial = SerialDevice::new(serial_irq, console);
+        let m = Machine::assemble(config, kind, kvm, vmfd, fds, cpuids, serial, ram)?;
+        m.start_threads(RunState::Running)?;
+        Ok(m)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        config: VmConfig,
+        kind: KernelKind,
+        kvm: Kvm,
+        vmfd: VmFd,
+        fds: Vec<VcpuFd>,
+        cpuids: Vec<Vec<kvm_cpuid_entry2>>,
+        serial: SerialDevice,
+        ram: GuestRam,
+    ) -> Result<Machine, MachineError> {
+        let msr_list = vcpu::saveable_msrs(&kvm, &fds[0])?;
+        let nvcpus = fds.len();
+        Ok(Machine {
+            config,
+            kind,
+            _kvm: kvm,
+            vm: vmfd,
+            vcpus: fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect(),
+            threads: Mutex::new(Vec::new()),
+            shared: Arc::new(Shared {
+                ctl: Mutex::new(Control {
+                    target: RunState::Paused,
+                    parked: 0,
+                    exited: 0,
+                    reason: None,
+                }),
+                cv: Condvar::new(),
+                serial: Mutex::new(serial),
+                nvcpus,
+            }),
+            msr_list,
+            cpuids,
+            ram: Arc::new(ram),
+        })
+    }
+
+    fn start_threads(&self, initial: RunState) -> Result<(), MachineError> {
+        install_kick_handler()?;
+        self.shared.lock().target = initial;
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = Arc::clone(fd);
+            let shared = Arc::clone(&self.shared);
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu_loop(id, &fd, &shared))
+                .map_err(MachineError::Threads)?;
+            threads.push(t);
+        }
+        drop(threads);
+        if initial == RunState::Paused {
+            self.wait_parked(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Restores a VM from a state file; vCPUs start running unless `paused`.
+    pub fn restore(
+        path: &Path,
+        name: Option<&str>,
+        console: ConsoleOut,
+        paused: bool,
+    ) -> Result<Machine, MachineError> {
+        let mut r = SnapshotReader::open(path)?;
+        let conf = r.section(snapshot::MAX_CONFIG)?;
+        let text = String::from_utf8(conf)
+            .map_err(|_| MachineError::Inconsistent("config is not UTF-8".into()))?;
+        let saved: SavedConfig = serde_json::from_str(&text)
+            .map_err(|e| MachineError::Inconsistent(format!("config: {e}")))?;
+        let mut config = saved.config;
+        if let Some(n) = name {
+            config.name = n.to_string();
+        }
+        config.validate()?;
+        let states: Vec<VcpuState> = r.decode()?;
+        let vm_state: VmState = r.decode()?;
+        let devs: DeviceStates = r.decode()?;
+        if states.len() != usize::from(config.vcpus)
+            || states
+                .iter()
+                .enumerate()
+                .any(|(i, s)| usize::from(s.id) != i)
+        {
+            return Err(MachineError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                states.len(),
+                config.vcpus
+            )));
+        }
+        let ram = GuestRam::new(&config.name, config.memory_bytes())?;
+        let (kvm, vmfd) = vm::create(&ram)?;
+        let host = cpuid::supported(&kvm)?;
+        let missing = cpuid::incompatibilities(&states[0].cpuid, host.as_slice());
+        if !missing.is_empty() {
+            return Err(MachineError::IncompatibleCpu(missing));
+        }
+        r.memory(&ram)?;
+        r.finish()?;
+        let mut fds = Vec::new();
+        for s in &states {
+            let fd = vmfd
+                .create_vcpu(u64::from(s.id))
+                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            fds.push(fd);
+        }
+        vm::restore(&vmfd, &vm_state)?;
+        for (fd, s) in fds.iter().zip(&states) {
+            vcpu::restore(fd, s)?;
+        }
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
+        vmfd.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+        let serial = SerialDevice::restore(serial_irq, console, &devs.serial)?;
+        let cpuids = states.iter().map(|s| s.cpuid.clone()).collect();
+        let m = Machine::assemble(config, saved.kind, kvm, vmfd, fds, cpuids, serial, ram)?;
+        m.start_threads(if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        })?;
+        Ok(m)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The kind of image booted.
+    pub fn kernel_kind(&self) -> KernelKind {
+        self.kind
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Current life-cycle state.
+    pub fn state(&self) -> RunState {
+        let c = self.shared.lock();
+        if c.exited > 0 || c.target == RunState::Stopped {
+            RunState::Stopped
+        } else if c.target == RunState::Paused && c.parked == self.shared.nvcpus {
+            RunState::Paused
+        } else {
+            RunState::Running
+        }
+    }
+
+    /// Why the VM stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.shared.lock().reason.clone()
+    }
+
+    fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter() {
+            // SAFETY: the pthread handle belongs to a thread we spawned and have not joined
+            // (joining takes this lock), so it is valid; the signal has a handler installed.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    fn wait_parked(&self, timeout: Duration) -> Result<(), MachineError> {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.shared.lock();
+        while c.parked + c.exited < self.shared.nvcpus {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(MachineError::PauseTimeout(timeout));
+            }
+            c = self
+                .shared
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if c.exited > 0 {
+            return Err(MachineError::WrongState(RunState::Stopped));
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU outside `KVM_RUN`. Returns whether it was running.
+    pub fn pause(&self) -> Result<bool, MachineError> {
+        {
+            let mut c = self.shared.lock();
+            match c.target {
+                RunState::Stopped => return Err(MachineError::WrongState(RunState::Stopped)),
+                RunState::Paused => return Ok(false),
+                RunState::Running => c.target = RunState::Paused,
+            }
+        }
+        self.kick_all();
+        self.wait_parked(Duration::from_secs(10))?;
+        Ok(true)
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) -> Result<(), MachineError> {
+        let mut c = self.shared.lock();
+        match c.target {
+            RunState::Stopped => Err(MachineError::WrongState(RunState::Stopped)),
+            _ => {
+                c.target = RunState::Running;
+                self.shared.cv.notify_all();
+                Ok(())
+            }
+        }
+    }
+
+    /// Captures vCPU, VM and device state (the VM must be paused).
+    pub fn capture(&self) -> Result<(Vec<VcpuState>, VmState, DeviceStates), MachineError> {
+        if self.state() != RunState::Paused {
+            return Err(MachineError::WrongState(self.state()));
+        }
+        let mut states = Vec::new();
+        for (id, fd) in self.vcpus.iter().enumerate() {
+            let fd = fd.lock().unwrap_or_else(|p| p.into_inner());
+            let id = u8::try_from(id).unwrap_or(u8::MAX);
+            states.push(vcpu::save(
+                &fd,
+                id,
+                &self.cpuids[usize::from(id)],
+                &self.msr_list,
+            )?);
+        }
+        let vm_state = vm::save(&self.vm)?;
+        let serial = self
+            .shared
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .save();
+        Ok((states, vm_state, DeviceStates { serial }))
+    }
+
+    /// Pauses the VM and writes its complete state to `path` (atomically). On success the VM
+    /// stays paused; on failure it is resumed if it was running, and `path` is untouched.
+    pub fn save(&self, path: &Path) -> Result<SaveReport, MachineError> {
+        let t0 = Instant::now();
+        let was_running = self.pause()?;
+        let result = self.write_state(path);
+        match result {
+            Ok((file_bytes, memory_bytes)) => Ok(SaveReport {
+                file_bytes,
+                memory_bytes,
+                duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            }),
+            Err(e) => {
+                if was_running {
+                    let _ = self.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn write_state(&self, path: &Path) -> Result<(u64, u64), MachineError> {
+        let (states, vm_state, devs) = self.capture()?;
+        let conf = serde_json::to_vec(&SavedConfig {
+            config: self.config.clone(),
+            kind: self.kind,
+        })
+        .map_err(|e| MachineError::Inconsistent(e.to_string()))?;
+        let mut mem_len = 0;
+        let size = snapshot::write_atomically(path, |out| {
+            let mut w = SnapshotWriter::new(out)?;
+            w.section(*b"CONF", &conf)?;
+            w.section(*b"VCPU", &snapshot::encode(&states)?)?;
+            w.section(*b"VMST", &snapshot::encode(&vm_state)?)?;
+            w.section(*b"DEVS", &snapshot::encode(&devs)?)?;
+            mem_len = w.memory(&self.ram)?;
+            w.finish()?;
+            Ok(())
+        })?;
+        Ok((size, mem_len))
+    }
+
+    /// A hash of all guest RAM (for comparing two VMs' memory; pause first for a stable value).
+    pub fn memory_hash(&self) -> Result<u64, MachineError> {
+        let mut h = DefaultHasher::new();
+        let mut buf = vec![0u8; 256 * PAGE_SIZE];
+        for (start, len) in crate::memory::ram_ranges(self.ram.size()) {
+            let mut a = start;
+            while a < start + len {
+                let n = usize::try_from((start + len - a).min(buf.len() as u64)).unwrap_or(0);
+                self.ram.read(a, &mut buf[..n])?;
+                h.write(&buf[..n]);
+                a += n as u64;
+            }
+        }
+        Ok(h.finish())
+    }
+
+    /// Stops the vCPUs for good and joins their threads.
+    pub fn shutdown(&self) {
+        self.shared.request_stop(StopReason::Requested);
+        self.kick_all();
+        self.join();
+    }
+
+    /// Blocks until the vCPUs stop on their own (guest shutdown, error) or `shutdown` is called.
+    pub fn wait(&self) -> StopReason {
+        let mut c = self.shared.lock();
+        while c.target != RunState::Stopped {
+            c = self.shared.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        c.reason.clone().unwrap_or(StopReason::Requested)
+    }
+
+    fn join(&self) {
+        let threads: Vec<_> = self
+            .threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// What the CONF section holds.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedConfig {
+    config: VmConfig,
+    kind: KernelKind,
+}
+
+fn is_interrupted(e: &kvm_ioctls::Error) -> bool {
+    e.errno() == libc::EINTR || e.errno() == libc::EAGAIN
+}
+
+/// Completes pending I/O (KVM finishes an `in` instruction only on the next `KVM_RUN`) so that
+/// the state read while parked is consistent.
+fn flush_pending(fd: &mut VcpuFd) {
+    fd.set_kvm_immediate_exit(1);
+    let _ = fd.run();
+    fd.set_kvm_immediate_exit(0);
+}
+
+fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
+    {
+        let mut f = fd.lock().unwrap_or_else(|p| p.into_inner());
+        let p: *mut kvm_run = f.get_kvm_run();
+        KVM_RUN_PTR.with(|c| c.set(p));
+    }
+    let mut parked = false;
+    loop {
+        {
+            let mut c = shared.lock();
+            loop {
+                match c.target {
+                    RunState::Running => break,
+                    RunState::Paused => {
+                        if !parked {
+                            flush_pending(&mut fd.lock().unwrap_or_else(|p| p.into_inner()));
+                            parked = true;
+                            c.parked += 1;
+                            shared.cv.notify_all();
+                        }
+                        c = shared.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+                    }
+                    RunState::Stopped => {
+                        if parked {
+                            c.parked -= 1;
+                        }
+                        c.exited += 1;
+                        shared.cv.notify_all();
+                        KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+                        return;
+                    }
+                }
+            }
+            if parked {
+                c.parked -= 1;
+                parked = false;
+            }
+        }
+        let mut f = fd.lock().unwrap_or_else(|p| p.into_inner());
+        let stop = match f.run() {
+            Ok(exit) => handle_exit(id, exit, shared),
+            Err(e) if is_interrupted(&e) => {
+                f.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(StopReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
+        };
+        drop(f);
+        if let Some(reason) = stop {
+            shared.request_stop(reason);
+        }
+    }
+}
+
+fn handle_exit(id: usize, exit: VcpuExit<'_>, shared: &Shared) -> Option<StopReason> {
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            if (COM1_BASE..COM1_BASE + 8).contains(&port) {
+                if let Some(&b) = data.first() {
+                    let off = u8::try_from(port - COM1_BASE).unwrap_or(0);
+                    shared
+                        .serial
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .write(off, b);
+                }
+            } else if port == 0x64 && data.first() == Some(&0xfe) {
+                return Some(StopReason::GuestShutdown); // i8042 reset line
+            }
+            None
+        }
+        VcpuExit::IoIn(port, data) => {
+            if (COM1_BASE..COM1_BASE + 8).contains(&port) {
+                let off = u8::try_from(port - COM1_BASE).unwrap_or(0);
+                let v = shared
+                    .serial
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off);
+                data.fill(0);
+                if let Some(b) = data.first_mut() {
+                    *b = v;
+                }
+            } else {
+                data.fill(0xff); // nothing there
+            }
+            None
+        }
+        VcpuExit::MmioRead(_, data) => {
+            data.fill(0xff);
+            None
+        }
+        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::Shutdown => Some(StopReason::GuestShutdown),
+        VcpuExit::SystemEvent(t, _) => {
+            tracing::info!(vcpu = id, "guest system event {t}");
+            Some(StopReason::GuestShutdown)
+        }
+        VcpuExit::FailEntry(reason, cpu) => Some(StopReason::Error(format!(
+            "vCPU {id}: KVM entry failed (reason {reason:#x}, cpu {cpu})"
+        ))),
+        VcpuExit::InternalError => Some(StopReason::Error(format!(
+            "vCPU {id}: KVM internal error (emulation failed)"
+        ))),
+        other => {
+            tracing::warn!(vcpu = id, "unhandled exit {other:?}");
+            None
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Guest RAM: one memfd, mapped shared, registered with KVM through `vm-memory`.
+//!
+//! The memfd makes the RAM a file another process could map (a future live-migration receiver
+//! or a memory-inspection tool); the shared mapping means what KVM and the VMM see is that file.
+//! Layout: RAM from 0 up to the 32-bit MMIO gap (3 GiB), the rest from 4 GiB.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+/// The guest memory type used everywhere in Ferry.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Page size Ferry tracks and transfers memory in.
+pub const PAGE_SIZE: usize = 4096;
+/// Start of the 32-bit MMIO gap (IOAPIC, LAPIC, device windows).
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// End of the 32-bit MMIO gap.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Smallest guest Ferry accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest guest Ferry accepts.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Errors of guest memory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Size out of range.
+    #[error("guest memory of {0} bytes is out of range (16 MiB to 1 TiB, a multiple of 2 MiB)")]
+    BadSize(u64),
+    /// memfd_create / ftruncate failed.
+    #[error("cannot create the guest memory file")]
+    Memfd(#[source] std::io::Error),
+    /// Mapping failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
+    /// An access out of guest memory.
+    #[error("guest memory access at {addr:#x} (+{len}) is outside guest RAM")]
+    OutOfRange {
+        /// Guest physical address.
+        addr: u64,
+        /// Length.
+        len: usize,
+    },
+}
+
+/// Guest RAM and the memfd behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    memfd: File,
+    size: u64,
+    mem: GuestMemoryMmap,
+}
+
+/// The guest-physical ranges `size` bytes of RAM occupy: (start, length).
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of zeroed guest RAM in a new memfd named after the VM.
+    pub fn new(name: &str, size: u64) -> Result<Self, MemoryError> {
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&size) || !size.is_multiple_of(2 << 20) {
+            return Err(MemoryError::BadSize(size));
+        }
+        let cname = CString::new(format!("ferry-ram-{name}").replace('\0', "_"))
+            .map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
+        // SAFETY: cname is a valid NUL-terminated string; the flags are valid for memfd_create.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by nobody else.
+        let memfd = unsafe { File::from_raw_fd(fd) };
+        memfd.set_len(size).map_err(MemoryError::Memfd)?;
+        let mut regions = Vec::new();
+        let mut file_off = 0u64;
+        for (start, len) in ram_ranges(size) {
+            let len_usize = usize::try_from(len).map_err(|_| MemoryError::BadSize(size))?;
+            let fo = FileOffset::new(memfd.try_clone().map_err(MemoryError::Memfd)?, file_off);
+            let region = GuestRegionMmap::from_range(GuestAddress(start), len_usize, Some(fo))
+                .map_err(|e| MemoryError::Map(e.to_string()))?;
+            regions.push(region);
+            file_off += len;
+        }
+        let mem =
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        Ok(GuestRam { memfd, size, mem })
+    }
+
+    /// Total RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The `vm-memory` view of the RAM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The memfd holding the RAM.
+    pub fn memfd(&self) -> &File {
+        &self.memfd
+    }
+
+    /// Calls `f(slot, guest_addr, len, host_addr)` for every RAM region.
+    pub fn for_each_region<E>(
+        &self,
+        mut f: impl FnMut(u32, u64, u64, u64) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map(|p| p as u64)
+                .unwrap_or(0);
+            let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+            f(slot, region.start_addr().raw_value(), region.len(), host)?;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf.len()` bytes at `addr` into `buf`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| MemoryError::OutOfRange {
+                addr,
+                len: buf.len(),
+            })
+    }
+
+    /// Copies `buf` into guest memory at `addr`.
+    pub fn write(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.mem
+            .write_slice(buf, GuestAddress(addr))
+            .map_err(|_| MemoryError::OutOfRange {
+                addr,
+                len: buf.len(),
+            })
+    }
+
+    /// Whether `[addr, addr + len)` lies entirely in RAM.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        ram_ranges(self.size)
+            .iter()
+            .any(|&(s, l)| addr >= s && addr.checked_add(len).is_some_and(|e| e <= s + l))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_splits_around_the_mmio_gap() {
+        assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
+        );
+    }
+
+    #[test]
+    fn ram_is_a_shared_memfd_mapping() {
+        use std::os::unix::fs::FileExt;
+        let ram = GuestRam::new("t", 32 << 20).unwrap();
+        ram.write(0x1000, b"ferry").unwrap();
+        let mut buf = [0u8; 5];
+        ram.memfd().read_exact_at(&mut buf, 0x1000).unwrap();
+        assert_eq!(&buf, b"ferry");
+        assert!(ram.write(32 << 20, b"x").is_err());
+        assert!(matches!(
+            GuestRam::new("t", 1 << 20),
+            Err(MemoryError::BadSize(_))
+        ));
+    }
+}

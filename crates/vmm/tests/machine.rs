@@ -1,0 +1,176 @@
+//! Machine tests on the machine's own /dev/kvm with the bare-metal dirtier: boot, pause,
+//! save, restore into a new VM, corruption refused.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmm::devices::serial::ConsoleOut;
+use vmm::machine::{Machine, MachineError, RunState};
+use vmm::VmConfig;
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-vmm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn console(path: &Path) -> ConsoleOut {
+    ConsoleOut {
+        log: Some(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap(),
+        ),
+        stdout: false,
+    }
+}
+
+fn dirtier(name: &str, vcpus: u8) -> VmConfig {
+    VmConfig {
+        name: name.into(),
+        vcpus,
+        memory_mib: 32,
+        kernel: ferry_guests::dirtier(),
+        initrd: None,
+        cmdline: "mb=2 rate=2000 beat_ms=100".into(),
+    }
+}
+
+/// Beat lines in a console log: (counter, ok).
+fn beats(log: &Path) -> Vec<(u64, bool)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "beat").then_some(())?;
+            let n = w.next()?.parse().ok()?;
+            Some((n, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+fn wait_beats(log: &Path, count: usize) -> Vec<(u64, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let b = beats(log);
+        if b.len() >= count {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} beats after 120 s: {:?}",
+            b.len(),
+            std::fs::read_to_string(log)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn dirtier_saves_and_continues_in_a_new_vm() {
+    for vcpus in [1u8, 2] {
+        let d = tmpdir(&format!("save{vcpus}"));
+        let log1 = d.join("a.log");
+        let m = Machine::boot(dirtier("a", vcpus), console(&log1)).unwrap();
+        let before = wait_beats(&log1, 3);
+        assert!(before.iter().all(|b| b.1), "{before:?}");
+        let state = d.join("a.state");
+        let report = m.save(&state).unwrap();
+        assert_eq!(m.state(), RunState::Paused);
+        let hash = m.memory_hash().unwrap();
+        let last = beats(&log1).last().unwrap().0;
+        m.shutdown();
+        assert!(
+            report.memory_bytes < 32 << 20,
+            "zero pages must not be stored"
+        );
+
+        let log2 = d.join("b.log");
+        let r = Machine::restore(&state, Some("b"), console(&log2), true).unwrap();
+        assert_eq!(r.memory_hash().unwrap(), hash, "restored memory differs");
+        r.resume().unwrap();
+        let after = wait_beats(&log2, 3);
+        assert_eq!(
+            after[0].0,
+            last + 1,
+            "beat counter must continue: {after:?}"
+        );
+        assert!(after.iter().all(|b| b.1), "{after:?}");
+        assert!(after.windows(2).all(|w| w[1].0 == w[0].0 + 1));
+        r.shutdown();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[test]
+fn restoring_twice_gives_identical_memory_and_bad_files_are_refused() {
+    let d = tmpdir("twice");
+    let log = d.join("a.log");
+    let m = Machine::boot(dirtier("a", 1), console(&log)).unwrap();
+    wait_beats(&log, 2);
+    let state = d.join("a.state");
+    m.save(&state).unwrap();
+    m.shutdown();
+    let r1 = Machine::restore(&state, Some("r1"), console(&d.join("r1.log")), true).unwrap();
+    let r2 = Machine::restore(&state, Some("r2"), console(&d.join("r2.log")), true).unwrap();
+    assert_eq!(r1.memory_hash().unwrap(), r2.memory_hash().unwrap());
+    drop((r1, r2));
+
+    let bytes = std::fs::read(&state).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("corrupted", {
+            let mut b = bytes.clone();
+            let i = b.len() - 5000;
+            b[i] ^= 1;
+            b
+        }),
+        (
+            "foreign",
+            b"PK\x03\x04 this is a zip file, not a state file".to_vec(),
+        ),
+        ("version", {
+            let mut b = bytes.clone();
+            b[8] = 9;
+            b
+        }),
+    ];
+    for (what, content) in cases {
+        let p = d.join(what);
+        std::fs::write(&p, content).unwrap();
+        let err = Machine::restore(&p, None, ConsoleOut::default(), true)
+            .err()
+            .unwrap();
+        let msg = err.to_string();
+        assert!(matches!(err, MachineError::Snapshot(_)), "{what}: {msg}");
+        let expect = match what {
+            "truncated" => "truncated",
+            "corrupted" => "checksum",
+            "foreign" => "not a Ferry state file",
+            _ => "not supported",
+        };
+        assert!(msg.contains(expect), "{what}: {msg}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn failed_save_leaves_the_vm_running() {
+    let d = tmpdir("fail");
+    let log = d.join("a.log");
+    let m = Machine::boot(dirtier("a", 1), console(&log)).unwrap();
+    wait_beats(&log, 2);
+    // A directory that does not exist: the write fails before any byte.
+    let err = m.save(&d.join("missing/dir/a.state")).unwrap_err();
+    assert!(matches!(err, MachineError::Snapshot(_)), "{err}");
+    assert_eq!(m.state(), RunState::Running);
+    let n = beats(&log).len();
+    let b = wait_beats(&log, n + 2);
+    assert!(b.iter().all(|x| x.1));
+    m.shutdown();
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -1,0 +1,282 @@
+/*
+ * Ferry's bare-metal dirtier: a tiny guest for migration tests on any KVM, including the
+ * machine's slow emulating one.
+ *
+ * Every vCPU fills its share of a buffer with a pattern derived from the page index (no zero
+ * pages), then rewrites byte 0 of its pages round-robin at a set rate, keeping a running checksum
+ * (sum over pages of byte0 * (page + 1)) in guest memory. vCPU 0 prints, every `beat_ms`:
+ *     beat <n> ok
+ * after re-verifying the checksum of every vCPU's share and the full pattern of a rotating
+ * window of pages, or `beat <n> BAD <reason>` on any mismatch or a stalled vCPU.
+ *
+ * Parameters come from the command line in the boot-info block: `mb=<MiB> rate=<pages/s>
+ * beat_ms=<ms>` (defaults: mb=4, rate=2000, beat_ms=200). rate=0 dirties as fast as it can.
+ */
+#include <stdint.h>
+
+#define PAGE 4096UL
+#define WORDS (PAGE / 8)
+#define MAX_CPUS 64
+#define VERIFY_WINDOW 8
+#define BOOT_MAGIC 0x544f4f4259525245ULL /* "ERRYBOOT" little endian of FERRY boot */
+
+struct boot_info {
+	uint64_t magic;
+	uint64_t mem_size;      /* bytes of guest RAM below 4 GiB usable by the guest */
+	uint64_t free_start;    /* first free byte after the image */
+	uint64_t tsc_khz;
+	uint64_t cmdline;       /* guest-physical address of a NUL-terminated string */
+	uint32_t nr_cpus;
+	uint32_t reserved;
+};
+
+struct cpu_slot {
+	volatile uint64_t started;
+	volatile uint64_t progress;   /* pages written so far */
+	volatile uint64_t csum;       /* running checksum of this vCPU's share */
+	volatile uint64_t first_page;
+	volatile uint64_t npages;
+	volatile uint64_t pos;
+};
+
+static struct cpu_slot slots[MAX_CPUS];
+static volatile uint64_t beat_counter;
+static volatile uint64_t fill_done;
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port) { uint8_t v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline uint64_t rdtsc(void) { uint32_t lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((uint64_t)hi << 32) | lo; }
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+
+static void putc_serial(char c)
+{
+	while (!(inb(0x3f8 + 5) & 0x20))
+		cpu_relax();
+	outb(0x3f8, (uint8_t)c);
+}
+
+static void puts_serial(const char *s)
+{
+	while (*s)
+		putc_serial(*s++);
+}
+
+static void put_u64(uint64_t v)
+{
+	char buf[24];
+	int i = 0;
+	do {
+		buf[i++] = (char)('0' + v % 10);
+		v /= 10;
+	} while (v);
+	while (i)
+		putc_serial(buf[--i]);
+}
+
+static uint64_t parse_param(const char *cmdline, const char *key, uint64_t dflt)
+{
+	if (!cmdline)
+		return dflt;
+	for (const char *p = cmdline; *p; p++) {
+		if (p != cmdline && p[-1] != ' ')
+			continue;
+		const char *k = key, *q = p;
+		while (*k && *q == *k) {
+			k++;
+			q++;
+		}
+		if (*k || *q != '=')
+			continue;
+		q++;
+		uint64_t v = 0;
+		while (*q >= '0' && *q <= '9')
+			v = v * 10 + (uint64_t)(*q++ - '0');
+		return v;
+	}
+	return dflt;
+}
+
+static inline uint64_t pattern(uint64_t page, uint64_t word)
+{
+	return ((page + 1) * 0x9E3779B97F4A7C15ULL) ^ (word * 0xD1B54A32D192ED03ULL);
+}
+
+static uint8_t *buffer;
+
+static void fill_share(struct cpu_slot *s)
+{
+	uint64_t csum = 0;
+	for (uint64_t p = s->first_page; p < s->first_page + s->npages; p++) {
+		uint64_t *w = (uint64_t *)(buffer + p * PAGE);
+		for (uint64_t i = 0; i < WORDS; i++)
+			w[i] = pattern(p, i);
+		csum += (uint64_t)buffer[p * PAGE] * (p + 1);
+	}
+	s->csum = csum;
+}
+
+static void dirty_pages(struct cpu_slot *s, uint64_t todo)
+{
+	for (uint64_t k = 0; k < todo && s->npages; k++) {
+		uint64_t p = s->first_page + s->pos;
+		uint8_t *b = buffer + p * PAGE;
+		uint8_t o = *b, n = (uint8_t)(o * 5 + 1);
+		*b = n;
+		s->csum += ((uint64_t)n - (uint64_t)o) * (p + 1);
+		if (++s->pos == s->npages)
+			s->pos = 0;
+	}
+	s->progress += todo;
+}
+
+/* Returns 0 when the share's checksum matches memory. */
+static int verify_csum(struct cpu_slot *s)
+{
+	uint64_t sum = 0;
+	for (uint64_t p = s->first_page; p < s->first_page + s->npages; p++)
+		sum += (uint64_t)buffer[p * PAGE] * (p + 1);
+	return sum != s->csum;
+}
+
+/* Returns the first bad page of the window, or UINT64_MAX when all are intact. */
+static uint64_t verify_window(uint64_t start, uint64_t count, uint64_t npages)
+{
+	for (uint64_t k = 0; k < count && npages; k++) {
+		uint64_t p = (start + k) % npages;
+		const uint64_t *w = (const uint64_t *)(buffer + p * PAGE);
+		if ((w[0] ^ pattern(p, 0)) & ~0xffULL)
+			return p;
+		for (uint64_t i = 1; i < WORDS; i++)
+			if (w[i] != pattern(p, i))
+				return p;
+	}
+	return UINT64_MAX;
+}
+
+static uint64_t owed_pages(uint64_t *last, uint64_t now, uint64_t rate, uint64_t tsc_hz)
+{
+	if (rate == 0)
+		return 64;
+	uint64_t dt = now - *last;
+	if (dt > tsc_hz) /* cap catch-up, e.g. after a pause */
+		dt = tsc_hz;
+	uint64_t todo = dt * rate / tsc_hz; /* rate <= 1e6 and dt <= tsc_hz: no overflow */
+	if (todo)
+		*last += todo * tsc_hz / rate;
+	if (now - *last > tsc_hz)
+		*last = now;
+	return todo;
+}
+
+void guest_main(struct boot_info *bi, uint64_t cpu)
+{
+	if (bi->magic != BOOT_MAGIC || cpu >= MAX_CPUS) {
+		if (cpu == 0)
+			puts_serial("dirtier: bad boot info\n");
+		return;
+	}
+	const char *cmdline = (const char *)(uintptr_t)bi->cmdline;
+	uint64_t mb = parse_param(cmdline, "mb", 4);
+	uint64_t rate = parse_param(cmdline, "rate", 2000);
+	if (rate > 1000000)
+		rate = 1000000;
+	uint64_t beat_ms = parse_param(cmdline, "beat_ms", 200);
+	uint64_t ncpus = bi->nr_cpus ? bi->nr_cpus : 1;
+	uint64_t tsc_hz = bi->tsc_khz ? bi->tsc_khz * 1000 : 1000000000ULL;
+	uint64_t start = (bi->free_start + PAGE * 512 - 1) & ~(PAGE * 512 - 1); /* 2 MiB aligned */
+	uint64_t npages = mb * 256;
+	if (start + npages * PAGE > bi->mem_size) {
+		if (cpu == 0)
+			puts_serial("dirtier: BAD not enough memory for the buffer\n");
+		return;
+	}
+	buffer = (uint8_t *)(uintptr_t)start;
+
+	struct cpu_slot *me = &slots[cpu];
+	me->first_page = npages * cpu / ncpus;
+	me->npages = npages * (cpu + 1) / ncpus - me->first_page;
+	me->pos = 0;
+	fill_share(me);
+	me->started = 1;
+
+	if (cpu == 0) {
+		for (uint64_t c = 1; c < ncpus; c++)
+			while (!slots[c].started)
+				cpu_relax();
+		fill_done = 1;
+		puts_serial("dirtier: mb=");
+		put_u64(mb);
+		puts_serial(" rate=");
+		put_u64(rate);
+		puts_serial(" cpus=");
+		put_u64(ncpus);
+		puts_serial(" ready\n");
+	} else {
+		while (!fill_done)
+			cpu_relax();
+	}
+
+	uint64_t per_cpu_rate = rate / ncpus;
+	if (rate && !per_cpu_rate)
+		per_cpu_rate = 1;
+	uint64_t last = rdtsc();
+	uint64_t beat_ticks = tsc_hz / 1000 * beat_ms;
+	uint64_t next_beat = last + beat_ticks;
+	uint64_t window = 0;
+	uint64_t seen_progress[MAX_CPUS] = {0};
+	uint64_t stalled[MAX_CPUS] = {0};
+
+	for (;;) {
+		uint64_t now = rdtsc();
+		dirty_pages(me, owed_pages(&last, now, per_cpu_rate, tsc_hz));
+		if (cpu != 0) {
+			cpu_relax();
+			continue;
+		}
+		if (now < next_beat) {
+			cpu_relax();
+			continue;
+		}
+		/* vCPU 0: verify everything and report. Other vCPUs may be mid-update of their
+		 * own running checksum, so only vCPU 0's share is checked against its checksum;
+		 * the pattern check covers every share (byte 0 excluded). */
+		const char *bad = 0;
+		uint64_t bad_page = UINT64_MAX;
+		if (verify_csum(me))
+			bad = "checksum";
+		if (!bad) {
+			bad_page = verify_window(window, VERIFY_WINDOW, npages);
+			if (bad_page != UINT64_MAX)
+				bad = "pattern";
+		}
+		window = (window + VERIFY_WINDOW) % (npages ? npages : 1);
+		for (uint64_t c = 1; c < ncpus && !bad; c++) {
+			if (slots[c].progress == seen_progress[c] && per_cpu_rate) {
+				if (++stalled[c] >= 25)
+					bad = "stalled-cpu";
+			} else {
+				stalled[c] = 0;
+			}
+			seen_progress[c] = slots[c].progress;
+		}
+		puts_serial("beat ");
+		put_u64(beat_counter);
+		if (bad) {
+			puts_serial(" BAD ");
+			puts_serial(bad);
+			if (bad_page != UINT64_MAX) {
+				puts_serial(" page=");
+				put_u64(bad_page);
+			}
+			putc_serial('\n');
+			/* resynchronise so that one fault is reported once */
+			fill_share(me);
+		} else {
+			puts_serial(" ok\n");
+		}
+		beat_counter++;
+		next_beat += beat_ticks;
+		if (now >= next_beat)
+			next_beat = now + beat_ticks;
+	}
+}
