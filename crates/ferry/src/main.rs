@@ -1,1 +1,52 @@
-fn main() {}
+//! `ferry`: the command line.
+
+mod output;
+mod vm;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: run KVM virtual machines and move them between hosts"
+)]
+struct Cli {
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Virtual machines on this host.
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Vm(c) => vm::run(c, cli.output),
+    };
+    if let Err(e) = res {
+        if cli.output == Output::Json {
+            println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+        } else {
+            eprintln!("ferry: {e:#}");
+        }
+        std::process::exit(1);
+    }
+}

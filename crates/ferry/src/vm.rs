@@ -1,0 +1,441 @@
+//! `ferry vm ...`: VMs on this host, each in its own `ferry-vm` worker process.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use ferry_worker::api::{Request, Response, Status};
+use ferry_worker::{paths, server};
+use vmm::config::{parse_mib, validate_name};
+use vmm::VmConfig;
+
+use crate::output::print;
+use crate::Output;
+
+/// Boot options shared by `run` and `start`.
+#[derive(Debug, Args)]
+pub struct BootOpts {
+    /// Kernel: Linux bzImage or vmlinux, or a bare-metal 64-bit ELF.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (Linux).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Guest RAM (e.g. 256M, 1G).
+    #[arg(long, default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u8,
+}
+
+/// `ferry vm` verbs.
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Run a VM in the foreground, console on the terminal (Ctrl-C stops it).
+    Run {
+        /// VM name (default: run-<pid>).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        boot: BootOpts,
+    },
+    /// Start a VM in a background worker process.
+    Start {
+        /// VM name.
+        name: String,
+        #[command(flatten)]
+        boot: BootOpts,
+        /// Console log file (default: console.log in the VM's run directory).
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+    },
+    /// List the VMs running on this host.
+    List,
+    /// Show one VM.
+    Status {
+        /// VM name.
+        name: String,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a VM and its worker.
+    Stop {
+        /// VM name.
+        name: String,
+    },
+    /// Save a VM's complete state to a file and stop it (quick migration, first half).
+    Save {
+        /// VM name.
+        name: String,
+        /// State file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a saved VM in a new worker process (quick migration, second half).
+    Restore {
+        /// State file.
+        file: PathBuf,
+        /// Name of the restored VM.
+        #[arg(long)]
+        name: String,
+        /// Console log file (default: console.log in the VM's run directory).
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        /// Leave the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Hash of a VM's memory (pause it first for a stable value).
+    MemoryHash {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Runs a `ferry vm` verb.
+pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
+    match cmd {
+        VmCmd::Run { name, boot } => {
+            let name = name.unwrap_or_else(|| format!("run-{}", std::process::id()));
+            let cfg = make_config(&name, boot)?;
+            foreground(&cfg)
+        }
+        VmCmd::Start {
+            name,
+            boot,
+            console_log,
+        } => {
+            let cfg = make_config(&name, boot)?;
+            let dir = prepare_dir(&name)?;
+            let cfg_path = dir.join("config.json");
+            std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
+                .with_context(|| format!("cannot write {}", cfg_path.display()))?;
+            let mut args = vec!["--config".into(), cfg_path.into_os_string()];
+            if let Some(c) = console_log {
+                args.push("--console-log".into());
+                args.push(absolute(&c)?.into_os_string());
+            }
+            let ready = spawn_worker(&dir, &args)?;
+            report_started(out, &name, &ready)
+        }
+        VmCmd::Restore {
+            file,
+            name,
+            console_log,
+            paused,
+        } => {
+            validate_name(&name)?;
+            let file = absolute(&file)?;
+            std::fs::metadata(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let dir = prepare_dir(&name)?;
+            let mut args = vec![
+                "--restore".into(),
+                file.into_os_string(),
+                "--name".into(),
+                name.clone().into(),
+            ];
+            if let Some(c) = console_log {
+                args.push("--console-log".into());
+                args.push(absolute(&c)?.into_os_string());
+            }
+            if paused {
+                args.push("--paused".into());
+            }
+            let ready = spawn_worker(&dir, &args)?;
+            report_started(out, &name, &ready)
+        }
+        VmCmd::List => {
+            let list = list_vms();
+            let rows = list.iter().map(status_row).collect();
+            print(out, &list, STATUS_HEADERS, rows);
+            Ok(())
+        }
+        VmCmd::Status { name } => {
+            let s = status(&name)?;
+            print(out, &s, STATUS_HEADERS, vec![status_row(&s)]);
+            Ok(())
+        }
+        VmCmd::Pause { name } => simple(out, &name, Request::Pause, "paused"),
+        VmCmd::Resume { name } => simple(out, &name, Request::Resume, "running"),
+        VmCmd::MemoryHash { name } => {
+            let v = request(&name, &Request::MemoryHash)?;
+            let hash = v["hash"].as_str().unwrap_or("").to_string();
+            print(out, &v, &["NAME", "MEMORY HASH"], vec![vec![name, hash]]);
+            Ok(())
+        }
+        VmCmd::Stop { name } => {
+            let pid = status(&name)?.pid;
+            request(&name, &Request::Shutdown)?;
+            wait_exit(pid, Duration::from_secs(30))?;
+            print(
+                out,
+                &serde_json::json!({"name": name, "state": "stopped"}),
+                &["NAME", "STATE"],
+                vec![vec![name.clone(), "stopped".into()]],
+            );
+            Ok(())
+        }
+        VmCmd::Save { name, to } => {
+            let to = absolute(&to)?;
+            let pid = status(&name)?.pid;
+            let v = request(&name, &Request::Save { path: to.clone() })?;
+            wait_exit(pid, Duration::from_secs(30))?;
+            let size = v["file_bytes"].as_u64().unwrap_or(0);
+            let mem = v["memory_bytes"].as_u64().unwrap_or(0);
+            let ms = v["duration_ms"].as_u64().unwrap_or(0);
+            print(
+                out,
+                &serde_json::json!({"name": name, "file": to, "report": v}),
+                &["NAME", "FILE", "SIZE", "MEMORY STORED", "PAUSED FOR"],
+                vec![vec![
+                    name.clone(),
+                    to.display().to_string(),
+                    mib(size),
+                    mib(mem),
+                    format!("{ms} ms"),
+                ]],
+            );
+            Ok(())
+        }
+    }
+}
+
+const STATUS_HEADERS: &[&str] = &[
+    "NAME", "STATE", "VCPUS", "MEMORY", "PID", "UPTIME", "KERNEL",
+];
+
+fn status_row(s: &Status) -> Vec<String> {
+    vec![
+        s.name.clone(),
+        s.state.to_string(),
+        s.vcpus.to_string(),
+        format!("{} MiB", s.memory_mib),
+        s.pid.to_string(),
+        format!("{}s", s.uptime_s),
+        s.kernel.display().to_string(),
+    ]
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()
+            .context("cannot read the current directory")?
+            .join(p))
+    }
+}
+
+fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
+    let kernel = absolute(&b.kernel)?;
+    std::fs::File::open(&kernel)
+        .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
+    let initrd = match b.initrd {
+        Some(i) => {
+            let i = absolute(&i)?;
+            std::fs::File::open(&i)
+                .with_context(|| format!("cannot read initrd {}", i.display()))?;
+            Some(i)
+        }
+        None => None,
+    };
+    let cfg = VmConfig {
+        name: name.to_string(),
+        vcpus: b.vcpus,
+        memory_mib: parse_mib(&b.memory)?,
+        kernel,
+        initrd,
+        cmdline: b.cmdline,
+    };
+    cfg.validate()?;
+    vmm::boot::detect(&cfg.kernel)?;
+    Ok(cfg)
+}
+
+fn worker_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_VM_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().context("cannot locate the ferry executable")?;
+    let w = me.with_file_name("ferry-vm");
+    if w.exists() {
+        Ok(w)
+    } else {
+        bail!(
+            "cannot find the worker binary {} (set FERRY_VM_BIN)",
+            w.display()
+        )
+    }
+}
+
+fn prepare_dir(name: &str) -> Result<PathBuf> {
+    validate_name(name)?;
+    if server::call(name, &Request::Status).is_ok() {
+        bail!("a VM named {name:?} is already running on this host");
+    }
+    let dir = paths::vm_dir(name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Starts a detached worker and waits for its one-line readiness report.
+fn spawn_worker(dir: &Path, args: &[std::ffi::OsString]) -> Result<serde_json::Value> {
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(dir.join("worker.log"))
+        .with_context(|| format!("cannot open {}", dir.join("worker.log").display()))?;
+    let mut child = Command::new(worker_bin()?)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start the worker process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("no worker stdout"))?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("cannot read the worker's report")?;
+    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| {
+        let _ = child.wait();
+        anyhow!(
+            "the worker exited without reporting; see {}",
+            dir.join("worker.log").display()
+        )
+    })?;
+    if v["ready"].as_bool() != Some(true) {
+        let _ = child.wait();
+        bail!(
+            "{}",
+            v["error"].as_str().unwrap_or("the worker failed to start")
+        );
+    }
+    Ok(v)
+}
+
+fn report_started(out: Output, name: &str, ready: &serde_json::Value) -> Result<()> {
+    let s = status(name)?;
+    let _ = ready;
+    print(out, &s, STATUS_HEADERS, vec![status_row(&s)]);
+    Ok(())
+}
+
+/// Runs the worker in the foreground and waits for it.
+fn foreground(cfg: &VmConfig) -> Result<()> {
+    let dir = prepare_dir(&cfg.name)?;
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(cfg)?)?;
+    // Ctrl-C reaches the worker (same process group); this process just waits for it.
+    // SAFETY: installing SIG_IGN for SIGINT has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = Command::new(worker_bin()?)
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--foreground")
+        .status()
+        .context("cannot start the worker process")?;
+    if !status.success() {
+        bail!("the VM worker failed ({status})");
+    }
+    Ok(())
+}
+
+fn request(name: &str, req: &Request) -> Result<serde_json::Value> {
+    let resp: Response = server::call(name, req)
+        .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
+    if resp.ok {
+        Ok(resp.result.unwrap_or(serde_json::Value::Null))
+    } else {
+        bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()))
+    }
+}
+
+fn status(name: &str) -> Result<Status> {
+    validate_name(name)?;
+    let v = request(name, &Request::Status)?;
+    Ok(serde_json::from_value(v)?)
+}
+
+fn simple(out: Output, name: &str, req: Request, state: &str) -> Result<()> {
+    request(name, &req)?;
+    print(
+        out,
+        &serde_json::json!({"name": name, "state": state}),
+        &["NAME", "STATE"],
+        vec![vec![name.to_string(), state.to_string()]],
+    );
+    Ok(())
+}
+
+fn list_vms() -> Vec<Status> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(paths::run_dir().join("vms")) else {
+        return out;
+    };
+    let mut names: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        if let Ok(s) = status(&n) {
+            out.push(s);
+        }
+    }
+    out
+}
+
+fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let pid = i32::try_from(pid).context("bad pid")?;
+    while process_alive(pid) {
+        if Instant::now() > deadline {
+            bail!("the worker (pid {pid}) did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Whether `pid` exists and is not a zombie (an exited worker whose parent has not reaped it).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for the process's existence.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,397 @@
+//! The worker's main: start or restore the VM, serve the control socket, exit when the VM stops.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm::devices::serial::ConsoleOut;
+use vmm::machine::{Machine, RunState};
+use vmm::VmConfig;
+
+use crate::api::{Request, Response, Status, API_VERSION, MAX_REQUEST};
+use crate::paths;
+
+/// Errors of the worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+    /// A VM of that name is already running here.
+    #[error("a VM named {0:?} is already running on this host")]
+    Exists(String),
+    /// I/O on the run directory or files.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM could not be created.
+    #[error(transparent)]
+    Machine(#[from] vmm::MachineError),
+    /// Config file unreadable.
+    #[error(transparent)]
+    Config(#[from] vmm::config::ConfigError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkerError {
+    let what = what.into();
+    move |source| WorkerError::Io { what, source }
+}
+
+/// Worker command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-vm",
+    about = "Ferry's per-VM worker process (started by `ferry vm ...`)"
+)]
+pub struct Args {
+    /// VM config (JSON) to boot.
+    #[arg(long, conflicts_with = "restore")]
+    pub config: Option<PathBuf>,
+    /// State file to restore instead of booting.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// Name for the restored VM (default: the saved one).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Console log file (default: console.log in the VM's run directory).
+    #[arg(long)]
+    pub console_log: Option<PathBuf>,
+    /// Console on the terminal; Ctrl-C stops the VM.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Restore with the vCPUs paused.
+    #[arg(long)]
+    pub paused: bool,
+}
+
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let cs = c.to_string();
+        if !s.contains(&cs) {
+            s.push_str(": ");
+            s.push_str(&cs);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Entry point of the `ferry-vm` binary; returns the process exit code.
+pub fn main() -> i32 {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+    let foreground = args.foreground;
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            let msg = describe(&e);
+            if foreground {
+                eprintln!("ferry-vm: {msg}");
+            } else {
+                println!("{}", serde_json::json!({ "ready": false, "error": msg }));
+            }
+            1
+        }
+    }
+}
+
+struct Worker {
+    machine: Machine,
+    console_log: Option<PathBuf>,
+    started: Instant,
+    dir: PathBuf,
+}
+
+impl Worker {
+    fn status(&self) -> Status {
+        let c = self.machine.config();
+        Status {
+            api_version: API_VERSION,
+            name: c.name.clone(),
+            state: self.machine.state(),
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+            kernel: c.kernel.clone(),
+            kernel_kind: self.machine.kernel_kind(),
+            pid: std::process::id(),
+            console_log: self.console_log.clone(),
+            uptime_s: self.started.elapsed().as_secs(),
+            stop_reason: self.machine.stop_reason(),
+        }
+    }
+
+    fn cleanup(&self) {
+        let _ = std::fs::remove_file(self.dir.join("control.sock"));
+        let _ = std::fs::remove_file(self.dir.join("worker.pid"));
+    }
+
+    /// Handles one request; returns the response and whether the worker must exit after it.
+    fn handle(&self, req: Request) -> (Response, bool) {
+        let m = &self.machine;
+        let r = |res: Result<serde_json::Value, vmm::MachineError>| match res {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(describe(&e)),
+        };
+        match req {
+            Request::Status => (Response::ok(self.status()), false),
+            Request::Pause => (
+                r(m.pause().map(|_| serde_json::json!({"state": "paused"}))),
+                false,
+            ),
+            Request::Resume => (
+                r(m.resume().map(|_| serde_json::json!({"state": "running"}))),
+                false,
+            ),
+            Request::MemoryHash => (
+                r(m.memory_hash()
+                    .map(|h| serde_json::json!({"hash": format!("{h:016x}")}))),
+                false,
+            ),
+            Request::Save { path } => {
+                if !path.is_absolute() {
+                    return (Response::err("save path must be absolute"), false);
+                }
+                match m.save(&path) {
+                    Ok(rep) => (Response::ok(rep), true),
+                    Err(e) => (
+                        Response::err(format!("save failed, VM left as it was: {}", describe(&e))),
+                        false,
+                    ),
+                }
+            }
+            Request::Shutdown => (Response::ok(serde_json::json!({"state": "stopped"})), true),
+        }
+    }
+}
+
+fn block_termination_signals() {
+    // SAFETY: sigset manipulation on a local, zero-initialised set; pthread_sigmask on the
+    // calling thread. Threads spawned later inherit the mask, so only the signal thread
+    // receives SIGINT/SIGTERM (via sigwait).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_termination_signal() -> i32 {
+    // SAFETY: as above; sigwait writes the received signal number into `sig`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
+fn claim_dir(name: &str) -> Result<(PathBuf, UnixListener), WorkerError> {
+    let dir = paths::vm_dir(name);
+    std::fs::create_dir_all(&dir).map_err(io(format!("cannot create {}", dir.display())))?;
+    let sock = dir.join("control.sock");
+    if UnixStream::connect(&sock).is_ok() {
+        return Err(WorkerError::Exists(name.to_string()));
+    }
+    let _ = std::fs::remove_file(&sock); // stale, from a worker that died
+    let listener =
+        UnixListener::bind(&sock).map_err(io(format!("cannot listen on {}", sock.display())))?;
+    Ok((dir, listener))
+}
+
+fn run(args: Args) -> Result<(), WorkerError> {
+    block_termination_signals();
+    let (name, config) = match (&args.config, &args.restore) {
+        (Some(c), None) => {
+            let text =
+                std::fs::read_to_string(c).map_err(io(format!("cannot read {}", c.display())))?;
+            let cfg = VmConfig::from_json(&text)?;
+            (cfg.name.clone(), Some(cfg))
+        }
+        (None, Some(state)) => {
+            let n = match &args.name {
+                Some(n) => n.clone(),
+                None => return Err(WorkerError::Usage("--restore needs --name".into())),
+            };
+            vmm::config::validate_name(&n)?;
+            std::fs::metadata(state).map_err(io(format!("cannot read {}", state.display())))?;
+            (n, None)
+        }
+        _ => {
+            return Err(WorkerError::Usage(
+                "give exactly one of --config and --restore".into(),
+            ))
+        }
+    };
+    let (dir, listener) = claim_dir(&name)?;
+    let console_log = if args.foreground && args.console_log.is_none() {
+        None
+    } else {
+        Some(
+            args.console_log
+                .clone()
+                .unwrap_or_else(|| dir.join("console.log")),
+        )
+    };
+    let log_file = match &console_log {
+        Some(p) => Some(
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(io(format!("cannot open console log {}", p.display())))?,
+        ),
+        None => None,
+    };
+    let console = ConsoleOut {
+        log: log_file,
+        stdout: args.foreground,
+    };
+    let machine = match (config, &args.restore) {
+        (Some(cfg), _) => Machine::boot(cfg, console),
+        (None, Some(state)) => Machine::restore(state, Some(&name), console, args.paused),
+        _ => return Err(WorkerError::Usage("nothing to run".into())),
+    };
+    let machine = match machine {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_file(dir.join("control.sock"));
+            return Err(e.into());
+        }
+    };
+    let _ = std::fs::write(dir.join("worker.pid"), format!("{}\n", std::process::id()));
+    let worker = Arc::new(Worker {
+        machine,
+        console_log,
+        started: Instant::now(),
+        dir,
+    });
+    if !args.foreground {
+        println!(
+            "{}",
+            serde_json::json!({ "ready": true, "pid": std::process::id(), "name": name })
+        );
+        let _ = std::io::stdout().flush();
+        detach_stdio();
+    }
+    {
+        let w = Arc::clone(&worker);
+        std::thread::spawn(move || {
+            let sig = wait_termination_signal();
+            tracing::info!("signal {sig}: stopping the VM");
+            w.machine.shutdown();
+        });
+    }
+    {
+        let w = Arc::clone(&worker);
+        std::thread::spawn(move || serve(&w, &listener));
+    }
+    let reason = worker.machine.wait();
+    tracing::info!(?reason, "VM stopped");
+    worker.machine.shutdown();
+    worker.cleanup();
+    Ok(())
+}
+
+/// Points standard input and output at /dev/null so the starter's pipe closes.
+fn detach_stdio() {
+    if let Ok(null) = File::options().read(true).write(true).open("/dev/null") {
+        use std::os::fd::AsRawFd;
+        // SAFETY: dup2 onto the standard descriptors with a valid open fd.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(null.as_raw_fd(), 1);
+        }
+    }
+}
+
+fn serve(worker: &Worker, listener: &UnixListener) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if let Some(exit) = serve_conn(worker, conn) {
+            if exit {
+                worker.machine.shutdown();
+                return;
+            }
+        }
+    }
+}
+
+/// Serves one connection; Some(true) when the worker must stop.
+fn serve_conn(worker: &Worker, conn: UnixStream) -> Option<bool> {
+    let mut out = conn.try_clone().ok()?;
+    let mut rd = BufReader::new(conn).take(MAX_REQUEST as u64 * 16);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match rd.read_line(&mut line) {
+            Ok(0) | Err(_) => return Some(false),
+            Ok(_) => {}
+        }
+        if line.len() > MAX_REQUEST {
+            let _ = writeln!(out, "{}", json(&Response::err("request too large")));
+            return Some(false);
+        }
+        let (resp, exit) = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => worker.handle(req),
+            Err(e) => (Response::err(format!("bad request: {e}")), false),
+        };
+        let _ = writeln!(out, "{}", json(&resp));
+        if exit {
+            return Some(true);
+        }
+    }
+}
+
+fn json(r: &Response) -> String {
+    serde_json::to_string(r).unwrap_or_else(|_| r#"{"ok":false,"error":"encoding"}"#.into())
+}
+
+/// Sends one request to the worker of VM `name` and returns its response.
+pub fn call(name: &str, req: &Request) -> Result<Response, std::io::Error> {
+    call_socket(&paths::socket(name), req)
+}
+
+/// Sends one request over a given socket.
+pub fn call_socket(sock: &Path, req: &Request) -> Result<Response, std::io::Error> {
+    let mut s = UnixStream::connect(sock)?;
+    let text = serde_json::to_string(req).map_err(std::io::Error::other)?;
+    writeln!(s, "{text}")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the worker closed the connection without answering",
+        ));
+    }
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+/// Whether a state is one a worker can still answer in.
+pub fn is_live(state: RunState) -> bool {
+    state != RunState::Stopped
+}
