@@ -15,8 +15,8 @@ use crate::memory::GuestRam;
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// /dev/kvm cannot be opened.
-    #[error("cannot open /dev/kvm (is KVM available, and may this user use it?)")]
-    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("cannot open {0} (is KVM available, and may this user use it?)")]
+    OpenKvm(String, #[source] kvm_ioctls::Error),
     /// A KVM VM ioctl failed.
     #[error("{0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
@@ -40,9 +40,17 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+/// Opens the KVM device: `$FERRY_KVM_DEVICE` when set, else `/dev/kvm`.
+pub fn open_kvm() -> Result<Kvm, VmError> {
+    let path = std::env::var("FERRY_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into());
+    let c = std::ffi::CString::new(path.clone())
+        .map_err(|_| VmError::OpenKvm(path.clone(), kvm_ioctls::Error::new(libc::EINVAL)))?;
+    Kvm::new_with_path(&c).map_err(|e| VmError::OpenKvm(path, e))
+}
+
 /// Opens KVM and creates a VM with its irqchip, PIT and memory slots.
 pub fn create(ram: &GuestRam) -> Result<(Kvm, VmFd), VmError> {
-    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let kvm = open_kvm()?;
     for (cap, name) in [
         (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
         (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),

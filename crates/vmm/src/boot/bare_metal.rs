@@ -29,13 +29,20 @@ pub fn load(
         path: kernel.to_path_buf(),
         source,
     })?;
-    let res =
-        Elf::load(ram.memory(), None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|e| {
-            BootError::Load {
+    let res = Elf::load(ram.memory(), None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(
+        |e| match e {
+            linux_loader::loader::Error::Elf(linux_loader::loader::elf::Error::ReadKernelImage) => {
+                BootError::TooSmall {
+                    what: "the image".into(),
+                    mem_mib: ram.size() >> 20,
+                }
+            }
+            e => BootError::Load {
                 path: kernel.to_path_buf(),
                 reason: format!("{e}"),
-            }
-        })?;
+            },
+        },
+    )?;
     let end = res.kernel_end;
     let low_ram = crate::memory::ram_ranges(ram.size())[0].1;
     if end > low_ram {

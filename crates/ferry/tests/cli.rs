@@ -1,0 +1,420 @@
+//! End-to-end tests of `ferry vm ...` and the worker process, on the machine's own /dev/kvm
+//! with the bare-metal dirtier (it checks its own memory and prints `beat <n> ok`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Env {
+    dir: PathBuf,
+}
+
+impl Env {
+    fn new(name: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("ferry-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        Env { dir }
+    }
+
+    fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_RUN_DIR", self.dir.join("run"))
+            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .output()
+            .unwrap()
+    }
+
+    /// Runs ferry, asserts success, returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.ferry(args);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs ferry, asserts failure, returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.ferry(args);
+        assert!(!o.status.success(), "ferry {args:?} unexpectedly succeeded");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn console(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.console"))
+    }
+
+    fn start(&self, vm: &str, vcpus: &str) {
+        let dirtier = dirtier();
+        let console = self.console(vm);
+        self.ok(&[
+            "vm",
+            "start",
+            vm,
+            "--kernel",
+            dirtier.to_str().unwrap(),
+            "--memory",
+            "32M",
+            "--vcpus",
+            vcpus,
+            "--cmdline",
+            "mb=2 rate=2000 beat_ms=100",
+            "--console-log",
+            console.to_str().unwrap(),
+        ]);
+    }
+
+    fn names(&self) -> Vec<String> {
+        let v = self.json(&["vm", "list"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for n in self.names() {
+            let _ = self.ferry(&["vm", "stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn dirtier() -> PathBuf {
+    ferry_guests::dirtier()
+}
+
+fn beats(log: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("beat ")?;
+            let (n, verdict) = rest.split_once(' ')?;
+            Some((n.parse().ok()?, verdict.to_string()))
+        })
+        .collect()
+}
+
+fn wait_beats(log: &Path, count: usize) -> Vec<(u64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let b = beats(log);
+        if b.len() >= count {
+            return b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} beats after 120 s in {}",
+            b.len(),
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn all_ok(b: &[(u64, String)]) -> bool {
+    b.iter().all(|(_, v)| v == "ok")
+}
+
+#[test]
+fn save_then_restore_in_a_new_process_continues_the_guest() {
+    let env = Env::new("quick");
+    env.start("a", "2");
+    let st = env.json(&["vm", "status", "a"]);
+    assert_eq!(st["state"], "running");
+    let pid_a = st["pid"].as_u64().unwrap();
+    assert!(all_ok(&wait_beats(&env.console("a"), 3)));
+
+    let state = env.dir.join("a.state");
+    let rep = env.json(&["vm", "save", "a", "--to", state.to_str().unwrap()]);
+    assert!(
+        rep["report"]["file_bytes"].as_u64().unwrap() < 8 << 20,
+        "zero pages must not be stored: {rep}"
+    );
+    assert!(env.names().is_empty(), "save must stop the worker");
+    let last = beats(&env.console("a")).last().unwrap().0;
+
+    env.ok(&[
+        "vm",
+        "restore",
+        state.to_str().unwrap(),
+        "--name",
+        "b",
+        "--console-log",
+        env.console("b").to_str().unwrap(),
+    ]);
+    let st = env.json(&["vm", "status", "b"]);
+    assert_ne!(
+        st["pid"].as_u64().unwrap(),
+        pid_a,
+        "restore must run in a new process"
+    );
+    let after = wait_beats(&env.console("b"), 4);
+    assert_eq!(
+        after[0].0,
+        last + 1,
+        "the beat counter continues where it stopped: {after:?}"
+    );
+    assert!(all_ok(&after), "{after:?}");
+
+    env.ok(&["vm", "pause", "b"]);
+    assert_eq!(env.json(&["vm", "status", "b"])["state"], "paused");
+    env.ok(&["vm", "resume", "b"]);
+    let n = beats(&env.console("b")).len();
+    assert!(all_ok(&wait_beats(&env.console("b"), n + 2)));
+    env.ok(&["vm", "stop", "b"]);
+    assert!(env.names().is_empty());
+}
+
+#[test]
+fn one_state_file_restored_twice_gives_identical_memory() {
+    let env = Env::new("twice");
+    env.start("a", "1");
+    wait_beats(&env.console("a"), 2);
+    let state = env.dir.join("a.state");
+    env.ok(&["vm", "save", "a", "--to", state.to_str().unwrap()]);
+    for n in ["r1", "r2"] {
+        env.ok(&[
+            "vm",
+            "restore",
+            state.to_str().unwrap(),
+            "--name",
+            n,
+            "--paused",
+        ]);
+    }
+    let h1 = env.json(&["vm", "memory-hash", "r1"])["hash"].clone();
+    let h2 = env.json(&["vm", "memory-hash", "r2"])["hash"].clone();
+    assert_eq!(h1, h2);
+    assert!(h1.as_str().is_some_and(|h| h.len() == 16));
+}
+
+#[test]
+fn save_failing_half_way_leaves_the_vm_running() {
+    let env = Env::new("full");
+    let mnt = env.dir.join("tiny");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let m = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(
+        m.success(),
+        "mounting a tiny tmpfs needs root (the test suite runs as root)"
+    );
+    env.start("a", "1");
+    wait_beats(&env.console("a"), 2);
+    let target = mnt.join("a.state");
+    let err = env.fails(&["vm", "save", "a", "--to", target.to_str().unwrap()]);
+    assert!(
+        err.contains("save failed") && err.contains("No space left"),
+        "{err}"
+    );
+    assert_eq!(env.json(&["vm", "status", "a"])["state"], "running");
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap().count(),
+        0,
+        "no partial state file may remain"
+    );
+    let n = beats(&env.console("a")).len();
+    assert!(all_ok(&wait_beats(&env.console("a"), n + 2)));
+    let _ = Command::new("umount").arg(&mnt).status();
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_nothing_half_done() {
+    let env = Env::new("bad");
+    let d = dirtier();
+    let k = d.to_str().unwrap();
+    let e = env.fails(&["vm", "start", "x", "--kernel", "/nonexistent/vmlinux"]);
+    assert!(e.contains("cannot read kernel /nonexistent/vmlinux"), "{e}");
+    let junk = env.dir.join("junk");
+    std::fs::write(&junk, b"hello").unwrap();
+    let e = env.fails(&["vm", "start", "x", "--kernel", junk.to_str().unwrap()]);
+    assert!(e.contains("not a bootable image"), "{e}");
+    let e = env.fails(&["vm", "start", "x", "--kernel", k, "--memory", "8M"]);
+    assert!(e.contains("invalid memory size 8 MiB"), "{e}");
+    let e = env.fails(&["vm", "start", "x", "--kernel", k, "--vcpus", "0"]);
+    assert!(e.contains("invalid vCPU count 0"), "{e}");
+    let e = env.fails(&["vm", "start", "../x", "--kernel", k]);
+    assert!(e.contains("invalid VM name"), "{e}");
+
+    // An image whose segment lies above the guest's RAM.
+    let high = env.dir.join("high.elf");
+    std::fs::write(&high, elf_with_segment_at(64 << 20)).unwrap();
+    let e = env.fails(&[
+        "vm",
+        "start",
+        "x",
+        "--kernel",
+        high.to_str().unwrap(),
+        "--memory",
+        "16M",
+    ]);
+    assert!(e.contains("too small for the image"), "{e}");
+
+    // No KVM device.
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "start", "x", "--kernel", k, "--memory", "32M"])
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+        .env("FERRY_KVM_DEVICE", "/nonexistent/kvm")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("cannot open /nonexistent/kvm"),
+        "{e}"
+    );
+
+    // Same name twice.
+    env.start("dup", "1");
+    let e = env.fails(&["vm", "start", "dup", "--kernel", k, "--memory", "32M"]);
+    assert!(e.contains("already running"), "{e}");
+
+    // Unknown VM.
+    let e = env.fails(&["vm", "pause", "ghost"]);
+    assert!(e.contains("no VM named \"ghost\""), "{e}");
+
+    // Corrupted, truncated and foreign state files.
+    let state = env.dir.join("dup.state");
+    env.ok(&["vm", "save", "dup", "--to", state.to_str().unwrap()]);
+    let good = std::fs::read(&state).unwrap();
+    let mut flipped = good.clone();
+    let i = good.len() - 3000;
+    flipped[i] ^= 0x10;
+    for (what, bytes, expect) in [
+        ("truncated", good[..good.len() / 3].to_vec(), "truncated"),
+        ("corrupted", flipped, "checksum mismatch"),
+        (
+            "foreign",
+            b"#!/bin/sh\necho not a state file\n".to_vec(),
+            "not a Ferry state file",
+        ),
+    ] {
+        let p = env.dir.join(what);
+        std::fs::write(&p, bytes).unwrap();
+        let e = env.fails(&["vm", "restore", p.to_str().unwrap(), "--name", "r"]);
+        assert!(e.contains(expect), "{what}: {e}");
+    }
+    assert!(
+        env.names().is_empty(),
+        "nothing may be left running: {:?}",
+        env.names()
+    );
+
+    // Unknown config keys, straight to the worker.
+    let cfg = env.dir.join("cfg.json");
+    std::fs::write(
+        &cfg,
+        format!(r#"{{"name":"c","vcpus":1,"memory_mib":32,"kernel":"{k}","turbo":true}}"#),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["ready"], false);
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `turbo`"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_user_without_kvm_permission_is_told_so() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // only root can switch to an unprivileged user for this check
+    }
+    let env = Env::new("perm");
+    std::fs::set_permissions(
+        &env.dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        env.dir.join("run"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let kernel = env.dir.join("dirtier.elf");
+    std::fs::copy(dirtier(), &kernel).unwrap();
+    std::fs::set_permissions(&kernel, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    use std::os::unix::process::CommandExt;
+    std::fs::write(
+        env.dir.join("cfg.json"),
+        format!(
+            r#"{{"name":"p","vcpus":1,"memory_mib":32,"kernel":"{}"}}"#,
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        env.dir.join("cfg.json"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry-vm"))
+        .arg("--config")
+        .arg(env.dir.join("cfg.json"))
+        .uid(65534)
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = report["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains("cannot open /dev/kvm") && e.contains("Permission denied"),
+        "{report}"
+    );
+}
+
+/// A minimal x86-64 ELF with one PT_LOAD segment at `paddr`.
+fn elf_with_segment_at(paddr: u64) -> Vec<u8> {
+    let mut f = vec![0u8; 0x1000 + 16];
+    f[..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // 64-bit
+    f[5] = 1; // little endian
+    f[6] = 1;
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes()); // entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // phnum
+    let ph = &mut f[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&7u32.to_le_bytes());
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes()); // offset
+    ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+    ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+    ph[32..40].copy_from_slice(&16u64.to_le_bytes());
+    ph[40..48].copy_from_slice(&16u64.to_le_bytes());
+    f
+}
