@@ -1,1 +1,190 @@
-fn main() {}
+//! Ferry benchmarks (VMM core). Each result is printed beside a baseline measured in the same
+//! run, as a ratio:
+//!
+//! - worker start → first guest output, against starting `/bin/true`;
+//! - save time and state-file size of a 256 MiB guest that touched 64 MiB, against `dd` writing
+//!   64 MiB with fsync;
+//! - restore time (spawn → guest running) against `dd` reading the same file.
+//!
+//! Run: `cargo run --release -p ferry-bench` (builds the release `ferry` binaries first).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+fn ws() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+struct Bench {
+    dir: PathBuf,
+    ferry: PathBuf,
+}
+
+impl Bench {
+    fn ferry(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let o = Command::new(&self.ferry)
+            .args(args)
+            .args(["--output", "json"])
+            .env("FERRY_RUN_DIR", self.dir.join("run"))
+            .output()?;
+        if !o.status.success() {
+            bail!("ferry {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(serde_json::from_slice(&o.stdout)?)
+    }
+}
+
+fn wait_for(log: &Path, needle: &str, timeout: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains(needle)
+        {
+            return Ok(Instant::now());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{needle:?} did not appear in {} within {timeout:?}",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn time(mut c: Command) -> Result<Duration> {
+    let t = Instant::now();
+    let st = c.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+    if !st.success() {
+        bail!("{c:?} failed");
+    }
+    Ok(t.elapsed())
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() -> Result<()> {
+    let root = ws();
+    let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "ferry", "-p", "ferry-guests"])
+        .status()?;
+    if !st.success() {
+        bail!("build failed");
+    }
+    let dir = root.join("target/bench");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("run"))?;
+    let b = Bench {
+        dir: dir.clone(),
+        ferry: root.join("target/release/ferry"),
+    };
+    let kernel = root.join("target/guests/dirtier.elf");
+    let k = kernel.to_str().context("path")?;
+
+    println!("# Ferry VMM benchmarks (ratios: Ferry / baseline, lower is better)\n");
+
+    // 1. Worker start to first guest output.
+    let mut starts = Vec::new();
+    let mut trues = Vec::new();
+    for i in 0..5 {
+        let log = dir.join(format!("start{i}.console"));
+        let t0 = Instant::now();
+        b.ferry(&[
+            "vm",
+            "start",
+            &format!("s{i}"),
+            "--kernel",
+            k,
+            "--memory",
+            "256M",
+            "--cmdline",
+            "mb=1",
+            "--console-log",
+            log.to_str().context("path")?,
+        ])?;
+        let t1 = wait_for(&log, "dirtier: start", Duration::from_secs(30))?;
+        starts.push(t1 - t0);
+        b.ferry(&["vm", "stop", &format!("s{i}")])?;
+        trues.push(time(Command::new("/bin/true"))?);
+    }
+    starts.sort();
+    trues.sort();
+    let (s, t) = (starts[2], trues[2]);
+    println!(
+        "start → first guest output: {} (median of 5); starting /bin/true: {}; ratio {:.1}",
+        ms(s),
+        ms(t),
+        s.as_secs_f64() / t.as_secs_f64()
+    );
+
+    // 2. Save / restore of 256 MiB that touched 64 MiB.
+    let log = dir.join("big.console");
+    b.ferry(&[
+        "vm",
+        "start",
+        "big",
+        "--kernel",
+        k,
+        "--memory",
+        "256M",
+        "--cmdline",
+        "mb=64 rate=100 beat_ms=1000",
+        "--console-log",
+        log.to_str().context("path")?,
+    ])?;
+    wait_for(&log, "ready", Duration::from_secs(600))?;
+    let state = dir.join("big.state");
+    let t0 = Instant::now();
+    let rep = b.ferry(&["vm", "save", "big", "--to", state.to_str().context("path")?])?;
+    let save = t0.elapsed();
+    let size = std::fs::metadata(&state)?.len();
+    let paused = rep["report"]["duration_ms"].as_u64().unwrap_or(0);
+    let ddfile = dir.join("dd.out");
+    let mut dd = Command::new("dd");
+    dd.args(["if=/dev/zero", "bs=1M", "count=64", "conv=fsync"])
+        .arg(format!("of={}", ddfile.display()));
+    let ddw = time(dd)?;
+    println!(
+        "save (256 MiB guest, 64 MiB touched): {} end to end, VM paused {paused} ms, file {:.1} MiB ({:.2}× the touched bytes); dd write+fsync 64 MiB: {}; ratio {:.2}",
+        ms(save),
+        size as f64 / 1048576.0,
+        size as f64 / (64.0 * 1048576.0),
+        ms(ddw),
+        save.as_secs_f64() / ddw.as_secs_f64()
+    );
+    let rlog = dir.join("restored.console");
+    let t0 = Instant::now();
+    b.ferry(&[
+        "vm",
+        "restore",
+        state.to_str().context("path")?,
+        "--name",
+        "big2",
+        "--console-log",
+        rlog.to_str().context("path")?,
+    ])?;
+    let restore = t0.elapsed();
+    b.ferry(&["vm", "stop", "big2"])?;
+    let mut dd = Command::new("dd");
+    dd.arg(format!("if={}", state.display()))
+        .args(["of=/dev/null", "bs=1M"]);
+    let ddr = time(dd)?;
+    println!(
+        "restore (spawn → running): {}; dd read of the state file: {}; ratio {:.2}",
+        ms(restore),
+        ms(ddr),
+        restore.as_secs_f64() / ddr.as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

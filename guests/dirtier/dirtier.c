@@ -175,6 +175,8 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 			puts_serial("dirtier: bad boot info\n");
 		return;
 	}
+	if (cpu == 0)
+		puts_serial("dirtier: start\n");
 	const char *cmdline = (const char *)(uintptr_t)bi->cmdline;
 	uint64_t mb = parse_param(cmdline, "mb", 4);
 	uint64_t rate = parse_param(cmdline, "rate", 2000);

@@ -1,1 +1,177 @@
-fn main() {}
+//! `cargo xtask <task>`: Ferry's project tasks.
+//!
+//! - `test`: the whole test suite: every crate's tests on this machine's KVM (bare-metal guests),
+//!   then the Linux-guest tier inside one lab host.
+//! - `lab-tests`: only the Linux-guest tier (release build, one lab host boot).
+//! - `lab -- CMD...`: run any command inside a lab host.
+//! - `demo`: start the dirtier, save it, restore it in a new worker process, show it continuing.
+
+mod demo;
+mod lab;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run every test tier: the workspace's tests, then the Linux-guest tests in a lab host.
+    Test {
+        /// Skip the lab-host tier.
+        #[arg(long)]
+        no_lab: bool,
+    },
+    /// Run the Linux-guest tests (ignored by a plain `cargo test`) inside one lab host.
+    LabTests {
+        /// Only tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run a command inside a lab host (a VM whose /dev/kvm is a real hardware KVM).
+    Lab {
+        /// Memory of the lab host in MiB.
+        #[arg(short = 'm', long, default_value_t = 4096)]
+        mem: u32,
+        /// vCPUs of the lab host.
+        #[arg(short = 'c', long, default_value_t = 2)]
+        cpus: u32,
+        /// Seconds before the lab host is stopped.
+        #[arg(short = 't', long, default_value_t = 1800)]
+        timeout: u32,
+        /// Show the lab kernel's messages.
+        #[arg(short = 'v', long)]
+        verbose: bool,
+        /// The command.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Show quick migration: run the dirtier, save it, restore it in a new process.
+    Demo {
+        /// Use the Linux guest inside a lab host instead of the bare-metal dirtier here.
+        #[arg(long)]
+        linux: bool,
+    },
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+fn run(mut c: Command) -> Result<()> {
+    let st = c.status().with_context(|| format!("cannot run {c:?}"))?;
+    if !st.success() {
+        bail!("{c:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Builds the release test binary of the Linux-guest tier and returns its path.
+fn build_lab_tests() -> Result<PathBuf> {
+    run({
+        let mut c = cargo();
+        c.args(["build", "--release", "-p", "ferry", "--bins"]);
+        c
+    })?;
+    let out = cargo()
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "ferry",
+            "--test",
+            "linux",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot build the lab tests")?;
+    if !out.status.success() {
+        bail!("building the lab tests failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["target"]["name"] == "linux" {
+            if let Some(exe) = v["executable"].as_str() {
+                return Ok(PathBuf::from(exe));
+            }
+        }
+    }
+    bail!("cargo did not report the lab test binary")
+}
+
+fn lab_tests(filter: Option<String>) -> Result<()> {
+    let exe = build_lab_tests()?;
+    let mut cmd = vec![
+        exe.display().to_string(),
+        "--ignored".into(),
+        "--test-threads=1".into(),
+        "--color=never".into(),
+    ];
+    cmd.extend(filter);
+    let opts = lab::LabOpts {
+        mem_mib: 4096,
+        cpus: 2,
+        timeout_s: 1800,
+        verbose: false,
+    };
+    println!("lab: running the Linux-guest tests inside a lab host");
+    let rc = lab::run(&workspace(), &opts, &cmd)?;
+    if rc != 0 {
+        bail!("lab tests failed (exit status {rc})");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Test { no_lab } => {
+            run({
+                let mut c = cargo();
+                c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
+                c
+            })?;
+            if !no_lab {
+                lab_tests(None)?;
+            }
+            Ok(())
+        }
+        Task::LabTests { filter } => lab_tests(filter),
+        Task::Lab {
+            mem,
+            cpus,
+            timeout,
+            verbose,
+            cmd,
+        } => {
+            let opts = lab::LabOpts {
+                mem_mib: mem,
+                cpus,
+                timeout_s: timeout,
+                verbose,
+            };
+            let rc = lab::run(&workspace(), &opts, &cmd)?;
+            std::process::exit(rc);
+        }
+        Task::Demo { linux } => demo::run(&workspace(), linux),
+    }
+}

@@ -1,0 +1,85 @@
+//! Shared helpers of the CLI test binaries: a private run directory per test and the `ferry`
+//! binary pointed at it.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// One test's run directory; VMs left running are stopped on drop.
+pub struct Env {
+    pub dir: PathBuf,
+}
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let dir = std::env::temp_dir().join(format!("ferry-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        Env { dir }
+    }
+
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_RUN_DIR", self.dir.join("run"))
+            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .output()
+            .unwrap()
+    }
+
+    /// Runs ferry, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.ferry(args);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs ferry, asserts failure without a panic, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.ferry(args);
+        assert!(!o.status.success(), "ferry {args:?} unexpectedly succeeded");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    pub fn console(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.console"))
+    }
+
+    /// The consoles of a VM before and after a move, joined: one guest's output, with a line
+    /// cut by the move whole again.
+    pub fn joined_consoles(&self, a: &str, b: &str) -> String {
+        let mut text = std::fs::read_to_string(self.console(a)).unwrap_or_default();
+        text.push_str(&std::fs::read_to_string(self.console(b)).unwrap_or_default());
+        text
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let v = self.json(&["vm", "list"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for n in self.names() {
+            let _ = self.ferry(&["vm", "stop", &n]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

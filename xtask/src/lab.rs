@@ -1,0 +1,259 @@
+//! The lab host: a QEMU VM with an emulated AMD CPU that has SVM and nested paging (TCG), booting
+//! this machine's Debian kernel with `kvm_amd`, so that `/dev/kvm` inside it is a real
+//! hardware-virtualization KVM. The lab sees this machine's file system read-only (under a tmpfs
+//! overlay) and the workspace read-write at the same path; the command's exit status is returned.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Lab host options.
+pub struct LabOpts {
+    /// Memory in MiB.
+    pub mem_mib: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Seconds before the lab host is killed.
+    pub timeout_s: u32,
+    /// Show the lab kernel's messages.
+    pub verbose: bool,
+}
+
+const MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring",
+    "drivers/virtio/virtio",
+    "drivers/virtio/virtio_pci_modern_dev",
+    "drivers/virtio/virtio_pci_legacy_dev",
+    "drivers/virtio/virtio_pci",
+    "net/9p/9pnet",
+    "net/9p/9pnet_virtio",
+    "fs/netfs/netfs",
+    "fs/fscache/fscache",
+    "fs/9p/9p",
+    "fs/overlayfs/overlay",
+];
+
+fn newest(dir: &str, prefix: &str) -> Option<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort_by_key(|n| {
+        n.trim_start_matches(prefix)
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u64>().ok())
+            .collect::<Vec<_>>()
+    });
+    v.pop()
+}
+
+/// Installs what is missing (needs root and Debian's package index).
+pub fn ensure_packages() -> Result<()> {
+    let have = |c: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {c}"))
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let mut missing = Vec::new();
+    if !have("qemu-system-x86_64") {
+        missing.push("qemu-system-x86");
+    }
+    if newest("/boot", "vmlinuz-").is_none() {
+        missing.push("linux-image-amd64");
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("busybox-static");
+    }
+    if !have("cpio") {
+        missing.push("cpio");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("lab: installing {}", missing.join(" "));
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq {} >/dev/null",
+            missing.join(" ")
+        ))
+        .status()?
+        .success();
+    if !ok {
+        bail!(
+            "cannot install {} (run as root, or install them yourself)",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Builds (or reuses) the lab initramfs for `kver` under `cache`.
+fn initramfs(workspace: &Path, cache: &Path, kver: &str) -> Result<PathBuf> {
+    let init = workspace.join("xtask/lab/init");
+    let out = cache.join(format!("labinit-{kver}.gz"));
+    let fresh = |o: &Path| -> bool {
+        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        matches!((m(o), m(&init)), (Some(a), Some(b)) if a >= b)
+    };
+    if fresh(&out) {
+        return Ok(out);
+    }
+    let work = cache.join("initramfs.work");
+    let _ = std::fs::remove_dir_all(&work);
+    for d in [
+        "bin", "proc", "sys", "dev", "mod", "lower", "upper", "newroot", "rw",
+    ] {
+        std::fs::create_dir_all(work.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", work.join("bin/busybox")).context("copy busybox")?;
+    for a in [
+        "sh",
+        "mount",
+        "umount",
+        "insmod",
+        "mkdir",
+        "cat",
+        "cp",
+        "sed",
+        "switch_root",
+        "poweroff",
+    ] {
+        std::os::unix::fs::symlink("busybox", work.join("bin").join(a))?;
+    }
+    let moddir = PathBuf::from(format!("/lib/modules/{kver}/kernel"));
+    for (i, m) in MODULES.iter().enumerate() {
+        let src = moddir.join(format!("{m}.ko"));
+        let name = Path::new(m)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // Numbered so that the init's glob loads them in dependency order.
+        if src.exists() {
+            std::fs::copy(&src, work.join("mod").join(format!("{i:02}-{name}.ko")))?;
+        }
+    }
+    std::fs::copy(&init, work.join("init"))?;
+    std::fs::set_permissions(
+        work.join("init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd {} && find . | cpio -o -H newc 2>/dev/null | gzip -1 > {}",
+            work.display(),
+            out.display()
+        ))
+        .status()?;
+    if !st.success() {
+        bail!("building the lab initramfs failed");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(out)
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Runs `cmd` inside a lab host; returns its exit status (125 when the lab ended without one).
+pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
+    ensure_packages()?;
+    let kernel = newest("/boot", "vmlinuz-").context("no kernel in /boot")?;
+    let kver = kernel.trim_start_matches("vmlinuz-").to_string();
+    let cache = std::env::var_os("FERRY_LAB_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target/lab"));
+    std::fs::create_dir_all(&cache)?;
+    let initrd = initramfs(workspace, &cache, &kver)?;
+    let id = format!("run-{}", std::process::id());
+    let rundir = workspace.join(".lab").join(&id);
+    std::fs::create_dir_all(&rundir)?;
+    let mut s = String::from("#!/bin/sh\n");
+    s.push_str("mount -t proc proc /proc; mount -t sysfs sys /sys\n");
+    s.push_str("mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm; mount -t tmpfs tmpfs /tmp\n");
+    s.push_str("modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null || echo 'lab: no kvm module'\n");
+    s.push_str("ip link set lo up 2>/dev/null; hostname lab\n");
+    let ws = workspace.display().to_string();
+    let _ = writeln!(
+        s,
+        "mkdir -p {q} && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 rwshare {q}",
+        q = shell_quote(&ws)
+    );
+    for (k, v) in std::env::vars() {
+        if k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !matches!(k.as_str(), "PWD" | "OLDPWD" | "SHLVL" | "_" | "HOSTNAME")
+        {
+            let _ = writeln!(s, "export {k}={}", shell_quote(&v));
+        }
+    }
+    let cwd = std::env::current_dir()?.display().to_string();
+    let _ = writeln!(s, "cd {}", shell_quote(&cwd));
+    let line: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
+    let _ = writeln!(s, "{}", line.join(" "));
+    let _ = writeln!(
+        s,
+        "echo $? > {}",
+        shell_quote(&rundir.join("rc").display().to_string())
+    );
+    s.push_str("sync; poweroff -f\n");
+    std::fs::write(rundir.join("stage2.sh"), s)?;
+    let mut append = format!("console=ttyS0 panic=-1 ferrylab.rw={ws} ferrylab.run=.lab/{id}");
+    if !opts.verbose {
+        append.push_str(" quiet loglevel=0");
+    }
+    let status = Command::new("timeout")
+        .arg(opts.timeout_s.to_string())
+        .arg("qemu-system-x86_64")
+        .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args([
+            "-smp",
+            &opts.cpus.to_string(),
+            "-m",
+            &opts.mem_mib.to_string(),
+        ])
+        .args([
+            "-nographic",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-nic",
+            "none",
+        ])
+        .arg("-kernel")
+        .arg(format!("/boot/{kernel}"))
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        ])
+        .arg("-virtfs")
+        .arg(format!(
+            "local,path={ws},mount_tag=rwshare,security_model=none"
+        ))
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("cannot start qemu-system-x86_64")?;
+    let rc = std::fs::read_to_string(rundir.join("rc"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let _ = std::fs::remove_dir_all(&rundir);
+    match rc {
+        Some(rc) => Ok(rc),
+        None => {
+            eprintln!("lab: the lab host ended without the command's status (qemu: {status})");
+            Ok(125)
+        }
+    }
+}
