@@ -179,3 +179,100 @@ fn failed_save_leaves_the_vm_running() {
     m.shutdown();
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Rewrites the VCPU section of a state file through `edit`, with valid checksums.
+fn rewrite_vcpus(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<vmm::vcpu::VcpuState>)) {
+    use vmm::snapshot::{encode, SnapshotReader, SnapshotWriter, MAX_CONFIG};
+    let mut r = SnapshotReader::open(src).unwrap();
+    let conf = r.section(MAX_CONFIG).unwrap();
+    let mut vcpus: Vec<vmm::vcpu::VcpuState> = r.decode().unwrap();
+    let vm = r.section(vmm::snapshot::MAX_STATE).unwrap();
+    let devs = r.section(vmm::snapshot::MAX_STATE).unwrap();
+    let conf_json: serde_json::Value = serde_json::from_slice(&conf).unwrap();
+    let mb = conf_json["config"]["memory_mib"].as_u64().unwrap();
+    let ram = vmm::memory::GuestRam::new("edit", mb << 20).unwrap();
+    r.memory(&ram).unwrap();
+    edit(&mut vcpus);
+    let mut w = SnapshotWriter::new(File::create(dst).unwrap()).unwrap();
+    w.section(*b"CONF", &conf).unwrap();
+    w.section(*b"VCPU", &encode(&vcpus).unwrap()).unwrap();
+    w.section(*b"VMST", &vm).unwrap();
+    w.section(*b"DEVS", &devs).unwrap();
+    w.memory(&ram).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn a_host_lacking_what_the_guest_saw_refuses_the_restore_and_names_it() {
+    let d = tmpdir("cpu");
+    let log = d.join("a.log");
+    let m = Machine::boot(dirtier("a", 1), console(&log)).unwrap();
+    wait_beats(&log, 1);
+    let state = d.join("a.state");
+    m.save(&state).unwrap();
+    m.shutdown();
+
+    // Another vendor.
+    let other = d.join("vendor.state");
+    rewrite_vcpus(&state, &other, |v| {
+        for s in v.iter_mut() {
+            for e in s.cpuid.iter_mut().filter(|e| e.function == 0) {
+                e.ebx = u32::from_le_bytes(*b"Othe");
+                e.edx = u32::from_le_bytes(*b"rVen");
+                e.ecx = u32::from_le_bytes(*b"dor!");
+            }
+        }
+    });
+    let err = Machine::restore(&other, None, ConsoleOut::default(), true)
+        .err()
+        .unwrap();
+    assert!(matches!(err, MachineError::IncompatibleCpu(_)), "{err}");
+    assert!(
+        err.to_string().contains("CPU vendor \"OtherVendor!\""),
+        "{err}"
+    );
+
+    // Every named feature switched on: the ones this host's KVM lacks are listed.
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    let host = vmm::cpuid::supported(&kvm).unwrap();
+    let host_has = vmm::cpuid::feature_names(host.as_slice());
+    let lacking: Vec<&str> = vmm::cpuid::FEATURES
+        .iter()
+        .map(|f| f.4)
+        .filter(|n| !host_has.contains(n))
+        .collect();
+    if lacking.is_empty() {
+        return; // a host with every feature Ferry names: nothing to be missing
+    }
+    let rich = d.join("rich.state");
+    rewrite_vcpus(&state, &rich, |v| {
+        for s in v.iter_mut() {
+            for &(leaf, sub, reg, bit, _) in vmm::cpuid::FEATURES {
+                if let Some(e) = s
+                    .cpuid
+                    .iter_mut()
+                    .find(|e| e.function == leaf && e.index == sub)
+                {
+                    let r = match reg {
+                        0 => &mut e.eax,
+                        1 => &mut e.ebx,
+                        2 => &mut e.ecx,
+                        _ => &mut e.edx,
+                    };
+                    *r |= 1 << bit;
+                }
+            }
+        }
+    });
+    let err = Machine::restore(&rich, None, ConsoleOut::default(), true)
+        .err()
+        .unwrap();
+    let msg = err.to_string();
+    for f in lacking.iter().take(3) {
+        assert!(
+            msg.contains(&format!("feature {f}")),
+            "{f} not named: {msg}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
