@@ -178,7 +178,7 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     std::fs::create_dir_all(&rundir)?;
     let mut s = String::from("#!/bin/sh\n");
     s.push_str("mount -t proc proc /proc; mount -t sysfs sys /sys\n");
-    s.push_str("mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm; mount -t tmpfs tmpfs /tmp\n");
+    s.push_str("mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm\n");
     s.push_str("modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null || echo 'lab: no kvm module'\n");
     s.push_str("ip link set lo up 2>/dev/null; hostname lab\n");
     let ws = workspace.display().to_string();

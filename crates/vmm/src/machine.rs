@@ -124,6 +124,8 @@ struct Control {
 }
 
 struct Shared {
+    /// Percent of time vCPUs are kept out of the guest (auto-converge), 0 = none.
+    throttle: std::sync::atomic::AtomicU8,
     ctl: Mutex<Control>,
     cv: Condvar,
     serial: Mutex<SerialDevice>,
@@ -163,7 +165,7 @@ pub struct Machine {
     _kvm: Kvm,
     vm: VmFd,
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
     shared: Arc<Shared>,
     msr_list: Vec<u32>,
     cpuids: Vec<Vec<kvm_cpuid_entry2>>,
@@ -303,8 +305,9 @@ impl Machine {
             _kvm: kvm,
             vm: vmfd,
             vcpus: fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect(),
-            threads: Mutex::new(Vec::new()),
+            threads: Arc::new(Mutex::new(Vec::new())),
             shared: Arc::new(Shared {
+                throttle: std::sync::atomic::AtomicU8::new(0),
                 ctl: Mutex::new(Control {
                     target: RunState::Paused,
                     parked: 0,
@@ -349,63 +352,132 @@ impl Machine {
         paused: bool,
     ) -> Result<Machine, MachineError> {
         let mut r = SnapshotReader::open(path)?;
-        let conf = r.section(snapshot::MAX_CONFIG)?;
-        let text = String::from_utf8(conf)
-            .map_err(|_| MachineError::Inconsistent("config is not UTF-8".into()))?;
-        let saved: SavedConfig = serde_json::from_str(&text)
-            .map_err(|e| MachineError::Inconsistent(format!("config: {e}")))?;
-        let mut config = saved.config;
+        let mut saved = SavedConfig::decode(&r.section(snapshot::MAX_CONFIG)?)?;
         if let Some(n) = name {
-            config.name = n.to_string();
+            saved.config.name = n.to_string();
         }
-        config.validate()?;
-        let states: Vec<VcpuState> = r.decode()?;
-        let vm_state: VmState = r.decode()?;
-        let devs: DeviceStates = r.decode()?;
-        if states.len() != usize::from(config.vcpus)
-            || states
-                .iter()
-                .enumerate()
-                .any(|(i, s)| usize::from(s.id) != i)
-        {
-            return Err(MachineError::Inconsistent(format!(
-                "{} vCPU states for {} vCPUs",
-                states.len(),
-                config.vcpus
-            )));
-        }
-        let ram = GuestRam::new(&config.name, config.memory_bytes())?;
+        saved.config.validate()?;
+        let snap = VmSnapshot {
+            vcpus: r.decode()?,
+            vm: r.decode()?,
+            devices: r.decode()?,
+        };
+        snap.check(&saved.config)?;
+        check_host_cpu(&snap.vcpus[0].cpuid)?;
+        let ram = GuestRam::new(&saved.config.name, saved.config.memory_bytes())?;
+        r.memory(&ram)?;
+        r.finish()?;
+        Machine::from_parts(saved, ram, &snap, console, paused)
+    }
+
+    /// Builds a VM from its saved parts: guest RAM already holding the guest's memory, and the
+    /// vCPU, VM and device state. vCPUs start running unless `paused`.
+    pub fn from_parts(
+        saved: SavedConfig,
+        ram: GuestRam,
+        snap: &VmSnapshot,
+        console: ConsoleOut,
+        paused: bool,
+    ) -> Result<Machine, MachineError> {
+        snap.check(&saved.config)?;
         let (kvm, vmfd) = vm::create(&ram)?;
         let host = cpuid::supported(&kvm)?;
-        let missing = cpuid::incompatibilities(&states[0].cpuid, host.as_slice());
+        let missing = cpuid::incompatibilities(&snap.vcpus[0].cpuid, host.as_slice());
         if !missing.is_empty() {
             return Err(MachineError::IncompatibleCpu(missing));
         }
-        r.memory(&ram)?;
-        r.finish()?;
         let mut fds = Vec::new();
-        for s in &states {
+        for s in &snap.vcpus {
             let fd = vmfd
                 .create_vcpu(u64::from(s.id))
                 .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
             fds.push(fd);
         }
-        vm::restore(&vmfd, &vm_state)?;
-        for (fd, s) in fds.iter().zip(&states) {
+        vm::restore(&vmfd, &snap.vm)?;
+        for (fd, s) in fds.iter().zip(&snap.vcpus) {
             vcpu::restore(fd, s)?;
         }
         let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
         vmfd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
-        let serial = SerialDevice::restore(serial_irq, console, &devs.serial)?;
-        let cpuids = states.iter().map(|s| s.cpuid.clone()).collect();
-        let m = Machine::assemble(config, saved.kind, kvm, vmfd, fds, cpuids, serial, ram)?;
+        let serial = SerialDevice::restore(serial_irq, console, &snap.devices.serial)?;
+        let cpuids = snap.vcpus.iter().map(|s| s.cpuid.clone()).collect();
+        let m = Machine::assemble(
+            saved.config,
+            saved.kind,
+            kvm,
+            vmfd,
+            fds,
+            cpuids,
+            serial,
+            ram,
+        )?;
         m.start_threads(if paused {
             RunState::Paused
         } else {
             RunState::Running
         })?;
         Ok(m)
+    }
+
+    /// What the CONF section of this VM's state holds.
+    pub fn saved_config(&self) -> SavedConfig {
+        SavedConfig {
+            config: self.config.clone(),
+            kind: self.kind,
+        }
+    }
+
+    /// The CPUID vCPU 0 gives the guest.
+    pub fn guest_cpuid(&self) -> &[kvm_cpuid_entry2] {
+        self.cpuids.first().map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// Turns KVM's dirty-page logging on or off for all guest RAM. Turning it on starts a
+    /// clean log: every page written from now on is reported once by [`Machine::dirty_pages`].
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), MachineError> {
+        let flags = if on {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        self.ram.for_each_region(|slot, guest, len, host| {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                flags,
+                guest_phys_addr: guest,
+                memory_size: len,
+                userspace_addr: host,
+            };
+            // SAFETY: the same live mapping that vm::create registered for this slot; only the
+            // flags change.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(|e| vm::VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
+        })?;
+        Ok(())
+    }
+
+    /// Guest page numbers (guest physical address / 4096) written since the last call (or
+    /// since logging was turned on), ascending. Fetching clears the log.
+    pub fn dirty_pages(&self) -> Result<Vec<u64>, MachineError> {
+        let mut pages = Vec::new();
+        self.ram.for_each_region(|slot, guest, len, _| {
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot, usize::try_from(len).unwrap_or(0))
+                .map_err(|e| vm::VmError::Kvm("KVM_GET_DIRTY_LOG", e))?;
+            let first = guest / PAGE_SIZE as u64;
+            for (w, word) in bitmap.iter().enumerate() {
+                let mut bits = *word;
+                while bits != 0 {
+                    let b = u64::from(bits.trailing_zeros());
+                    pages.push(first + w as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+            Ok::<(), MachineError>(())
+        })?;
+        Ok(pages)
     }
 
     /// The configuration.
@@ -441,11 +513,29 @@ impl Machine {
     }
 
     fn kick_all(&self) {
-        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        for t in threads.iter() {
-            // SAFETY: the pthread handle belongs to a thread we spawned and have not joined
-            // (joining takes this lock), so it is valid; the signal has a handler installed.
-            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        kick_threads(&self.threads);
+    }
+
+    /// Keeps the vCPUs out of the guest `pct` percent of the time (0 to 99; 0 = full speed):
+    /// live migration's auto-converge. A helper thread kicks the vCPUs every 10 ms and each
+    /// one sleeps in proportion before re-entering the guest.
+    pub fn set_throttle(&self, pct: u8) {
+        use std::sync::atomic::Ordering;
+        let pct = pct.min(99);
+        let was = self.shared.throttle.swap(pct, Ordering::SeqCst);
+        if was == 0 && pct > 0 {
+            let shared = Arc::clone(&self.shared);
+            let threads = Arc::clone(&self.threads);
+            let _ = std::thread::Builder::new()
+                .name("throttle".into())
+                .spawn(move || {
+                    while shared.throttle.load(Ordering::SeqCst) > 0
+                        && shared.lock().target != RunState::Stopped
+                    {
+                        kick_threads(&threads);
+                        std::thread::sleep(THROTTLE_PERIOD);
+                    }
+                });
         }
     }
 
@@ -499,7 +589,7 @@ impl Machine {
     }
 
     /// Captures vCPU, VM and device state (the VM must be paused).
-    pub fn capture(&self) -> Result<(Vec<VcpuState>, VmState, DeviceStates), MachineError> {
+    pub fn capture(&self) -> Result<VmSnapshot, MachineError> {
         if self.state() != RunState::Paused {
             return Err(MachineError::WrongState(self.state()));
         }
@@ -521,7 +611,11 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save();
-        Ok((states, vm_state, DeviceStates { serial }))
+        Ok(VmSnapshot {
+            vcpus: states,
+            vm: vm_state,
+            devices: DeviceStates { serial },
+        })
     }
 
     /// Pauses the VM and writes its complete state to `path` (atomically). On success the VM
@@ -546,19 +640,15 @@ impl Machine {
     }
 
     fn write_state(&self, path: &Path) -> Result<(u64, u64), MachineError> {
-        let (states, vm_state, devs) = self.capture()?;
-        let conf = serde_json::to_vec(&SavedConfig {
-            config: self.config.clone(),
-            kind: self.kind,
-        })
-        .map_err(|e| MachineError::Inconsistent(e.to_string()))?;
+        let snap = self.capture()?;
+        let conf = self.saved_config().encode()?;
         let mut mem_len = 0;
         let size = snapshot::write_atomically(path, |out| {
             let mut w = SnapshotWriter::new(out)?;
             w.section(*b"CONF", &conf)?;
-            w.section(*b"VCPU", &snapshot::encode(&states)?)?;
-            w.section(*b"VMST", &snapshot::encode(&vm_state)?)?;
-            w.section(*b"DEVS", &snapshot::encode(&devs)?)?;
+            w.section(*b"VCPU", &snapshot::encode(&snap.vcpus)?)?;
+            w.section(*b"VMST", &snapshot::encode(&snap.vm)?)?;
+            w.section(*b"DEVS", &snapshot::encode(&snap.devices)?)?;
             mem_len = w.memory(&self.ram)?;
             w.finish()?;
             Ok(())
@@ -584,6 +674,9 @@ impl Machine {
 
     /// Stops the vCPUs for good and joins their threads.
     pub fn shutdown(&self) {
+        self.shared
+            .throttle
+            .store(0, std::sync::atomic::Ordering::SeqCst);
         self.shared.request_stop(StopReason::Requested);
         self.kick_all();
         self.join();
@@ -617,12 +710,83 @@ impl Drop for Machine {
     }
 }
 
-/// What the CONF section holds.
-#[derive(Serialize, Deserialize)]
+/// What the CONF section holds: the config and how the kernel was booted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SavedConfig {
-    config: VmConfig,
-    kind: KernelKind,
+pub struct SavedConfig {
+    /// The VM config.
+    pub config: VmConfig,
+    /// The kind of kernel image it booted.
+    pub kind: KernelKind,
+}
+
+impl SavedConfig {
+    /// Parses the CONF section.
+    pub fn decode(bytes: &[u8]) -> Result<Self, MachineError> {
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| MachineError::Inconsistent("config is not UTF-8".into()))?;
+        serde_json::from_str(text).map_err(|e| MachineError::Inconsistent(format!("config: {e}")))
+    }
+
+    /// Encodes the CONF section.
+    pub fn encode(&self) -> Result<Vec<u8>, MachineError> {
+        serde_json::to_vec(self).map_err(|e| MachineError::Inconsistent(e.to_string()))
+    }
+}
+
+/// Everything but memory and config: what stop-and-copy sends and a state file's VCPU, VMST
+/// and DEVS sections hold.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// Every vCPU.
+    pub vcpus: Vec<VcpuState>,
+    /// PIC, IOAPIC, PIT, clock.
+    pub vm: VmState,
+    /// Ferry's devices.
+    pub devices: DeviceStates,
+}
+
+impl VmSnapshot {
+    /// Checks the snapshot matches the config (one state per vCPU, in order).
+    pub fn check(&self, config: &VmConfig) -> Result<(), MachineError> {
+        if self.vcpus.len() != usize::from(config.vcpus)
+            || self
+                .vcpus
+                .iter()
+                .enumerate()
+                .any(|(i, s)| usize::from(s.id) != i)
+        {
+            return Err(MachineError::Inconsistent(format!(
+                "{} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses early when this host's KVM cannot give a guest the CPU it saw.
+pub fn check_host_cpu(guest: &[kvm_cpuid_entry2]) -> Result<(), MachineError> {
+    let kvm = vm::open_kvm()?;
+    let host = cpuid::supported(&kvm)?;
+    let missing = cpuid::incompatibilities(guest, host.as_slice());
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(MachineError::IncompatibleCpu(missing))
+    }
+}
+
+const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
+
+fn kick_threads(threads: &Mutex<Vec<JoinHandle<()>>>) {
+    let threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+    for t in threads.iter() {
+        // SAFETY: the pthread handle belongs to a thread we spawned and have not joined
+        // (joining takes this lock), so it is valid; the signal has a handler installed.
+        unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+    }
 }
 
 fn is_interrupted(e: &kvm_ioctls::Error) -> bool {
@@ -680,6 +844,12 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
             Ok(exit) => handle_exit(id, exit, shared),
             Err(e) if is_interrupted(&e) => {
                 f.set_kvm_immediate_exit(0);
+                let t = u32::from(shared.throttle.load(std::sync::atomic::Ordering::Relaxed));
+                if t > 0 {
+                    drop(f);
+                    std::thread::sleep(THROTTLE_PERIOD * t / (100 - t));
+                    continue;
+                }
                 None
             }
             Err(e) => Some(StopReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),

@@ -1,0 +1,291 @@
+//! Wire format: every message is one frame.
+//!
+//! ```text
+//! kind u8 | flags u8 (0) | reserved u16 (0) | length u32 | payload [length] | crc32 u32
+//! ```
+//! little endian; the CRC-32 covers header and payload; payloads are at most
+//! [`MAX_PAYLOAD`] bytes. Version 1; the peers exchange `HELLO` first.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol magic in `HELLO`.
+pub const MAGIC: [u8; 8] = *b"FERRYMIG";
+/// Protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Oldest version this build accepts from a peer.
+pub const MIN_VERSION: u16 = 1;
+/// Largest payload accepted.
+pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// Pages per `PAGES` frame.
+pub const BATCH_PAGES: usize = 256;
+
+/// Errors of a migration, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The connection failed.
+    #[error("migration connection failed")]
+    Io(#[from] std::io::Error),
+    /// The peer is not a Ferry migration peer of a compatible version.
+    #[error("peer speaks an incompatible protocol: {0}")]
+    Protocol(String),
+    /// A frame failed its checks.
+    #[error("corrupted migration stream: {0}")]
+    Corrupt(String),
+    /// The destination refused the VM.
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    /// The peer reported an error.
+    #[error("the peer failed: {0}")]
+    Peer(String),
+    /// Cancelled by the user (the VM continues on the source).
+    #[error("migration cancelled{0}")]
+    Cancelled(String),
+    /// Did not converge and the policy says cancel.
+    #[error("migration did not converge: {0}")]
+    NotConverged(String),
+    /// VM-side failure.
+    #[error(transparent)]
+    Machine(#[from] vmm::MachineError),
+    /// Guest memory access failure.
+    #[error(transparent)]
+    Memory(#[from] vmm::memory::MemoryError),
+    /// The commit message was sent but its acknowledgement never came.
+    #[error("commit outcome unknown: COMMIT was sent but the destination did not confirm; the source VM stays paused and will not resume by itself ({0})")]
+    CommitUnknown(String),
+}
+
+/// Message kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Both ways, first: magic, version, oldest accepted version.
+    Hello = 0x01,
+    /// Source → destination: [`Setup`].
+    Setup = 0x02,
+    /// Destination → source: ready to receive.
+    Accept = 0x03,
+    /// Destination → source: UTF-8 reason.
+    Refuse = 0x04,
+    /// Source → destination: page batch.
+    Pages = 0x10,
+    /// Source → destination: pages that are now all zero.
+    ZeroPages = 0x11,
+    /// Source → destination: end of a round (u32 round number).
+    RoundEnd = 0x12,
+    /// Source → destination: postcard `VmSnapshot` (vCPU, irqchip, clock, devices).
+    State = 0x20,
+    /// Destination → source: everything loaded, vCPUs created and paused.
+    Ready = 0x21,
+    /// Source → destination: ownership moves now.
+    Commit = 0x22,
+    /// Destination → source: resumed.
+    Resumed = 0x23,
+    /// Source → destination: discard everything (UTF-8 reason).
+    Cancel = 0x30,
+    /// Either way: failing (UTF-8 reason).
+    Error = 0x31,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match b {
+            0x01 => Hello,
+            0x02 => Setup,
+            0x03 => Accept,
+            0x04 => Refuse,
+            0x10 => Pages,
+            0x11 => ZeroPages,
+            0x12 => RoundEnd,
+            0x20 => State,
+            0x21 => Ready,
+            0x22 => Commit,
+            0x23 => Resumed,
+            0x30 => Cancel,
+            0x31 => Error,
+            _ => return None,
+        })
+    }
+}
+
+/// What the source tells the destination in setup.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Setup {
+    /// The VM's config and boot kind (JSON, the state file's CONF section).
+    pub config_json: Vec<u8>,
+    /// The CPUID the guest sees (vCPU 0), for the destination's compatibility check.
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD)
+        .ok_or_else(|| MigrationError::Corrupt(format!("payload of {} bytes", payload.len())))?;
+    let mut head = [0u8; 8];
+    head[0] = kind as u8;
+    head[4..8].copy_from_slice(&len.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(payload);
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    w.write_all(&h.finalize().to_le_bytes())?;
+    Ok(())
+}
+
+/// Reads one frame; `buf` is reused for the payload.
+pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<Kind, MigrationError> {
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head)?;
+    let kind = Kind::from_u8(head[0])
+        .ok_or_else(|| MigrationError::Corrupt(format!("unknown message kind {:#x}", head[0])))?;
+    if head[1] != 0 || head[2] != 0 || head[3] != 0 {
+        return Err(MigrationError::Corrupt("unknown frame flags".into()));
+    }
+    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_PAYLOAD {
+        return Err(MigrationError::Corrupt(format!(
+            "frame of {len} bytes (limit {MAX_PAYLOAD})"
+        )));
+    }
+    buf.resize(len as usize, 0);
+    r.read_exact(buf)?;
+    let mut c = [0u8; 4];
+    r.read_exact(&mut c)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(buf);
+    if u32::from_le_bytes(c) != h.finalize() {
+        return Err(MigrationError::Corrupt(format!(
+            "checksum mismatch in a {kind:?} frame"
+        )));
+    }
+    Ok(kind)
+}
+
+/// Sends HELLO and checks the peer's.
+pub fn handshake<S: Read + Write>(s: &mut S) -> Result<(), MigrationError> {
+    let mut hello = Vec::with_capacity(12);
+    hello.extend_from_slice(&MAGIC);
+    hello.extend_from_slice(&VERSION.to_le_bytes());
+    hello.extend_from_slice(&MIN_VERSION.to_le_bytes());
+    write_frame(s, Kind::Hello, &hello)?;
+    s.flush()?;
+    let mut buf = Vec::new();
+    let mut head = [0u8; 8];
+    // Read the header by hand first: a peer of another protocol gets a clear error, not a
+    // checksum complaint.
+    s.read_exact(&mut head)?;
+    if head[0] != Kind::Hello as u8
+        || u32::from_le_bytes([head[4], head[5], head[6], head[7]]) != 12
+    {
+        return Err(MigrationError::Protocol(
+            "the peer did not start with a Ferry HELLO".into(),
+        ));
+    }
+    buf.resize(12, 0);
+    s.read_exact(&mut buf)?;
+    let mut c = [0u8; 4];
+    s.read_exact(&mut c)?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(&buf);
+    if u32::from_le_bytes(c) != h.finalize() || buf[..8] != MAGIC {
+        return Err(MigrationError::Protocol("bad HELLO".into()));
+    }
+    let peer = u16::from_le_bytes([buf[8], buf[9]]);
+    let peer_min = u16::from_le_bytes([buf[10], buf[11]]);
+    if peer < MIN_VERSION || peer_min > VERSION {
+        return Err(MigrationError::Protocol(format!(
+            "peer speaks version {peer} (accepts {peer_min}+), this side speaks {VERSION} (accepts {MIN_VERSION}+)"
+        )));
+    }
+    Ok(())
+}
+
+/// Encodes a page batch: count u32, page numbers, then the data.
+pub fn encode_pages(pages: &[u64], data: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&u32::try_from(pages.len()).unwrap_or(0).to_le_bytes());
+    for p in pages {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    out.extend_from_slice(data);
+}
+
+/// Decodes a page batch (or, with `with_data = false`, a zero-page list).
+pub fn decode_pages(payload: &[u8], with_data: bool) -> Result<(Vec<u64>, &[u8]), MigrationError> {
+    let bad = |m: &str| MigrationError::Corrupt(format!("page batch: {m}"));
+    if payload.len() < 4 {
+        return Err(bad("too short"));
+    }
+    let n = u32::from_le_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
+    let idx_end = n
+        .checked_mul(8)
+        .and_then(|x| x.checked_add(4))
+        .ok_or_else(|| bad("count"))?;
+    let data_len = if with_data {
+        n.checked_mul(vmm::memory::PAGE_SIZE)
+            .ok_or_else(|| bad("count"))?
+    } else {
+        0
+    };
+    if payload.len() != idx_end + data_len {
+        return Err(bad("length does not match the page count"));
+    }
+    let pages = payload[4..idx_end]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    Ok((pages, &payload[idx_end..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_any_flip_is_caught() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Pages, b"0123456789").unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_frame(&mut wire.as_slice(), &mut buf).unwrap(),
+            Kind::Pages
+        );
+        assert_eq!(buf, b"0123456789");
+        for i in 0..wire.len() {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x04;
+            assert!(
+                read_frame(&mut bad.as_slice(), &mut buf).is_err(),
+                "flip at {i}"
+            );
+        }
+        let mut huge = wire.clone();
+        huge[4..8].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut huge.as_slice(), &mut buf),
+            Err(MigrationError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn page_batches_are_checked() {
+        let mut out = Vec::new();
+        encode_pages(&[3, 9], &[7u8; 8192], &mut out);
+        let (p, d) = decode_pages(&out, true).unwrap();
+        assert_eq!(p, vec![3, 9]);
+        assert_eq!(d.len(), 8192);
+        assert!(decode_pages(&out[..out.len() - 1], true).is_err());
+        encode_pages(&[1, 2, 3], &[], &mut out);
+        assert_eq!(decode_pages(&out, false).unwrap().0, vec![1, 2, 3]);
+        let mut lie = out.clone();
+        lie[0] = 200;
+        assert!(decode_pages(&lie, false).is_err());
+    }
+}
