@@ -1,5 +1,6 @@
 //! `ferry`: the command line.
 
+mod migrate;
 mod output;
 mod vm;
 
@@ -34,12 +35,16 @@ enum Cmd {
     /// Virtual machines on this host.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Migrations of this host's VMs.
+    #[command(subcommand)]
+    Migration(migrate::MigrationCmd),
 }
 
 fn main() {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Vm(c) => vm::run(c, cli.output),
+        Cmd::Migration(c) => migrate::run_cmd(c, cli.output),
     };
     if let Err(e) = res {
         if cli.output == Output::Json {

@@ -107,6 +107,27 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Wait for a VM migrating in: a skeleton worker listening on ADDR:PORT.
+    Receive {
+        /// Name the VM will have here.
+        name: String,
+        /// Address to listen on (port 0: any free port, shown in the output).
+        #[arg(long)]
+        listen: String,
+        /// Console log file (default: console.log in the VM's run directory).
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+    },
+    /// Move a running VM to a receiving worker (live by default).
+    Migrate {
+        /// VM name.
+        name: String,
+        /// Destination ADDR:PORT (a `ferry vm receive`).
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        opts: crate::migrate::MigrateArgs,
+    },
 }
 
 /// Runs a `ferry vm` verb.
@@ -161,6 +182,33 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             let ready = spawn_worker(&dir, &args)?;
             report_started(out, &name, &ready)
         }
+        VmCmd::Receive {
+            name,
+            listen,
+            console_log,
+        } => {
+            let dir = prepare_dir(&name)?;
+            let mut args: Vec<std::ffi::OsString> = vec![
+                "--receive".into(),
+                listen.into(),
+                "--name".into(),
+                name.clone().into(),
+            ];
+            if let Some(c) = console_log {
+                args.push("--console-log".into());
+                args.push(absolute(&c)?.into_os_string());
+            }
+            let ready = spawn_worker(&dir, &args)?;
+            let listen = ready["listen"].as_str().unwrap_or("").to_string();
+            print(
+                out,
+                &serde_json::json!({"name": name, "state": "receiving", "listen": listen, "pid": ready["pid"]}),
+                &["NAME", "STATE", "LISTEN"],
+                vec![vec![name.clone(), "receiving".into(), listen]],
+            );
+            Ok(())
+        }
+        VmCmd::Migrate { name, to, opts } => crate::migrate::run(&name, &to, opts, out),
         VmCmd::List => {
             let list = list_vms();
             let rows = list.iter().map(status_row).collect();
@@ -233,7 +281,7 @@ fn status_row(s: &Status) -> Vec<String> {
     ]
 }
 
-fn mib(bytes: u64) -> String {
+pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
@@ -366,7 +414,7 @@ fn foreground(cfg: &VmConfig) -> Result<()> {
     Ok(())
 }
 
-fn request(name: &str, req: &Request) -> Result<serde_json::Value> {
+pub fn request(name: &str, req: &Request) -> Result<serde_json::Value> {
     let resp: Response = server::call(name, req)
         .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
     if resp.ok {
@@ -376,7 +424,7 @@ fn request(name: &str, req: &Request) -> Result<serde_json::Value> {
     }
 }
 
-fn status(name: &str) -> Result<Status> {
+pub fn status(name: &str) -> Result<Status> {
     validate_name(name)?;
     let v = request(name, &Request::Status)?;
     Ok(serde_json::from_value(v)?)
@@ -411,7 +459,7 @@ fn list_vms() -> Vec<Status> {
     out
 }
 
-fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
+pub fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let pid = i32::try_from(pid).context("bad pid")?;
     while process_alive(pid) {

@@ -30,6 +30,20 @@ pub enum Request {
     Shutdown,
     /// Hash of all guest memory (pause first for a stable value).
     MemoryHash,
+    /// Live-migrate (or, with `quick`, stop-and-copy) the VM to a receiving worker. The
+    /// worker answers with `{"progress": MigrationStatus}` lines until the final response;
+    /// after a successful migration it exits.
+    Migrate {
+        /// Destination `HOST:PORT`.
+        to: String,
+        /// Tunables.
+        #[serde(default)]
+        options: migration::MigrateOptions,
+    },
+    /// Progress of the running (or last) migration.
+    MigrationStatus,
+    /// Cancel the running migration (before its commit point).
+    MigrationCancel,
 }
 
 /// A response.
@@ -72,16 +86,16 @@ pub struct Status {
     pub api_version: u32,
     /// VM name.
     pub name: String,
-    /// running, paused or stopped.
-    pub state: RunState,
+    /// running, paused, stopped, receiving (an incoming migration) or migrating.
+    pub state: WorkerState,
     /// vCPU count.
     pub vcpus: u8,
     /// RAM in MiB.
     pub memory_mib: u64,
     /// Kernel image.
     pub kernel: PathBuf,
-    /// bzimage, vmlinux or bare-metal.
-    pub kernel_kind: vmm::boot::KernelKind,
+    /// bzimage, vmlinux or bare-metal (none while receiving).
+    pub kernel_kind: Option<vmm::boot::KernelKind>,
     /// Worker process id.
     pub pid: u32,
     /// Console log file.
@@ -90,6 +104,57 @@ pub struct Status {
     pub uptime_s: u64,
     /// Why it stopped, once it has.
     pub stop_reason: Option<StopReason>,
+    /// The running or last migration, if any.
+    pub migration: Option<migration::MigrationStatus>,
+    /// For a receiving worker: where it listens and how far the incoming migration is.
+    pub incoming: Option<Incoming>,
+}
+
+/// An incoming migration's state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Listening address.
+    pub listen: String,
+    /// Phase, in words.
+    pub phase: String,
+}
+
+/// What a worker is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs parked.
+    Paused,
+    /// VM stopped.
+    Stopped,
+    /// Waiting for / receiving an incoming migration.
+    Receiving,
+    /// Sending its VM to another host.
+    Migrating,
+}
+
+impl From<RunState> for WorkerState {
+    fn from(s: RunState) -> Self {
+        match s {
+            RunState::Running => WorkerState::Running,
+            RunState::Paused => WorkerState::Paused,
+            RunState::Stopped => WorkerState::Stopped,
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Running => "running",
+            WorkerState::Paused => "paused",
+            WorkerState::Stopped => "stopped",
+            WorkerState::Receiving => "receiving",
+            WorkerState::Migrating => "migrating",
+        })
+    }
 }
 
 /// What `save` returns.

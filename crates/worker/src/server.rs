@@ -2,9 +2,12 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use std::time::Instant;
 
 use clap::Parser;
@@ -12,7 +15,9 @@ use vmm::devices::serial::ConsoleOut;
 use vmm::machine::{Machine, RunState};
 use vmm::VmConfig;
 
-use crate::api::{Request, Response, Status, API_VERSION, MAX_REQUEST};
+use migration::{MigrateOptions, MigrationError, MigrationStatus};
+
+use crate::api::{Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST};
 use crate::paths;
 
 /// Errors of the worker.
@@ -71,6 +76,9 @@ pub struct Args {
     /// Restore with the vCPUs paused.
     #[arg(long)]
     pub paused: bool,
+    /// Wait for an incoming migration on this `HOST:PORT` (port 0: any free port).
+    #[arg(long, conflicts_with_all = ["config", "restore"])]
+    pub receive: Option<String>,
 }
 
 fn describe(e: &dyn std::error::Error) -> String {
@@ -113,28 +121,81 @@ pub fn main() -> i32 {
 }
 
 struct Worker {
-    machine: Machine,
+    machine: OnceLock<Machine>,
+    name: String,
     console_log: Option<PathBuf>,
     started: Instant,
     dir: PathBuf,
+    incoming: Option<(String, Mutex<String>)>,
+    migration: Mutex<Option<Arc<Outgoing>>>,
+    /// Set once a migration has committed (or may have): the VM must never run here again.
+    fenced: AtomicBool,
+}
+
+struct Outgoing {
+    status: Mutex<MigrationStatus>,
+    cancel: AtomicBool,
+    done: AtomicBool,
 }
 
 impl Worker {
     fn status(&self) -> Status {
-        let c = self.machine.config();
-        Status {
-            api_version: API_VERSION,
-            name: c.name.clone(),
-            state: self.machine.state(),
-            vcpus: c.vcpus,
-            memory_mib: c.memory_mib,
-            kernel: c.kernel.clone(),
-            kernel_kind: self.machine.kernel_kind(),
-            pid: std::process::id(),
-            console_log: self.console_log.clone(),
-            uptime_s: self.started.elapsed().as_secs(),
-            stop_reason: self.machine.stop_reason(),
+        let migration = self
+            .outgoing()
+            .map(|o| o.status.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        let incoming = self.incoming.as_ref().map(|(listen, phase)| Incoming {
+            listen: listen.clone(),
+            phase: phase.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        });
+        let migrating = self
+            .outgoing()
+            .is_some_and(|o| !o.done.load(Ordering::SeqCst));
+        match self.machine.get() {
+            Some(m) => {
+                let c = m.config();
+                Status {
+                    api_version: API_VERSION,
+                    name: c.name.clone(),
+                    state: if migrating {
+                        WorkerState::Migrating
+                    } else {
+                        m.state().into()
+                    },
+                    vcpus: c.vcpus,
+                    memory_mib: c.memory_mib,
+                    kernel: c.kernel.clone(),
+                    kernel_kind: Some(m.kernel_kind()),
+                    pid: std::process::id(),
+                    console_log: self.console_log.clone(),
+                    uptime_s: self.started.elapsed().as_secs(),
+                    stop_reason: m.stop_reason(),
+                    migration,
+                    incoming,
+                }
+            }
+            None => Status {
+                api_version: API_VERSION,
+                name: self.name.clone(),
+                state: WorkerState::Receiving,
+                vcpus: 0,
+                memory_mib: 0,
+                kernel: PathBuf::new(),
+                kernel_kind: None,
+                pid: std::process::id(),
+                console_log: self.console_log.clone(),
+                uptime_s: self.started.elapsed().as_secs(),
+                stop_reason: None,
+                migration,
+                incoming,
+            },
         }
+    }
+
+    fn outgoing(&self) -> Option<Arc<Outgoing>> {
+        self.migration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn cleanup(&self) {
@@ -142,17 +203,66 @@ impl Worker {
         let _ = std::fs::remove_file(self.dir.join("worker.pid"));
     }
 
+    fn stop(&self) {
+        if let Some(m) = self.machine.get() {
+            m.shutdown();
+        } else {
+            self.cleanup();
+            std::process::exit(0);
+        }
+    }
+
     /// Handles one request; returns the response and whether the worker must exit after it.
     fn handle(&self, req: Request) -> (Response, bool) {
-        let m = &self.machine;
+        if matches!(req, Request::Status) {
+            return (Response::ok(self.status()), false);
+        }
+        if matches!(req, Request::Shutdown) {
+            return (Response::ok(serde_json::json!({"state": "stopped"})), true);
+        }
+        if let Request::MigrationStatus = req {
+            return match self.outgoing() {
+                Some(o) => (
+                    Response::ok(o.status.lock().unwrap_or_else(|p| p.into_inner()).clone()),
+                    false,
+                ),
+                None => (Response::err("no migration has run on this VM"), false),
+            };
+        }
+        if let Request::MigrationCancel = req {
+            return match self.outgoing() {
+                Some(o) if !o.done.load(Ordering::SeqCst) => {
+                    o.cancel.store(true, Ordering::SeqCst);
+                    (Response::ok(serde_json::json!({"cancelling": true})), false)
+                }
+                _ => (Response::err("no migration is running on this VM"), false),
+            };
+        }
+        let Some(m) = self.machine.get() else {
+            return (Response::err("the VM is still being received"), false);
+        };
+        if self
+            .outgoing()
+            .is_some_and(|o| !o.done.load(Ordering::SeqCst))
+        {
+            return (
+                Response::err("the VM is migrating; cancel the migration first"),
+                false,
+            );
+        }
         let r = |res: Result<serde_json::Value, vmm::MachineError>| match res {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(describe(&e)),
         };
         match req {
-            Request::Status => (Response::ok(self.status()), false),
             Request::Pause => (
                 r(m.pause().map(|_| serde_json::json!({"state": "paused"}))),
+                false,
+            ),
+            Request::Resume if self.fenced.load(Ordering::SeqCst) => (
+                Response::err(
+                    "this VM was handed over to another host; it must not run here again",
+                ),
                 false,
             ),
             Request::Resume => (
@@ -176,7 +286,84 @@ impl Worker {
                     ),
                 }
             }
-            Request::Shutdown => (Response::ok(serde_json::json!({"state": "stopped"})), true),
+            _ => (Response::err("unexpected request"), false),
+        }
+    }
+
+    /// Runs a migration, writing progress lines to `out`; returns whether the worker must exit.
+    fn migrate(self: &Arc<Self>, to: String, opts: MigrateOptions, out: &mut UnixStream) -> bool {
+        let Some(m) = self.machine.get() else {
+            let _ = writeln!(
+                out,
+                "{}",
+                json(&Response::err("the VM is still being received"))
+            );
+            return false;
+        };
+        if self.fenced.load(Ordering::SeqCst) {
+            let _ = writeln!(
+                out,
+                "{}",
+                json(&Response::err("this VM was already handed over"))
+            );
+            return false;
+        }
+        let o = Arc::new(Outgoing {
+            status: Mutex::new(MigrationStatus::default()),
+            cancel: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        });
+        {
+            let mut cur = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+            if cur.as_ref().is_some_and(|c| !c.done.load(Ordering::SeqCst)) {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    json(&Response::err("a migration is already running"))
+                );
+                return false;
+            }
+            *cur = Some(Arc::clone(&o));
+        }
+        let w = Arc::clone(self);
+        let o2 = Arc::clone(&o);
+        let handle = std::thread::spawn(move || {
+            let res = match w.machine.get() {
+                Some(m) => migration::source::migrate(m, &to, &opts, &o2.status, &o2.cancel),
+                None => Err(MigrationError::Protocol("no VM".into())),
+            };
+            o2.done.store(true, Ordering::SeqCst);
+            res
+        });
+        let _ = m.config();
+        while !handle.is_finished() {
+            let st = o.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            // A client that went away does not stop the migration.
+            let _ = writeln!(out, "{}", serde_json::json!({ "progress": st }));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let res = handle
+            .join()
+            .unwrap_or_else(|_| Err(MigrationError::Protocol("migration thread panicked".into())));
+        match res {
+            Ok(report) => {
+                self.fenced.store(true, Ordering::SeqCst);
+                tracing::info!(
+                    ?report,
+                    "migration completed; the VM runs on the destination"
+                );
+                let _ = writeln!(out, "{}", json(&Response::ok(report)));
+                true
+            }
+            Err(e) => {
+                if matches!(e, MigrationError::CommitUnknown(_)) {
+                    self.fenced.store(true, Ordering::SeqCst);
+                }
+                let msg = describe(&e);
+                tracing::warn!("migration failed: {msg}");
+                let _ = writeln!(out, "{}", json(&Response::err(msg)));
+                false
+            }
         }
     }
 }
@@ -224,29 +411,39 @@ fn claim_dir(name: &str) -> Result<(PathBuf, UnixListener), WorkerError> {
 
 fn run(args: Args) -> Result<(), WorkerError> {
     block_termination_signals();
-    let (name, config) = match (&args.config, &args.restore) {
-        (Some(c), None) => {
+    let (name, config) = match (&args.config, &args.restore, &args.receive) {
+        (Some(c), None, None) => {
             let text =
                 std::fs::read_to_string(c).map_err(io(format!("cannot read {}", c.display())))?;
             let cfg = VmConfig::from_json(&text)?;
             (cfg.name.clone(), Some(cfg))
         }
-        (None, Some(state)) => {
+        (None, Some(_), None) | (None, None, Some(_)) => {
             let n = match &args.name {
                 Some(n) => n.clone(),
-                None => return Err(WorkerError::Usage("--restore needs --name".into())),
+                None => {
+                    return Err(WorkerError::Usage(
+                        "--restore and --receive need --name".into(),
+                    ))
+                }
             };
             vmm::config::validate_name(&n)?;
-            std::fs::metadata(state).map_err(io(format!("cannot read {}", state.display())))?;
+            if let Some(state) = &args.restore {
+                std::fs::metadata(state).map_err(io(format!("cannot read {}", state.display())))?;
+            }
             (n, None)
         }
         _ => {
             return Err(WorkerError::Usage(
-                "give exactly one of --config and --restore".into(),
+                "give exactly one of --config, --restore and --receive".into(),
             ))
         }
     };
     let (dir, listener) = claim_dir(&name)?;
+    let fail = |e: WorkerError| {
+        let _ = std::fs::remove_file(dir.join("control.sock"));
+        e
+    };
     let console_log = if args.foreground && args.console_log.is_none() {
         None
     } else {
@@ -262,7 +459,8 @@ fn run(args: Args) -> Result<(), WorkerError> {
                 .create(true)
                 .append(true)
                 .open(p)
-                .map_err(io(format!("cannot open console log {}", p.display())))?,
+                .map_err(io(format!("cannot open console log {}", p.display())))
+                .map_err(fail)?,
         ),
         None => None,
     };
@@ -270,30 +468,59 @@ fn run(args: Args) -> Result<(), WorkerError> {
         log: log_file,
         stdout: args.foreground,
     };
-    let machine = match (config, &args.restore) {
-        (Some(cfg), _) => Machine::boot(cfg, console),
-        (None, Some(state)) => Machine::restore(state, Some(&name), console, args.paused),
-        _ => return Err(WorkerError::Usage("nothing to run".into())),
-    };
-    let machine = match machine {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_file(dir.join("control.sock"));
-            return Err(e.into());
+    let mut incoming = None;
+    let mut console = Some(console);
+    let machine = match (config, &args.restore, &args.receive) {
+        (Some(cfg), _, _) => Some(Machine::boot(cfg, console.take().unwrap_or_default())),
+        (None, Some(state), _) => Some(Machine::restore(
+            state,
+            Some(&name),
+            console.take().unwrap_or_default(),
+            args.paused,
+        )),
+        (None, None, Some(addr)) => {
+            let l = TcpListener::bind(addr)
+                .map_err(io(format!("cannot listen on {addr}")))
+                .map_err(fail)?;
+            let local = l
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| addr.clone());
+            incoming = Some((l, local));
+            None
         }
+        _ => return Err(fail(WorkerError::Usage("nothing to run".into()))),
+    };
+    let machine = match machine.transpose() {
+        Ok(m) => m,
+        Err(e) => return Err(fail(e.into())),
     };
     let _ = std::fs::write(dir.join("worker.pid"), format!("{}\n", std::process::id()));
     let worker = Arc::new(Worker {
-        machine,
+        machine: OnceLock::new(),
+        name: name.clone(),
         console_log,
         started: Instant::now(),
         dir,
+        incoming: incoming.as_ref().map(|(_, local)| {
+            (
+                local.clone(),
+                Mutex::new("waiting for the source".to_string()),
+            )
+        }),
+        migration: Mutex::new(None),
+        fenced: AtomicBool::new(false),
     });
+    if let Some(m) = machine {
+        let _ = worker.machine.set(m);
+    }
     if !args.foreground {
-        println!(
-            "{}",
-            serde_json::json!({ "ready": true, "pid": std::process::id(), "name": name })
-        );
+        let mut ready =
+            serde_json::json!({ "ready": true, "pid": std::process::id(), "name": name });
+        if let Some((_, local)) = &incoming {
+            ready["listen"] = local.clone().into();
+        }
+        println!("{ready}");
         let _ = std::io::stdout().flush();
         detach_stdio();
     }
@@ -302,16 +529,35 @@ fn run(args: Args) -> Result<(), WorkerError> {
         std::thread::spawn(move || {
             let sig = wait_termination_signal();
             tracing::info!("signal {sig}: stopping the VM");
-            w.machine.shutdown();
+            w.stop();
         });
     }
     {
         let w = Arc::clone(&worker);
         std::thread::spawn(move || serve(&w, &listener));
     }
-    let reason = worker.machine.wait();
+    if let Some((l, _)) = incoming {
+        let phase = &worker.incoming.as_ref().map(|(_, p)| p);
+        let fallback = Mutex::new(String::new());
+        let phase = phase.unwrap_or(&fallback);
+        match migration::dest::receive(&l, &name, console.take().unwrap_or_default(), phase) {
+            Ok(m) => {
+                let _ = worker.machine.set(m);
+            }
+            Err(e) => {
+                tracing::warn!("incoming migration failed, nothing kept: {}", describe(&e));
+                worker.cleanup();
+                return Ok(());
+            }
+        }
+    }
+    let Some(m) = worker.machine.get() else {
+        worker.cleanup();
+        return Ok(());
+    };
+    let reason = m.wait();
     tracing::info!(?reason, "VM stopped");
-    worker.machine.shutdown();
+    m.shutdown();
     worker.cleanup();
     Ok(())
 }
@@ -328,20 +574,20 @@ fn detach_stdio() {
     }
 }
 
-fn serve(worker: &Worker, listener: &UnixListener) {
+fn serve(worker: &Arc<Worker>, listener: &UnixListener) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        if let Some(exit) = serve_conn(worker, conn) {
-            if exit {
-                worker.machine.shutdown();
-                return;
+        let w = Arc::clone(worker);
+        std::thread::spawn(move || {
+            if serve_conn(&w, conn) == Some(true) {
+                w.stop();
             }
-        }
+        });
     }
 }
 
 /// Serves one connection; Some(true) when the worker must stop.
-fn serve_conn(worker: &Worker, conn: UnixStream) -> Option<bool> {
+fn serve_conn(worker: &Arc<Worker>, conn: UnixStream) -> Option<bool> {
     let mut out = conn.try_clone().ok()?;
     let mut rd = BufReader::new(conn).take(MAX_REQUEST as u64 * 16);
     let mut line = String::new();
@@ -356,6 +602,9 @@ fn serve_conn(worker: &Worker, conn: UnixStream) -> Option<bool> {
             return Some(false);
         }
         let (resp, exit) = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(Request::Migrate { to, options }) => {
+                return Some(worker.migrate(to, options, &mut out))
+            }
             Ok(req) => worker.handle(req),
             Err(e) => (Response::err(format!("bad request: {e}")), false),
         };

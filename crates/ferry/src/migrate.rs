@@ -1,0 +1,221 @@
+//! `ferry vm migrate` and `ferry migration ...`: live and quick migration with progress.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use ferry_worker::api::{Request, Response};
+use ferry_worker::paths;
+use indicatif::{ProgressBar, ProgressStyle};
+use migration::{MigrateOptions, MigrationReport, MigrationStatus, TimeoutPolicy};
+
+use crate::output::print;
+use crate::vm::{mib, request, status, wait_exit};
+use crate::Output;
+
+/// What to do when pre-copy does not converge in time.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnTimeout {
+    /// Give up; the VM stays on the source.
+    Cancel,
+    /// Pause and copy the rest anyway.
+    SwitchOver,
+}
+
+/// Migration tunables.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Quick migration: pause, copy everything, resume on the destination (no pre-copy).
+    #[arg(long)]
+    quick: bool,
+    /// Switch over once the expected downtime is at most this many milliseconds.
+    #[arg(long, default_value_t = migration::source::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+    /// Pre-copy rounds before --on-timeout applies.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Seconds of pre-copy before --on-timeout applies.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// What to do when pre-copy does not converge.
+    #[arg(long, value_enum, default_value_t = OnTimeout::Cancel)]
+    on_timeout: OnTimeout,
+    /// Do not slow the vCPUs down when rounds stop shrinking.
+    #[arg(long)]
+    no_auto_converge: bool,
+    /// Bandwidth cap in MiB/s (0: none).
+    #[arg(long, default_value_t = 0)]
+    bandwidth: u64,
+}
+
+/// `ferry migration` verbs.
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    /// Progress of a VM's running (or last) migration.
+    Status {
+        /// VM name.
+        name: String,
+    },
+    /// Cancel a VM's migration (before its commit point the VM simply continues here).
+    Cancel {
+        /// VM name.
+        name: String,
+    },
+}
+
+/// Runs a `ferry migration` verb.
+pub fn run_cmd(cmd: MigrationCmd, out: Output) -> Result<()> {
+    match cmd {
+        MigrationCmd::Status { name } => {
+            let v = request(&name, &Request::MigrationStatus)?;
+            let st: MigrationStatus = serde_json::from_value(v.clone())?;
+            print(out, &v, STATUS_HEADERS, vec![status_row(&name, &st)]);
+            Ok(())
+        }
+        MigrationCmd::Cancel { name } => {
+            request(&name, &Request::MigrationCancel)?;
+            print(
+                out,
+                &serde_json::json!({"name": name, "cancelling": true}),
+                &["NAME", "MIGRATION"],
+                vec![vec![name.clone(), "cancelling".into()]],
+            );
+            Ok(())
+        }
+    }
+}
+
+const STATUS_HEADERS: &[&str] = &[
+    "NAME",
+    "PHASE",
+    "ROUND",
+    "SENT",
+    "REMAINING",
+    "DIRTY RATE",
+    "THROUGHPUT",
+    "EXP. DOWNTIME",
+];
+
+fn status_row(name: &str, s: &MigrationStatus) -> Vec<String> {
+    vec![
+        name.to_string(),
+        phase_name(s),
+        s.round.to_string(),
+        mib(s.bytes_sent),
+        mib(s.pages_remaining * 4096),
+        format!("{} pages/s", s.dirty_rate_pps),
+        format!("{}/s", mib(s.throughput_bps)),
+        format!("{} ms", s.expected_downtime_ms),
+    ]
+}
+
+/// `ferry vm migrate NAME --to ADDR`.
+pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
+    let pid = status(name)?.pid;
+    let options = MigrateOptions {
+        downtime_ms: a.downtime_ms,
+        max_rounds: a.max_rounds,
+        timeout_s: a.timeout,
+        on_timeout: match a.on_timeout {
+            OnTimeout::Cancel => TimeoutPolicy::Cancel,
+            OnTimeout::SwitchOver => TimeoutPolicy::SwitchOver,
+        },
+        auto_converge: !a.no_auto_converge,
+        bandwidth_mib_s: a.bandwidth,
+        quick: a.quick,
+    };
+    let mut s = UnixStream::connect(paths::socket(name))
+        .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
+    let req = serde_json::to_string(&Request::Migrate {
+        to: to.to_string(),
+        options,
+    })?;
+    writeln!(s, "{req}")?;
+    let bar = if out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = ProgressBar::new_spinner();
+        b.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        b.enable_steady_tick(Duration::from_millis(120));
+        Some(b)
+    } else {
+        None
+    };
+    let mut last_phase = String::new();
+    let mut final_resp: Option<Response> = None;
+    for line in BufReader::new(s).lines() {
+        let line = line.context("lost the worker's connection")?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(p) = v.get("progress") {
+            let st: MigrationStatus = serde_json::from_value(p.clone())?;
+            let phase = phase_name(&st);
+            let msg = format!(
+                "{phase} round {} · sent {} · remaining {} · dirty {} pages/s · {}/s · expected downtime {} ms{}",
+                st.round,
+                mib(st.bytes_sent),
+                mib(st.pages_remaining * 4096),
+                st.dirty_rate_pps,
+                mib(st.throughput_bps),
+                st.expected_downtime_ms,
+                if st.throttle_pct > 0 { format!(" · throttle {}%", st.throttle_pct) } else { String::new() }
+            );
+            match &bar {
+                Some(b) => b.set_message(msg),
+                None if out == Output::Table && phase != last_phase => eprintln!("{msg}"),
+                None => {}
+            }
+            last_phase = phase;
+        } else {
+            final_resp = Some(serde_json::from_value(v)?);
+            break;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let resp =
+        final_resp.ok_or_else(|| anyhow!("the worker closed the connection without a result"))?;
+    if !resp.ok {
+        bail!(
+            "{}",
+            resp.error.unwrap_or_else(|| "migration failed".into())
+        );
+    }
+    let report: MigrationReport = serde_json::from_value(resp.result.unwrap_or_default())?;
+    wait_exit(pid, Duration::from_secs(30))?;
+    print(
+        out,
+        &report,
+        &[
+            "NAME",
+            "TO",
+            "TOTAL",
+            "DOWNTIME",
+            "ROUNDS",
+            "ON THE WIRE",
+            "ZERO PAGES SKIPPED",
+            "MAX THROTTLE",
+        ],
+        vec![vec![
+            name.to_string(),
+            to.to_string(),
+            format!("{} ms", report.total_ms),
+            format!("{} ms", report.downtime_ms),
+            report.rounds.to_string(),
+            mib(report.bytes_sent),
+            report.zero_pages_skipped.to_string(),
+            format!("{}%", report.max_throttle_pct),
+        ]],
+    );
+    Ok(())
+}
+
+fn phase_name(s: &MigrationStatus) -> String {
+    serde_json::to_value(s.phase)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

@@ -1,0 +1,364 @@
+//! `ferry vm receive` / `ferry vm migrate` / `ferry migration ...` end to end, worker to worker,
+//! on this machine's KVM with the bare-metal dirtier (which checks its own memory).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+fn beats(text: &str) -> Vec<(u64, bool)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "beat").then_some(())?;
+            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+fn wait_beats(log: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} beats in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
+    let k = ferry_guests::dirtier();
+    let c = env.console(vm);
+    env.ok(&[
+        "vm",
+        "start",
+        vm,
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--cmdline",
+        cmdline,
+        "--console-log",
+        c.to_str().unwrap(),
+    ]);
+}
+
+fn receive(env: &Env, vm: &str, listen: &str) -> String {
+    let c = env.console(vm);
+    let v = env.json(&[
+        "vm",
+        "receive",
+        vm,
+        "--listen",
+        listen,
+        "--console-log",
+        c.to_str().unwrap(),
+    ]);
+    v["listen"].as_str().unwrap().to_string()
+}
+
+/// The guest kept running across the move and found its memory intact.
+fn assert_continued(env: &Env, a: &str, b: &str, after: usize) {
+    let before = beats(&std::fs::read_to_string(env.console(a)).unwrap()).len();
+    wait_beats(&env.console(b), after);
+    let all = beats(&env.joined_consoles(a, b));
+    assert!(all.len() >= before + after);
+    assert!(
+        all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "counter restarted or skipped: {all:?}"
+    );
+    assert!(all.iter().all(|x| x.1), "memory damaged: {all:?}");
+}
+
+/// The VM still runs on the source, intact, and nothing is left on the destination.
+fn assert_stayed(env: &Env, a: &str, b: &str) {
+    assert_eq!(env.json(&["vm", "status", a])["state"], "running");
+    let n = beats(&std::fs::read_to_string(env.console(a)).unwrap()).len();
+    wait_beats(&env.console(a), n + 3);
+    assert!(beats(&std::fs::read_to_string(env.console(a)).unwrap())
+        .iter()
+        .all(|x| x.1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.names().contains(&b.to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the destination worker is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(beats(&std::fs::read_to_string(env.console(b)).unwrap_or_default()).is_empty());
+}
+
+#[test]
+fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
+    let env = Env::new("mig-live");
+    start(&env, "a", "2", "mb=8 rate=3000 beat_ms=100");
+    wait_beats(&env.console("a"), 3);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    assert_eq!(env.json(&["vm", "status", "b"])["state"], "receiving");
+    let report = env.json(&["vm", "migrate", "a", "--to", &addr]);
+    assert!(report["downtime_ms"].as_u64().unwrap() < 5000, "{report}");
+    assert!(
+        report["zero_pages_skipped"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    assert_eq!(
+        env.names(),
+        vec!["b".to_string()],
+        "the source worker must be gone"
+    );
+    assert_eq!(env.json(&["vm", "status", "b"])["state"], "running");
+    assert_continued(&env, "a", "b", 4);
+}
+
+#[test]
+fn quick_migration_through_the_cli() {
+    let env = Env::new("mig-quick");
+    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    let report = env.json(&["vm", "migrate", "a", "--to", &addr, "--quick"]);
+    assert_eq!(report["rounds"], 0);
+    assert_continued(&env, "a", "b", 3);
+}
+
+#[test]
+fn cancel_during_precopy_leaves_the_vm_on_the_source() {
+    let env = Env::new("mig-cancel");
+    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    // 1 MiB/s: pre-copy takes seconds, long enough to cancel in.
+    let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "vm",
+            "migrate",
+            "a",
+            "--to",
+            &addr,
+            "--bandwidth",
+            "1",
+            "--output",
+            "json",
+        ])
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .spawn()
+        .unwrap();
+    wait_phase(&env, "a", "precopy");
+    env.ok(&["migration", "cancel", "a"]);
+    let out = mig.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "the migrate command must report the cancel"
+    );
+    let st = env.json(&["migration", "status", "a"]);
+    assert_eq!(st["phase"], "cancelled", "{st}");
+    assert_stayed(&env, "a", "b");
+}
+
+#[test]
+fn unreachable_or_foreign_destinations_fail_cleanly() {
+    let env = Env::new("mig-bad");
+    start(&env, "a", "1", "mb=2 rate=1000 beat_ms=100");
+    wait_beats(&env.console("a"), 2);
+    // Nothing listening.
+    let free = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let e = env.fails(&["vm", "migrate", "a", "--to", &free]);
+    assert!(
+        e.contains("migration connection failed") && e.contains("refused"),
+        "{e}"
+    );
+    // A peer that speaks another protocol.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0");
+        let mut b = [0u8; 64];
+        let _ = s.read(&mut b);
+    });
+    let e = env.fails(&["vm", "migrate", "a", "--to", &addr]);
+    assert!(e.contains("incompatible protocol"), "{e}");
+    peer.join().unwrap();
+    // Migrating to itself by name is refused by the destination (name in use).
+    assert_eq!(env.json(&["vm", "status", "a"])["state"], "running");
+    let n = beats(&std::fs::read_to_string(env.console("a")).unwrap()).len();
+    wait_beats(&env.console("a"), n + 2);
+    assert!(beats(&std::fs::read_to_string(env.console("a")).unwrap())
+        .iter()
+        .all(|x| x.1));
+}
+
+#[test]
+fn killing_the_destination_during_precopy_leaves_the_vm_on_the_source() {
+    let env = Env::new("mig-kill");
+    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    let pid = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
+    let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "migrate", "a", "--to", &addr, "--bandwidth", "1"])
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_phase(&env, "a", "precopy");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = mig.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("migration connection failed") || e.contains("the peer failed"),
+        "{e}"
+    );
+    assert_eq!(env.json(&["migration", "status", "a"])["phase"], "failed");
+    assert_stayed(&env, "a", "b");
+}
+
+#[test]
+fn migration_between_network_namespaces() {
+    let env = Env::new("mig-netns");
+    let tag = format!("{}", std::process::id() % 100000);
+    let (na, nb) = (format!("fa{tag}"), format!("fb{tag}"));
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    ip(&["netns", "add", &na]);
+    ip(&["netns", "add", &nb]);
+    let cleanup = Cleanup(vec![na.clone(), nb.clone()]);
+    ip(&[
+        "link",
+        "add",
+        &format!("va{tag}"),
+        "netns",
+        &na,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &format!("vb{tag}"),
+        "netns",
+        &nb,
+    ]);
+    ip(&[
+        "-n",
+        &na,
+        "addr",
+        "add",
+        "10.231.7.1/24",
+        "dev",
+        &format!("va{tag}"),
+    ]);
+    ip(&[
+        "-n",
+        &nb,
+        "addr",
+        "add",
+        "10.231.7.2/24",
+        "dev",
+        &format!("vb{tag}"),
+    ]);
+    for (n, d) in [(&na, format!("va{tag}")), (&nb, format!("vb{tag}"))] {
+        ip(&["-n", n, "link", "set", &d, "up"]);
+        ip(&["-n", n, "link", "set", "lo", "up"]);
+    }
+    let in_ns = |ns: &str, args: &[&str]| {
+        let o = Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")])
+            .args(args)
+            .env("FERRY_RUN_DIR", env.dir.join("run"))
+            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let k = ferry_guests::dirtier();
+    let (ca, cb) = (env.console("a"), env.console("b"));
+    in_ns(
+        &na,
+        &[
+            "vm",
+            "start",
+            "a",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "mb=4 rate=2000 beat_ms=100",
+            "--console-log",
+            ca.to_str().unwrap(),
+        ],
+    );
+    wait_beats(&ca, 2);
+    in_ns(
+        &nb,
+        &[
+            "vm",
+            "receive",
+            "b",
+            "--listen",
+            "10.231.7.2:7070",
+            "--console-log",
+            cb.to_str().unwrap(),
+        ],
+    );
+    in_ns(&na, &["vm", "migrate", "a", "--to", "10.231.7.2:7070"]);
+    assert_continued(&env, "a", "b", 3);
+    env.ok(&["vm", "stop", "b"]);
+    drop(cleanup);
+}
+
+/// Waits until the VM's migration reports `phase`.
+fn wait_phase(env: &Env, vm: &str, phase: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = env.ferry(&["migration", "status", vm, "--output", "json"]);
+        if o.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            if v["phase"] == phase {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration never reached {phase}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
