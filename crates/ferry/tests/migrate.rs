@@ -232,106 +232,202 @@ fn killing_the_destination_during_precopy_leaves_the_vm_on_the_source() {
     assert_stayed(&env, "a", "b");
 }
 
-#[test]
-fn migration_between_network_namespaces() {
-    let env = Env::new("mig-netns");
-    let tag = format!("{}", std::process::id() % 100000);
-    let (na, nb) = (format!("fa{tag}"), format!("fb{tag}"));
-    let ip = |args: &[&str]| {
-        let st = Command::new("ip").args(args).status().unwrap();
-        assert!(st.success(), "ip {args:?}");
-    };
-    ip(&["netns", "add", &na]);
-    ip(&["netns", "add", &nb]);
-    let cleanup = Cleanup(vec![na.clone(), nb.clone()]);
-    ip(&[
-        "link",
-        "add",
-        &format!("va{tag}"),
-        "netns",
-        &na,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &format!("vb{tag}"),
-        "netns",
-        &nb,
-    ]);
-    ip(&[
-        "-n",
-        &na,
-        "addr",
-        "add",
-        "10.231.7.1/24",
-        "dev",
-        &format!("va{tag}"),
-    ]);
-    ip(&[
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        "10.231.7.2/24",
-        "dev",
-        &format!("vb{tag}"),
-    ]);
-    for (n, d) in [(&na, format!("va{tag}")), (&nb, format!("vb{tag}"))] {
-        ip(&["-n", n, "link", "set", &d, "up"]);
-        ip(&["-n", n, "link", "set", "lo", "up"]);
+/// Two "hosts": network namespaces joined by a veth pair, 10.231.N.1 and 10.231.N.2.
+struct Hosts {
+    a: String,
+    b: String,
+    veth_a: String,
+    ip_b: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().unwrap();
+    assert!(st.success(), "ip {args:?}");
+}
+
+impl Hosts {
+    fn new(n: u8) -> Hosts {
+        let tag = format!("{}{n}", std::process::id() % 10000);
+        let h = Hosts {
+            a: format!("fa{tag}"),
+            b: format!("fb{tag}"),
+            veth_a: format!("va{tag}"),
+            ip_b: format!("10.231.{n}.2"),
+        };
+        let vb = format!("vb{tag}");
+        ip(&["netns", "add", &h.a]);
+        ip(&["netns", "add", &h.b]);
+        ip(&[
+            "link", "add", &h.veth_a, "netns", &h.a, "type", "veth", "peer", "name", &vb, "netns",
+            &h.b,
+        ]);
+        ip(&[
+            "-n",
+            &h.a,
+            "addr",
+            "add",
+            &format!("10.231.{n}.1/24"),
+            "dev",
+            &h.veth_a,
+        ]);
+        ip(&[
+            "-n",
+            &h.b,
+            "addr",
+            "add",
+            &format!("{}/24", h.ip_b),
+            "dev",
+            &vb,
+        ]);
+        for (ns, d) in [(&h.a, &h.veth_a), (&h.b, &vb)] {
+            ip(&["-n", ns, "link", "set", d, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        h
     }
-    let in_ns = |ns: &str, args: &[&str]| {
-        let o = Command::new("ip")
+
+    fn ferry(&self, env: &Env, ns: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")])
             .args(args)
             .env("FERRY_RUN_DIR", env.dir.join("run"))
             .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
             .output()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn ok(&self, env: &Env, ns: &str, args: &[&str]) {
+        let o = self.ferry(env, ns, args);
         assert!(
             o.status.success(),
             "{args:?}: {}",
             String::from_utf8_lossy(&o.stderr)
         );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let k = ferry_guests::dirtier();
-    let (ca, cb) = (env.console("a"), env.console("b"));
-    in_ns(
-        &na,
-        &[
-            "vm",
-            "start",
-            "a",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--memory",
-            "64M",
-            "--vcpus",
-            "2",
-            "--cmdline",
-            "mb=4 rate=2000 beat_ms=100",
-            "--console-log",
-            ca.to_str().unwrap(),
-        ],
-    );
-    wait_beats(&ca, 2);
-    in_ns(
-        &nb,
-        &[
-            "vm",
-            "receive",
-            "b",
-            "--listen",
-            "10.231.7.2:7070",
-            "--console-log",
-            cb.to_str().unwrap(),
-        ],
-    );
-    in_ns(&na, &["vm", "migrate", "a", "--to", "10.231.7.2:7070"]);
+    }
+
+    /// Starts the dirtier as "a" on host A and a receiver "b" on host B; returns B's address.
+    fn setup(&self, env: &Env) -> String {
+        let k = ferry_guests::dirtier();
+        let (ca, cb) = (env.console("a"), env.console("b"));
+        self.ok(
+            env,
+            &self.a,
+            &[
+                "vm",
+                "start",
+                "a",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--memory",
+                "64M",
+                "--vcpus",
+                "2",
+                "--cmdline",
+                "mb=4 rate=2000 beat_ms=100",
+                "--console-log",
+                ca.to_str().unwrap(),
+            ],
+        );
+        wait_beats(&ca, 2);
+        let addr = format!("{}:7070", self.ip_b);
+        self.ok(
+            env,
+            &self.b,
+            &[
+                "vm",
+                "receive",
+                "b",
+                "--listen",
+                &addr,
+                "--console-log",
+                cb.to_str().unwrap(),
+            ],
+        );
+        addr
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for n in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+#[test]
+fn migration_between_network_namespaces() {
+    let env = Env::new("mig-netns");
+    let hosts = Hosts::new(7);
+    let addr = hosts.setup(&env);
+    hosts.ok(&env, &hosts.a, &["vm", "migrate", "a", "--to", &addr]);
     assert_continued(&env, "a", "b", 3);
     env.ok(&["vm", "stop", "b"]);
-    drop(cleanup);
+}
+
+#[test]
+fn cutting_the_link_during_precopy_leaves_the_vm_on_the_source() {
+    let env = Env::new("mig-cut");
+    let hosts = Hosts::new(8);
+    let addr = hosts.setup(&env);
+    let mig = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.a,
+            env!("CARGO_BIN_EXE_ferry"),
+            "vm",
+            "migrate",
+            "a",
+            "--to",
+            &addr,
+            "--bandwidth",
+            "1",
+        ])
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_phase(&env, "a", "precopy");
+    ip(&["-n", &hosts.a, "link", "set", &hosts.veth_a, "down"]);
+    let out = mig.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("migration connection failed"), "{e}");
+    assert_stayed(&env, "a", "b");
+}
+
+#[test]
+fn killing_the_source_during_precopy_leaves_nothing_on_the_destination() {
+    let env = Env::new("mig-ksrc");
+    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    let pid = env.json(&["vm", "status", "a"])["pid"].as_u64().unwrap();
+    let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "migrate", "a", "--to", &addr, "--bandwidth", "1"])
+        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_phase(&env, "a", "precopy");
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = mig.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    // The destination discards what it had: its worker goes away and no guest ran there.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.names().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still running: {:?}",
+            env.names()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(beats(&std::fs::read_to_string(env.console("b")).unwrap_or_default()).is_empty());
 }
 
 /// Waits until the VM's migration reports `phase`.
@@ -350,15 +446,5 @@ fn wait_phase(env: &Env, vm: &str, phase: &str) {
             "the migration never reached {phase}"
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
     }
 }

@@ -39,7 +39,8 @@ pub fn receive(
     let (mut stream, peer) = listener.accept()?;
     tracing::info!(%peer, "incoming migration");
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(crate::protocol::IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(crate::protocol::IO_TIMEOUT))?;
     handshake(&mut stream)?;
     let mut w = stream.try_clone()?;
     let mut r = BufReader::with_capacity(1 << 20, stream);

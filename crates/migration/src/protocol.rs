@@ -18,6 +18,8 @@ pub const VERSION: u16 = 1;
 pub const MIN_VERSION: u16 = 1;
 /// Largest payload accepted.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
+/// How long either side waits for the peer to read or write before giving up (a cut link).
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Pages per `PAGES` frame.
 pub const BATCH_PAGES: usize = 256;
 

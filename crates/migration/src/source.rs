@@ -268,7 +268,8 @@ pub fn migrate(
         .ok_or_else(|| MigrationError::Protocol(format!("cannot resolve {to}")))?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_read_timeout(Some(crate::protocol::IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(crate::protocol::IO_TIMEOUT))?;
     handshake(&mut stream)?;
     let mut reader = stream.try_clone()?;
     let mut s = Sender {
