@@ -4,7 +4,6 @@
 use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use vmm::devices::serial::ConsoleOut;
 use vmm::machine::{check_host_cpu, SavedConfig, VmSnapshot};
