@@ -12,10 +12,83 @@ struct Demo {
     dir: PathBuf,
 }
 
+const HOST_A: &str = "ferry-demo-a";
+const HOST_B: &str = "ferry-demo-b";
+const ADDR_B: &str = "10.231.99.2:7070";
+
+fn ip(args: &[&str]) -> Result<()> {
+    let st = Command::new("ip")
+        .args(args)
+        .status()
+        .context("cannot run ip (install iproute2)")?;
+    if !st.success() {
+        bail!("ip {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Two demo "hosts": network namespaces joined by a veth pair (10.231.99.1 and .2).
+fn make_hosts() -> Result<()> {
+    remove_hosts();
+    ip(&["netns", "add", HOST_A])?;
+    ip(&["netns", "add", HOST_B])?;
+    ip(&[
+        "link", "add", "fdemo-a", "netns", HOST_A, "type", "veth", "peer", "name", "fdemo-b",
+        "netns", HOST_B,
+    ])?;
+    ip(&[
+        "-n",
+        HOST_A,
+        "addr",
+        "add",
+        "10.231.99.1/24",
+        "dev",
+        "fdemo-a",
+    ])?;
+    ip(&[
+        "-n",
+        HOST_B,
+        "addr",
+        "add",
+        "10.231.99.2/24",
+        "dev",
+        "fdemo-b",
+    ])?;
+    for (ns, dev) in [(HOST_A, "fdemo-a"), (HOST_B, "fdemo-b")] {
+        ip(&["-n", ns, "link", "set", dev, "up"])?;
+        ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    }
+    Ok(())
+}
+
+fn remove_hosts() {
+    for ns in [HOST_A, HOST_B] {
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 impl Demo {
     fn ferry(&self, args: &[&str]) -> Result<()> {
-        println!("$ ferry {}", args.join(" "));
-        let st = Command::new(&self.ferry)
+        self.ferry_on(None, args)
+    }
+
+    fn ferry_on(&self, host: Option<&str>, args: &[&str]) -> Result<()> {
+        let mut c = match host {
+            Some(ns) => {
+                println!("[{ns}]$ ferry {}", args.join(" "));
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.ferry);
+                c
+            }
+            None => {
+                println!("$ ferry {}", args.join(" "));
+                Command::new(&self.ferry)
+            }
+        };
+        let st = c
             .args(args)
             .env("FERRY_RUN_DIR", self.dir.join("run"))
             .status()
@@ -71,6 +144,34 @@ impl Demo {
 
 fn counter(line: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Joins the consoles of one guest across its moves and checks that its counter never
+/// restarted or skipped. Returns the last counter of the first console and the first of the
+/// second.
+fn check_continuous(marker: &str, consoles: &[&Path]) -> Result<(u64, u64)> {
+    let mut text = String::new();
+    let mut boundary = 0;
+    for (i, c) in consoles.iter().enumerate() {
+        text.push_str(&std::fs::read_to_string(c).unwrap_or_default());
+        if i == 0 {
+            boundary = text.lines().filter(|l| l.starts_with(marker)).count();
+        }
+    }
+    let counters: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with(marker))
+        .filter_map(counter)
+        .collect();
+    if let Some(w) = counters.windows(2).find(|w| w[1] != w[0] + 1) {
+        bail!("the guest's counter jumped from {} to {}", w[0], w[1]);
+    }
+    let last_a = counters
+        .get(boundary.saturating_sub(1))
+        .copied()
+        .unwrap_or(0);
+    let first_b = counters.get(boundary).copied().unwrap_or(0);
+    Ok((last_a, first_b))
 }
 
 /// Runs the demo (the Linux variant inside a lab host).
@@ -143,37 +244,70 @@ pub fn run(ws: &Path, linux: bool) -> Result<()> {
             ],
         )
     };
-    println!("\n== 1. start a VM whose guest keeps rewriting its memory and checks it ==");
-    let mut a: Vec<&str> = vec!["vm", "start", "demo"];
-    a.extend(start_args.iter().map(String::as_str));
-    let ca = s(&console_a);
-    a.extend(["--console-log", &ca]);
-    d.ferry(&a)?;
-    let before = d.follow(&console_a, marker, 4, Duration::from_secs(180))?;
-    d.ferry(&["vm", "list"])?;
-    println!("\n== 2. save it: pause, write every vCPU/irqchip/device state and the memory, stop the worker ==");
-    d.ferry(&["vm", "save", "demo", "--to", &s(&state)])?;
-    d.ferry(&["vm", "list"])?;
-    println!("\n== 3. restore it in a new worker process ==");
-    d.ferry(&[
-        "vm",
-        "restore",
-        &s(&state),
-        "--name",
-        "demo-restored",
-        "--console-log",
-        &s(&console_b),
-    ])?;
-    d.ferry(&["vm", "list"])?;
-    let after = d.follow(&console_b, marker, 4, Duration::from_secs(180))?;
-    d.ferry(&["vm", "stop", "demo-restored"])?;
-    let last = before.last().and_then(|l| counter(l)).unwrap_or(0);
-    let first = after.first().and_then(|l| counter(l)).unwrap_or(0);
-    if first <= last || first > last + 2 {
-        bail!("the counter did not continue: {last} before the save, {first} after");
+    make_hosts()?;
+    let result = (|| -> Result<()> {
+        let console_c = dir.join("demo-back.console");
+        println!(
+            "\n== 1. on host A, start a VM whose guest keeps rewriting its memory and checks it =="
+        );
+        let mut a: Vec<&str> = vec!["vm", "start", "demo"];
+        a.extend(start_args.iter().map(String::as_str));
+        let ca = s(&console_a);
+        a.extend(["--console-log", &ca]);
+        d.ferry_on(Some(HOST_A), &a)?;
+        let before = d.follow(&console_a, marker, 4, Duration::from_secs(300))?;
+        println!("\n== 2. on host B, a worker waits for the VM ==");
+        d.ferry_on(
+            Some(HOST_B),
+            &[
+                "vm",
+                "receive",
+                "demo-b",
+                "--listen",
+                ADDR_B,
+                "--console-log",
+                &s(&console_b),
+            ],
+        )?;
+        d.ferry(&["vm", "list"])?;
+        println!("\n== 3. live-migrate it from A to B while it runs ==");
+        d.ferry_on(Some(HOST_A), &["vm", "migrate", "demo", "--to", ADDR_B])?;
+        d.ferry(&["vm", "list"])?;
+        let after = d.follow(&console_b, marker, 4, Duration::from_secs(300))?;
+        let _ = (before, after);
+        let (last_a, first_b) = check_continuous(marker, &[&console_a, &console_b])?;
+        println!("\nThe guest went on from {last_a} on host A to {first_b} on host B without a gap; every check of its memory passed.");
+        println!("\n== 4. quick migration back: save on B, restore on A ==");
+        d.ferry_on(Some(HOST_B), &["vm", "save", "demo-b", "--to", &s(&state)])?;
+        d.ferry_on(
+            Some(HOST_A),
+            &[
+                "vm",
+                "restore",
+                &s(&state),
+                "--name",
+                "demo",
+                "--console-log",
+                &s(&console_c),
+            ],
+        )?;
+        let back = d.follow(&console_c, marker, 3, Duration::from_secs(300))?;
+        check_continuous(marker, &[&console_a, &console_b, &console_c])?;
+        d.ferry(&["vm", "list"])?;
+        d.ferry_on(Some(HOST_A), &["vm", "stop", "demo"])?;
+        println!(
+            "\nBack on host A at {} — one guest, never restarted, memory intact throughout.",
+            back.first().map(String::as_str).unwrap_or("?")
+        );
+        Ok(())
+    })();
+    for n in ["demo", "demo-b"] {
+        let _ = Command::new(&d.ferry)
+            .args(["vm", "stop", n])
+            .env("FERRY_RUN_DIR", dir.join("run"))
+            .output();
     }
-    println!(
-        "\nThe guest's counter went on from {last} to {first} in a new process, and every check of its memory passed."
-    );
+    remove_hosts();
+    result?;
     Ok(())
 }
