@@ -4,7 +4,9 @@
 //! - worker start → first guest output, against starting `/bin/true`;
 //! - save time and state-file size of a 256 MiB guest that touched 64 MiB, against `dd` writing
 //!   64 MiB with fsync;
-//! - restore time (spawn → guest running) against `dd` reading the same file.
+//! - restore time (spawn → guest running) against `dd` reading the same file;
+//! - live-migration throughput over loopback against a plain TCP transfer and a memory copy
+//!   of the same bytes.
 //!
 //! Run: `cargo run --release -p ferry-bench` (builds the release `ferry` binaries first).
 
@@ -24,6 +26,27 @@ fn ws() -> PathBuf {
 struct Bench {
     dir: PathBuf,
     ferry: PathBuf,
+}
+
+impl Drop for Bench {
+    /// Whatever happened, no benchmark VM outlives the run.
+    fn drop(&mut self) {
+        if let Ok(o) = Command::new(&self.ferry)
+            .args(["vm", "list", "--output", "json"])
+            .env("FERRY_RUN_DIR", self.dir.join("run"))
+            .output()
+        {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            for vm in v.as_array().into_iter().flatten() {
+                if let Some(n) = vm["name"].as_str() {
+                    let _ = Command::new(&self.ferry)
+                        .args(["vm", "stop", n])
+                        .env("FERRY_RUN_DIR", self.dir.join("run"))
+                        .output();
+                }
+            }
+        }
+    }
 }
 
 impl Bench {
@@ -185,6 +208,100 @@ fn main() -> Result<()> {
         ms(ddr),
         restore.as_secs_f64() / ddr.as_secs_f64()
     );
+    // 3. Live migration over loopback, against a plain TCP transfer and a memory copy.
+    let mig_log = dir.join("mig.console");
+    b.ferry(&[
+        "vm",
+        "start",
+        "mig",
+        "--kernel",
+        k,
+        "--memory",
+        "256M",
+        "--cmdline",
+        "mb=64 rate=100 beat_ms=1000",
+        "--console-log",
+        mig_log.to_str().context("path")?,
+    ])?;
+    wait_for(&mig_log, "ready", Duration::from_secs(600))?;
+    let recv = b.ferry(&["vm", "receive", "mig2", "--listen", "127.0.0.1:0"])?;
+    let addr = recv["listen"].as_str().context("listen")?.to_string();
+    let rep = b.ferry(&["vm", "migrate", "mig", "--to", &addr])?;
+    b.ferry(&["vm", "stop", "mig2"])?;
+    let total = Duration::from_millis(rep["total_ms"].as_u64().unwrap_or(0));
+    let wire = rep["bytes_sent"].as_u64().unwrap_or(0);
+    let tcp = tcp_loopback(wire)?;
+    let copy = memcpy(wire);
+    println!(
+        "live migration (256 MiB guest, 64 MiB touched, lightly dirtying): {} total, downtime {} ms, {} rounds, {:.1} MiB on the wire",
+        ms(total),
+        rep["downtime_ms"],
+        rep["rounds"],
+        wire as f64 / 1048576.0
+    );
+    println!(
+        "  throughput {:.0} MiB/s; TCP loopback of the same bytes {:.0} MiB/s (ratio {:.2}); memory copy {:.0} MiB/s (ratio {:.3})",
+        mibps(wire, total),
+        mibps(wire, tcp),
+        mibps(wire, total) / mibps(wire, tcp),
+        mibps(wire, copy),
+        mibps(wire, total) / mibps(wire, copy)
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+fn mibps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1048576.0 / d.as_secs_f64().max(1e-9)
+}
+
+/// Time to push `bytes` through a loopback TCP connection.
+fn tcp_loopback(bytes: u64) -> Result<Duration> {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                return Ok(n);
+            }
+            n += k as u64;
+        }
+    });
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let buf = vec![0x5au8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    drop(s);
+    rx.join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok(t.elapsed())
+}
+
+/// Time to copy `bytes` in memory, 4 KiB at a time (what the sender does per page).
+fn memcpy(bytes: u64) -> Duration {
+    let src = vec![0x5au8; 64 << 20];
+    let mut dst = vec![0u8; 4096];
+    let t = Instant::now();
+    let mut done = 0u64;
+    while done < bytes {
+        for page in src.chunks_exact(4096) {
+            dst.copy_from_slice(page);
+            std::hint::black_box(&dst);
+            done += 4096;
+            if done >= bytes {
+                break;
+            }
+        }
+    }
+    t.elapsed()
 }

@@ -126,6 +126,7 @@ fn lab_tests(filter: Option<String>) -> Result<()> {
         "--ignored".into(),
         "--test-threads=1".into(),
         "--color=never".into(),
+        "--nocapture".into(),
     ];
     cmd.extend(filter);
     let opts = lab::LabOpts {

@@ -53,6 +53,7 @@ fn ticks(text: &str) -> Vec<u64> {
 }
 
 fn wait_for(log: &Path, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    eprintln!("waiting for {what} in {}", log.display());
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -124,13 +125,74 @@ fn linux_vmlinux_2_vcpus_boots_ticks_and_survives_save_restore() {
 
 #[test]
 #[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
-fn linux_bzimage_2_vcpus_boots_and_ticks() {
+fn linux_bzimage_boots_and_ticks() {
     let env = Env::new("bz");
-    start_linux(&env, "a", "bzImage", 2);
+    start_linux(&env, "a", "bzImage", 1);
     let text = wait_for(&env.console("a"), "2 ticks", |t| ticks(t).len() >= 2);
     assert!(
-        text.contains("GUEST-READY") && text.contains("Processors: 2"),
+        text.contains("GUEST-READY") && text.contains("Processors: 1"),
         "{text}"
     );
     env.ok(&["vm", "stop", "a"]);
+}
+
+fn live_migrate(tag: &str, vcpus: u8, extra: &[&str]) {
+    let env = Env::new(tag);
+    start_linux(&env, "a", "vmlinux", vcpus);
+    wait_for(&env.console("a"), "3 ticks", |t| ticks(t).len() >= 3);
+    let cb = env.console("b");
+    let v: serde_json::Value = serde_json::from_str(&env.ok(&[
+        "vm",
+        "receive",
+        "b",
+        "--listen",
+        "127.0.0.1:0",
+        "--console-log",
+        cb.to_str().unwrap(),
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let addr = v["listen"].as_str().unwrap().to_string();
+    let before = ticks(&std::fs::read_to_string(env.console("a")).unwrap()).len();
+    let mut args = vec![
+        "vm",
+        "migrate",
+        "a",
+        "--to",
+        addr.as_str(),
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let report: serde_json::Value = serde_json::from_str(&env.ok(&args)).unwrap();
+    eprintln!("migration report: {report}");
+    wait_for(&cb, "3 ticks after the migration", |t| ticks(t).len() >= 3);
+    env.ok(&["vm", "stop", "b"]);
+    let joined = env.joined_consoles("a", "b");
+    let all = ticks(&joined);
+    assert!(all.len() >= before + 3, "{all:?}");
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "tick counter restarted or skipped: {all:?}"
+    );
+    assert!(!joined.contains("DIRTIER-ERROR"), "{joined}");
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_1_vcpu_live_migrates_with_memory_intact() {
+    live_migrate("lm1", 1, &[]);
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_2_vcpus_live_migrate_with_memory_intact() {
+    live_migrate("lm2", 2, &[]);
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_quick_migration_over_the_wire() {
+    live_migrate("quick1", 1, &["--quick"]);
 }

@@ -37,9 +37,7 @@ pub fn receive(
     let set = |p: &str| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p.to_string();
     let (mut stream, peer) = listener.accept()?;
     tracing::info!(%peer, "incoming migration");
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(crate::protocol::IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(crate::protocol::IO_TIMEOUT))?;
+    crate::protocol::tune(&stream)?;
     handshake(&mut stream)?;
     let mut w = stream.try_clone()?;
     let mut r = BufReader::with_capacity(1 << 20, stream);

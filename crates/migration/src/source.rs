@@ -267,9 +267,7 @@ pub fn migrate(
         .next()
         .ok_or_else(|| MigrationError::Protocol(format!("cannot resolve {to}")))?;
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(crate::protocol::IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(crate::protocol::IO_TIMEOUT))?;
+    crate::protocol::tune(&stream)?;
     handshake(&mut stream)?;
     let mut reader = stream.try_clone()?;
     let mut s = Sender {

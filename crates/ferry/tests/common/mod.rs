@@ -3,7 +3,8 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// One test's run directory; VMs left running are stopped on drop.
 pub struct Env {
@@ -18,13 +19,26 @@ impl Env {
         Env { dir }
     }
 
+    /// Runs `ferry` with this test's run directory; a command that takes over 5 minutes is
+    /// killed and fails the test (a hang must not stall the suite).
     pub fn ferry(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
             .env("FERRY_RUN_DIR", self.dir.join("run"))
             .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
-            .output()
-            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ferry {args:?} did not finish within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child.wait_with_output().unwrap()
     }
 
     /// Runs ferry, asserts success, returns stdout.
