@@ -117,6 +117,9 @@ pub enum VmCmd {
         /// Console log file (default: console.log in the VM's run directory).
         #[arg(long)]
         console_log: Option<PathBuf>,
+        /// Take the VM over but leave its vCPUs paused.
+        #[arg(long)]
+        paused: bool,
     },
     /// Move a running VM to a receiving worker (live by default).
     Migrate {
@@ -186,6 +189,7 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             name,
             listen,
             console_log,
+            paused,
         } => {
             let dir = prepare_dir(&name)?;
             let mut args: Vec<std::ffi::OsString> = vec![
@@ -197,6 +201,9 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             if let Some(c) = console_log {
                 args.push("--console-log".into());
                 args.push(absolute(&c)?.into_os_string());
+            }
+            if paused {
+                args.push("--paused".into());
             }
             let ready = spawn_worker(&dir, &args)?;
             let listen = ready["listen"].as_str().unwrap_or("").to_string();

@@ -26,13 +26,15 @@ fn mem_available() -> Option<u64> {
 }
 
 /// Accepts one migration on `listener` and returns the VM, running, once the source has
-/// committed. `name` renames the VM; `phase` is updated for status queries. On any failure
-/// or cancel before the commit everything received is dropped.
+/// committed. `name` renames the VM; `phase` is updated for status queries; with `paused`
+/// the VM is taken over but left paused (like `restore --paused`). On any failure or cancel
+/// before the commit everything received is dropped.
 pub fn receive(
     listener: &TcpListener,
     name: &str,
     console: ConsoleOut,
     phase: &Mutex<String>,
+    paused: bool,
 ) -> Result<Machine, MigrationError> {
     let set = |p: &str| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p.to_string();
     let (mut stream, peer) = listener.accept()?;
@@ -165,8 +167,12 @@ pub fn receive(
         }
     }
     // Committed: this side owns the VM now, whatever happens to the connection.
-    m.resume()?;
-    set("running");
+    if paused {
+        set("paused");
+    } else {
+        m.resume()?;
+        set("running");
+    }
     let _ = write_frame(&mut w, Kind::Resumed, &[]).and_then(|_| Ok(w.flush()?));
     Ok(m)
 }

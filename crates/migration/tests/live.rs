@@ -82,7 +82,7 @@ fn run_migration(
     let dl = dest_log.to_path_buf();
     let recv = std::thread::spawn(move || {
         let phase = Mutex::new(String::new());
-        migration::dest::receive(&listener, "dst", console(&dl), &phase)
+        migration::dest::receive(&listener, "dst", console(&dl), &phase, false)
     });
     let status = Mutex::new(MigrationStatus::default());
     let sent = migration::source::migrate(src, &addr, opts, &status, cancel);
@@ -112,16 +112,18 @@ fn dirtying_guests_migrate_live_and_keep_verifying() {
         let src =
             Machine::boot(dirtier(vcpus, "mb=8 rate=3000 beat_ms=100"), console(&la)).unwrap();
         wait_beats(&la, 3);
-        let before_hash_check = AtomicBool::new(false);
-        let (sent, got) = run_migration(&src, &lb, &MigrateOptions::default(), &before_hash_check);
+        let (sent, got) = run_migration(
+            &src,
+            &lb,
+            &MigrateOptions::default(),
+            &AtomicBool::new(false),
+        );
         let report = sent.unwrap();
         let dst = got.unwrap();
         // The source is paused for good; the destination runs.
         assert_eq!(src.state(), RunState::Paused);
         assert_eq!(dst.state(), RunState::Running);
-        // Memory identical at the switch-over: pause the destination before its guest writes
-        // much? It already runs; compare the source with a fresh pause of the destination is
-        // racy, so compare what the guest itself verifies, plus the report.
+        // (Memory equality at the switch-over: memory_is_identical_at_the_switch_over.)
         assert!(report.pages_sent > 2048, "{report:?}");
         assert!(
             report.zero_pages_skipped > 8192,
@@ -144,14 +146,10 @@ fn memory_is_identical_at_the_switch_over() {
     wait_beats(&la, 2);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    // A receiver that stops right after READY would need protocol surgery; instead the
-    // destination VM is paused the moment it is handed over and hashed against the source,
-    // which stays paused after the commit.
+    // The destination takes the VM over paused: both copies are frozen at the switch-over.
     let recv = std::thread::spawn(move || {
         let phase = Mutex::new(String::new());
-        let m = migration::dest::receive(&listener, "dst", console(&lb), &phase).unwrap();
-        m.pause().unwrap();
-        m
+        migration::dest::receive(&listener, "dst", console(&lb), &phase, true).unwrap()
     });
     let status = Mutex::new(MigrationStatus::default());
     migration::source::migrate(
@@ -163,15 +161,12 @@ fn memory_is_identical_at_the_switch_over() {
     )
     .unwrap();
     let dst = recv.join().unwrap();
-    // The destination ran briefly before its pause; the dirtier only touches byte 0 of its
-    // buffer pages and its own counters, so compare everything outside those writes by
-    // checking the guest's own verification instead, and the exact hash when no beat ran.
-    let src_hash = src.memory_hash().unwrap();
-    let dst_hash = dst.memory_hash().unwrap();
-    let ran = beats(&std::fs::read_to_string(d.join("b.log")).unwrap_or_default()).len();
-    if ran == 0 {
-        assert_eq!(src_hash, dst_hash, "memory differs at the switch-over");
-    }
+    assert_eq!(dst.state(), RunState::Paused);
+    assert_eq!(
+        src.memory_hash().unwrap(),
+        dst.memory_hash().unwrap(),
+        "memory differs at the switch-over"
+    );
     assert_eq!(status.lock().unwrap().phase, Phase::Completed);
     drop((src, dst));
     let _ = std::fs::remove_dir_all(&d);

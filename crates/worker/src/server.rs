@@ -73,7 +73,7 @@ pub struct Args {
     /// Console on the terminal; Ctrl-C stops the VM.
     #[arg(long)]
     pub foreground: bool,
-    /// Restore with the vCPUs paused.
+    /// Restore (or receive) with the vCPUs paused.
     #[arg(long)]
     pub paused: bool,
     /// Wait for an incoming migration on this `HOST:PORT` (port 0: any free port).
@@ -540,7 +540,13 @@ fn run(args: Args) -> Result<(), WorkerError> {
         let phase = &worker.incoming.as_ref().map(|(_, p)| p);
         let fallback = Mutex::new(String::new());
         let phase = phase.unwrap_or(&fallback);
-        match migration::dest::receive(&l, &name, console.take().unwrap_or_default(), phase) {
+        match migration::dest::receive(
+            &l,
+            &name,
+            console.take().unwrap_or_default(),
+            phase,
+            args.paused,
+        ) {
             Ok(m) => {
                 let _ = worker.machine.set(m);
             }
