@@ -203,26 +203,35 @@ fn unreachable_or_foreign_destinations_fail_cleanly() {
         .all(|x| x.1));
 }
 
-#[test]
-fn killing_the_destination_during_precopy_leaves_the_vm_on_the_source() {
-    let env = Env::new("mig-kill");
-    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
+/// Starts a slow (1 MiB/s) migration of "a" to a receiver "b", kills worker `victim` with
+/// SIGKILL once pre-copy runs, and returns the `ferry vm migrate` output.
+fn kill_during_precopy(env: &Env, tag_victim: &str) -> std::process::Output {
+    start(env, "a", "1", "mb=4 rate=2000 beat_ms=100");
     wait_beats(&env.console("a"), 2);
-    let addr = receive(&env, "b", "127.0.0.1:0");
-    let pid = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
+    let addr = receive(env, "b", "127.0.0.1:0");
+    let pid = env.json(&["vm", "status", tag_victim])["pid"]
+        .as_u64()
+        .unwrap();
     let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["vm", "migrate", "a", "--to", &addr, "--bandwidth", "1"])
         .env("FERRY_RUN_DIR", env.dir.join("run"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    wait_phase(&env, "a", "precopy");
+    wait_phase(env, "a", "precopy");
     Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status()
         .unwrap();
     let out = mig.wait_with_output().unwrap();
     assert!(!out.status.success());
+    out
+}
+
+#[test]
+fn killing_the_destination_during_precopy_leaves_the_vm_on_the_source() {
+    let env = Env::new("mig-kill");
+    let out = kill_during_precopy(&env, "b");
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(
         e.contains("migration connection failed") || e.contains("the peer failed"),
@@ -400,23 +409,7 @@ fn cutting_the_link_during_precopy_leaves_the_vm_on_the_source() {
 #[test]
 fn killing_the_source_during_precopy_leaves_nothing_on_the_destination() {
     let env = Env::new("mig-ksrc");
-    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100");
-    wait_beats(&env.console("a"), 2);
-    let addr = receive(&env, "b", "127.0.0.1:0");
-    let pid = env.json(&["vm", "status", "a"])["pid"].as_u64().unwrap();
-    let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["vm", "migrate", "a", "--to", &addr, "--bandwidth", "1"])
-        .env("FERRY_RUN_DIR", env.dir.join("run"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_phase(&env, "a", "precopy");
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    let out = mig.wait_with_output().unwrap();
-    assert!(!out.status.success());
+    kill_during_precopy(&env, "a");
     // The destination discards what it had: its worker goes away and no guest ran there.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !env.names().is_empty() {
