@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use clap::Parser;
 use vmm::devices::serial::ConsoleOut;
-use vmm::machine::{Machine, RunState};
+use vmm::machine::Machine;
 use vmm::VmConfig;
 
 use migration::{MigrateOptions, MigrationError, MigrationStatus};
@@ -292,14 +292,14 @@ impl Worker {
 
     /// Runs a migration, writing progress lines to `out`; returns whether the worker must exit.
     fn migrate(self: &Arc<Self>, to: String, opts: MigrateOptions, out: &mut UnixStream) -> bool {
-        let Some(m) = self.machine.get() else {
+        if self.machine.get().is_none() {
             let _ = writeln!(
                 out,
                 "{}",
                 json(&Response::err("the VM is still being received"))
             );
             return false;
-        };
+        }
         if self.fenced.load(Ordering::SeqCst) {
             let _ = writeln!(
                 out,
@@ -335,7 +335,6 @@ impl Worker {
             o2.done.store(true, Ordering::SeqCst);
             res
         });
-        let _ = m.config();
         while !handle.is_finished() {
             let st = o.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             // A client that went away does not stop the migration.
@@ -644,9 +643,4 @@ pub fn call_socket(sock: &Path, req: &Request) -> Result<Response, std::io::Erro
         ));
     }
     serde_json::from_str(&line).map_err(std::io::Error::other)
-}
-
-/// Whether a state is one a worker can still answer in.
-pub fn is_live(state: RunState) -> bool {
-    state != RunState::Stopped
 }
