@@ -9,12 +9,17 @@ use anyhow::{bail, Context, Result};
 
 struct Demo {
     ferry: PathBuf,
-    dir: PathBuf,
 }
 
 const HOST_A: &str = "ferry-demo-a";
 const HOST_B: &str = "ferry-demo-b";
 const ADDR_B: &str = "10.231.99.2:7070";
+
+/// Worker sockets live on a local file system (a UNIX socket cannot be bound on the lab host's
+/// 9p share, where the workspace is).
+fn run_dir() -> PathBuf {
+    std::env::temp_dir().join("ferry-demo-run")
+}
 
 fn ip(args: &[&str]) -> Result<()> {
     let st = Command::new("ip")
@@ -90,7 +95,7 @@ impl Demo {
         };
         let st = c
             .args(args)
-            .env("FERRY_RUN_DIR", self.dir.join("run"))
+            .env("FERRY_RUN_DIR", run_dir())
             .status()
             .context("cannot run ferry")?;
         if !st.success() {
@@ -201,10 +206,11 @@ pub fn run(ws: &Path, linux: bool) -> Result<()> {
     }
     let dir = ws.join("target/demo");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("run"))?;
+    std::fs::create_dir_all(&dir)?;
+    let _ = std::fs::remove_dir_all(run_dir());
+    std::fs::create_dir_all(run_dir())?;
     let d = Demo {
         ferry: ws.join("target/release/ferry"),
-        dir: dir.clone(),
     };
     let s = |p: &Path| p.display().to_string();
     let console_a = dir.join("demo.console");
@@ -304,7 +310,7 @@ pub fn run(ws: &Path, linux: bool) -> Result<()> {
     for n in ["demo", "demo-b"] {
         let _ = Command::new(&d.ferry)
             .args(["vm", "stop", n])
-            .env("FERRY_RUN_DIR", dir.join("run"))
+            .env("FERRY_RUN_DIR", run_dir())
             .output();
     }
     remove_hosts();

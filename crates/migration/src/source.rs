@@ -198,6 +198,7 @@ impl Sender<'_> {
             self.payload = p;
             self.frame(Kind::Pages, None)?;
             self.pages_sent += self.batch.len() as u64;
+            self.update(|_| {}); // bytes and pages sent, live
             self.batch.clear();
             self.data.clear();
         }
