@@ -200,7 +200,11 @@ pub fn handshake<S: Read + Write>(s: &mut S) -> Result<(), MigrationError> {
     hello.extend_from_slice(&MAGIC);
     hello.extend_from_slice(&VERSION.to_le_bytes());
     hello.extend_from_slice(&MIN_VERSION.to_le_bytes());
-    write_frame(s, Kind::Hello, &hello)?;
+    // One write: a peer that reads the first segment and hangs up must not turn our own
+    // later segments into a broken pipe before we have read its answer.
+    let mut frame = Vec::with_capacity(24);
+    write_frame(&mut frame, Kind::Hello, &hello)?;
+    s.write_all(&frame)?;
     s.flush()?;
     let mut buf = Vec::new();
     let mut head = [0u8; 8];
