@@ -151,13 +151,11 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             let cfg_path = dir.join("config.json");
             std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
                 .with_context(|| format!("cannot write {}", cfg_path.display()))?;
-            let mut args = vec!["--config".into(), cfg_path.into_os_string()];
-            if let Some(c) = console_log {
-                args.push("--console-log".into());
-                args.push(absolute(&c)?.into_os_string());
-            }
-            let ready = spawn_worker(&dir, &args)?;
-            report_started(out, &name, &ready)
+            let mut args: Vec<std::ffi::OsString> =
+                vec!["--config".into(), cfg_path.into_os_string()];
+            worker_options(&mut args, console_log, false)?;
+            spawn_worker(&dir, &args)?;
+            report_started(out, &name)
         }
         VmCmd::Restore {
             file,
@@ -169,21 +167,15 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             let file = absolute(&file)?;
             std::fs::metadata(&file).with_context(|| format!("cannot read {}", file.display()))?;
             let dir = prepare_dir(&name)?;
-            let mut args = vec![
+            let mut args: Vec<std::ffi::OsString> = vec![
                 "--restore".into(),
                 file.into_os_string(),
                 "--name".into(),
                 name.clone().into(),
             ];
-            if let Some(c) = console_log {
-                args.push("--console-log".into());
-                args.push(absolute(&c)?.into_os_string());
-            }
-            if paused {
-                args.push("--paused".into());
-            }
-            let ready = spawn_worker(&dir, &args)?;
-            report_started(out, &name, &ready)
+            worker_options(&mut args, console_log, paused)?;
+            spawn_worker(&dir, &args)?;
+            report_started(out, &name)
         }
         VmCmd::Receive {
             name,
@@ -198,13 +190,7 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
                 "--name".into(),
                 name.clone().into(),
             ];
-            if let Some(c) = console_log {
-                args.push("--console-log".into());
-                args.push(absolute(&c)?.into_os_string());
-            }
-            if paused {
-                args.push("--paused".into());
-            }
+            worker_options(&mut args, console_log, paused)?;
             let ready = spawn_worker(&dir, &args)?;
             let listen = ready["listen"].as_str().unwrap_or("").to_string();
             print(
@@ -394,9 +380,24 @@ fn spawn_worker(dir: &Path, args: &[std::ffi::OsString]) -> Result<serde_json::V
     Ok(v)
 }
 
-fn report_started(out: Output, name: &str, ready: &serde_json::Value) -> Result<()> {
+/// Adds the worker options shared by start, restore and receive.
+fn worker_options(
+    args: &mut Vec<std::ffi::OsString>,
+    console_log: Option<PathBuf>,
+    paused: bool,
+) -> Result<()> {
+    if let Some(c) = console_log {
+        args.push("--console-log".into());
+        args.push(absolute(&c)?.into_os_string());
+    }
+    if paused {
+        args.push("--paused".into());
+    }
+    Ok(())
+}
+
+fn report_started(out: Output, name: &str) -> Result<()> {
     let s = status(name)?;
-    let _ = ready;
     print(out, &s, STATUS_HEADERS, vec![status_row(&s)]);
     Ok(())
 }

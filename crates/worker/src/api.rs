@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use vmm::machine::{RunState, SaveReport, StopReason};
+use vmm::machine::{RunState, StopReason};
 
 /// Protocol version, reported in every status.
 pub const API_VERSION: u32 = 1;
@@ -156,6 +156,3 @@ impl std::fmt::Display for WorkerState {
         })
     }
 }
-
-/// What `save` returns.
-pub type SaveResult = SaveReport;
