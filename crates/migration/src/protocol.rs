@@ -158,11 +158,25 @@ pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<()
     let mut h = crc32fast::Hasher::new();
     h.update(&head);
     h.update(payload);
-    w.write_all(&head)?;
-    w.write_all(payload)?;
-    w.write_all(&h.finalize().to_le_bytes())?;
+    let crc = h.finalize().to_le_bytes();
+    if payload.len() <= SMALL_FRAME {
+        // Control frames go out in one write even on an unbuffered socket: no partial frame
+        // on the wire if the peer hangs up between segments.
+        let mut f = Vec::with_capacity(12 + payload.len());
+        f.extend_from_slice(&head);
+        f.extend_from_slice(payload);
+        f.extend_from_slice(&crc);
+        w.write_all(&f)?;
+    } else {
+        w.write_all(&head)?;
+        w.write_all(payload)?;
+        w.write_all(&crc)?;
+    }
     Ok(())
 }
+
+/// Frames up to this payload size are written with a single `write`.
+const SMALL_FRAME: usize = 64 * 1024;
 
 /// Reads one frame; `buf` is reused for the payload.
 pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<Kind, MigrationError> {
@@ -200,11 +214,7 @@ pub fn handshake<S: Read + Write>(s: &mut S) -> Result<(), MigrationError> {
     hello.extend_from_slice(&MAGIC);
     hello.extend_from_slice(&VERSION.to_le_bytes());
     hello.extend_from_slice(&MIN_VERSION.to_le_bytes());
-    // One write: a peer that reads the first segment and hangs up must not turn our own
-    // later segments into a broken pipe before we have read its answer.
-    let mut frame = Vec::with_capacity(24);
-    write_frame(&mut frame, Kind::Hello, &hello)?;
-    s.write_all(&frame)?;
+    write_frame(s, Kind::Hello, &hello)?;
     s.flush()?;
     let mut buf = Vec::new();
     let mut head = [0u8; 8];
