@@ -10,7 +10,9 @@
  * window of pages, or `beat <n> BAD <reason>` on any mismatch or a stalled vCPU.
  *
  * Parameters come from the command line in the boot-info block: `mb=<MiB> rate=<pages/s>
- * beat_ms=<ms>` (defaults: mb=4, rate=2000, beat_ms=200). rate=0 dirties as fast as it can.
+ * beat_ms=<ms> period=<words>` (defaults: mb=4, rate=2000, beat_ms=200, period=512).
+ * rate=0 dirties as fast as it can. The pattern of a page repeats every `period` 8-byte words:
+ * 512 gives incompressible pages, small values pages that compress well (like real memory).
  */
 #include <stdint.h>
 
@@ -96,9 +98,11 @@ static uint64_t parse_param(const char *cmdline, const char *key, uint64_t dflt)
 	return dflt;
 }
 
+static uint64_t period = WORDS;
+
 static inline uint64_t pattern(uint64_t page, uint64_t word)
 {
-	return ((page + 1) * 0x9E3779B97F4A7C15ULL) ^ (word * 0xD1B54A32D192ED03ULL);
+	return ((page + 1) * 0x9E3779B97F4A7C15ULL) ^ ((word % period) * 0xD1B54A32D192ED03ULL);
 }
 
 static uint8_t *buffer;
@@ -183,6 +187,9 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 	if (rate > 1000000)
 		rate = 1000000;
 	uint64_t beat_ms = parse_param(cmdline, "beat_ms", 200);
+	period = parse_param(cmdline, "period", WORDS);
+	if (period == 0 || period > WORDS)
+		period = WORDS;
 	uint64_t ncpus = bi->nr_cpus ? bi->nr_cpus : 1;
 	uint64_t tsc_hz = bi->tsc_khz ? bi->tsc_khz * 1000 : 1000000000ULL;
 	uint64_t start = (bi->free_start + PAGE * 512 - 1) & ~(PAGE * 512 - 1); /* 2 MiB aligned */

@@ -254,6 +254,32 @@ pub fn run(ws: &Path, linux: bool) -> Result<()> {
     let result = (|| -> Result<()> {
         let console_c = dir.join("demo-back.console");
         println!(
+            "\n== 0. a cluster CA, and an identity for each host (migrations use mutual TLS) =="
+        );
+        let pki = dir.join("pki");
+        let _ = std::fs::remove_dir_all(&pki);
+        let (pki_a, pki_b) = (s(&pki.join(HOST_A)), s(&pki.join(HOST_B)));
+        d.ferry(&[
+            "pki",
+            "init",
+            &s(&pki.join("ca")),
+            "--cluster",
+            "demo",
+            "--host",
+            "ca-host",
+        ])?;
+        for (host, id) in [(HOST_A, &pki_a), (HOST_B, &pki_b)] {
+            d.ferry(&[
+                "pki",
+                "issue",
+                "--ca",
+                &s(&pki.join("ca")),
+                "--host",
+                host,
+                id,
+            ])?;
+        }
+        println!(
             "\n== 1. on host A, start a VM whose guest keeps rewriting its memory and checks it =="
         );
         let mut a: Vec<&str> = vec!["vm", "start", "demo"];
@@ -273,11 +299,16 @@ pub fn run(ws: &Path, linux: bool) -> Result<()> {
                 ADDR_B,
                 "--console-log",
                 &s(&console_b),
+                "--pki",
+                &pki_b,
             ],
         )?;
         d.ferry(&["vm", "list"])?;
         println!("\n== 3. live-migrate it from A to B while it runs ==");
-        d.ferry_on(Some(HOST_A), &["vm", "migrate", "demo", "--to", ADDR_B])?;
+        d.ferry_on(
+            Some(HOST_A),
+            &["vm", "migrate", "demo", "--to", ADDR_B, "--pki", &pki_a],
+        )?;
         d.ferry(&["vm", "list"])?;
         d.follow(&console_b, marker, 4, Duration::from_secs(300))?;
         let (last_a, first_b) = check_continuous(marker, &[&console_a, &console_b])?;

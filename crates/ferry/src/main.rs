@@ -2,6 +2,7 @@
 
 mod migrate;
 mod output;
+mod pki;
 mod vm;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -38,6 +39,9 @@ enum Cmd {
     /// Migrations of this host's VMs.
     #[command(subcommand)]
     Migration(migrate::MigrationCmd),
+    /// The cluster CA and host identities that authenticate migrations.
+    #[command(subcommand)]
+    Pki(pki::PkiCmd),
 }
 
 fn main() {
@@ -45,6 +49,7 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Vm(c) => vm::run(c, cli.output),
         Cmd::Migration(c) => migrate::run_cmd(c, cli.output),
+        Cmd::Pki(c) => pki::run(c, cli.output),
     };
     if let Err(e) = res {
         if cli.output == Output::Json {

@@ -9,6 +9,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use ferry_worker::api::{Request, Response};
 use ferry_worker::paths;
 use indicatif::{ProgressBar, ProgressStyle};
+use migration::protocol::Compression;
 use migration::{MigrateOptions, MigrationReport, MigrationStatus, TimeoutPolicy};
 
 use crate::output::print;
@@ -48,6 +49,26 @@ pub struct MigrateArgs {
     /// Bandwidth cap in MiB/s (0: none).
     #[arg(long, default_value_t = 0)]
     bandwidth: u64,
+    /// Compression of memory pages on the wire.
+    #[arg(long, value_enum, default_value_t = Compress::None)]
+    compress: Compress,
+    /// TCP connections the memory travels over, in parallel (1-16).
+    #[arg(long, default_value_t = migration::source::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(migration::protocol::MAX_CONNECTIONS)))]
+    connections: u8,
+    #[command(flatten)]
+    security: crate::pki::SecurityArgs,
+}
+
+/// Compression of memory pages on the wire.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Compress {
+    /// None: best on fast links.
+    None,
+    /// LZ4: cheap; helps on 1-10 GbE links.
+    Lz4,
+    /// Zstandard (level 1): smaller, more CPU; for slow links.
+    Zstd,
 }
 
 /// `ferry migration` verbs.
@@ -125,12 +146,20 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
         auto_converge: !a.no_auto_converge,
         bandwidth_mib_s: a.bandwidth,
         quick: a.quick,
+        compression: match a.compress {
+            Compress::None => Compression::None,
+            Compress::Lz4 => Compression::Lz4,
+            Compress::Zstd => Compression::Zstd,
+        },
+        connections: a.connections,
     };
+    let pki = a.security.resolve()?;
     let mut s = UnixStream::connect(paths::socket(name))
         .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
     let req = serde_json::to_string(&Request::Migrate {
         to: to.to_string(),
         options,
+        pki,
     })?;
     writeln!(s, "{req}")?;
     let bar = if out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -198,6 +227,8 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             "ON THE WIRE",
             "ZERO PAGES SKIPPED",
             "MAX THROTTLE",
+            "COMPRESSION",
+            "CHANNEL",
         ],
         vec![vec![
             name.to_string(),
@@ -208,6 +239,19 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             mib(report.bytes_sent),
             report.zero_pages_skipped.to_string(),
             format!("{}%", report.max_throttle_pct),
+            format!(
+                "{} ({:.2}×)",
+                serde_json::to_value(report.compression)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                report.compression_ratio
+            ),
+            format!(
+                "{} × {}",
+                report.connections,
+                if report.tls { "TLS" } else { "plain TCP" }
+            ),
         ]],
     );
     Ok(())

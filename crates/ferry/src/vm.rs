@@ -120,6 +120,8 @@ pub enum VmCmd {
         /// Take the VM over but leave its vCPUs paused.
         #[arg(long)]
         paused: bool,
+        #[command(flatten)]
+        security: crate::pki::SecurityArgs,
     },
     /// Move a running VM to a receiving worker (live by default).
     Migrate {
@@ -182,7 +184,9 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             listen,
             console_log,
             paused,
+            security,
         } => {
+            let pki = security.resolve()?;
             let dir = prepare_dir(&name)?;
             let mut args: Vec<std::ffi::OsString> = vec![
                 "--receive".into(),
@@ -190,6 +194,10 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
                 "--name".into(),
                 name.clone().into(),
             ];
+            if let Some(p) = pki {
+                args.push("--pki".into());
+                args.push(p.into_os_string());
+            }
             worker_options(&mut args, console_log, paused)?;
             let ready = spawn_worker(&dir, &args)?;
             let listen = ready["listen"].as_str().unwrap_or("").to_string();

@@ -108,6 +108,9 @@ fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     assert_eq!(env.json(&["vm", "status", "b"])["state"], "receiving");
     let report = env.json(&["vm", "migrate", "a", "--to", &addr]);
     assert!(report["downtime_ms"].as_u64().unwrap() < 5000, "{report}");
+    // The default: mutually authenticated TLS, more than one connection.
+    assert_eq!(report["tls"], true, "{report}");
+    assert!(report["connections"].as_u64().unwrap() > 1, "{report}");
     assert!(
         report["zero_pages_skipped"].as_u64().unwrap() > 0,
         "{report}"
@@ -119,6 +122,75 @@ fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     );
     assert_eq!(env.json(&["vm", "status", "b"])["state"], "running");
     assert_continued(&env, "a", "b", 4);
+}
+
+#[test]
+fn migration_without_an_identity_is_refused_unless_insecure_is_asked_for() {
+    let env = Env::new("mig-insecure");
+    start(&env, "a", "1", "mb=4 rate=2000 beat_ms=100 period=8");
+    wait_beats(&env.console("a"), 2);
+    let nowhere = env.dir.join("no-pki");
+    let nowhere = nowhere.to_str().unwrap();
+    let e = env.fails(&[
+        "vm",
+        "receive",
+        "b",
+        "--listen",
+        "127.0.0.1:0",
+        "--pki",
+        nowhere,
+    ]);
+    assert!(
+        e.contains("no TLS identity") && e.contains("ferry pki init"),
+        "{e}"
+    );
+    let e = env.fails(&[
+        "vm",
+        "migrate",
+        "a",
+        "--to",
+        "127.0.0.1:1",
+        "--pki",
+        nowhere,
+    ]);
+    assert!(e.contains("no TLS identity"), "{e}");
+    assert!(!env.names().contains(&"b".to_string()));
+    // A TLS source and a plain destination do not talk: refused, the VM stays.
+    let c = env.console("b");
+    let v = env.json(&[
+        "vm",
+        "receive",
+        "b",
+        "--listen",
+        "127.0.0.1:0",
+        "--insecure",
+        "--console-log",
+        c.to_str().unwrap(),
+    ]);
+    let addr = v["listen"].as_str().unwrap().to_string();
+    let e = env.fails(&["vm", "migrate", "a", "--to", &addr]);
+    assert!(e.contains("TLS"), "{e}");
+    assert_eq!(env.json(&["vm", "status", "a"])["state"], "running");
+    // Both sides insecure, with zstd over four connections.
+    let report = env.json(&[
+        "vm",
+        "migrate",
+        "a",
+        "--to",
+        &addr,
+        "--insecure",
+        "--compress",
+        "zstd",
+        "--connections",
+        "4",
+    ]);
+    assert_eq!(report["tls"], false, "{report}");
+    assert_eq!(report["connections"], 4, "{report}");
+    assert!(
+        report["compression_ratio"].as_f64().unwrap() > 4.0,
+        "{report}"
+    );
+    assert_continued(&env, "a", "b", 3);
 }
 
 #[test]
@@ -151,7 +223,7 @@ fn cancel_during_precopy_leaves_the_vm_on_the_source() {
             "--output",
             "json",
         ])
-        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .envs(env.vars())
         .spawn()
         .unwrap();
     wait_phase(&env, "a", "precopy");
@@ -214,7 +286,7 @@ fn kill_during_precopy(env: &Env, tag_victim: &str) -> std::process::Output {
         .unwrap();
     let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["vm", "migrate", "a", "--to", &addr, "--bandwidth", "1"])
-        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .envs(env.vars())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -299,8 +371,7 @@ impl Hosts {
         Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")])
             .args(args)
-            .env("FERRY_RUN_DIR", env.dir.join("run"))
-            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .envs(env.vars())
             .output()
             .unwrap()
     }
@@ -393,7 +464,7 @@ fn cutting_the_link_during_precopy_leaves_the_vm_on_the_source() {
             "--bandwidth",
             "1",
         ])
-        .env("FERRY_RUN_DIR", env.dir.join("run"))
+        .envs(env.vars())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

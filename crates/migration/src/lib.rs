@@ -9,6 +9,7 @@
 pub mod dest;
 pub mod protocol;
 pub mod source;
+pub mod tls;
 
 pub use protocol::MigrationError;
 pub use source::{MigrateOptions, MigrationReport, MigrationStatus, Phase, TimeoutPolicy};

@@ -1,10 +1,11 @@
 //! Wire format: every message is one frame.
 //!
 //! ```text
-//! kind u8 | flags u8 (0) | reserved u16 (0) | length u32 | payload [length] | crc32 u32
+//! kind u8 | flags u8 | reserved u16 (0) | length u32 | payload [length] | crc32 u32
 //! ```
-//! little endian; the CRC-32 covers header and payload; payloads are at most
-//! [`MAX_PAYLOAD`] bytes. Version 1; the peers exchange `HELLO` first.
+//! little endian; the CRC-32 covers header and payload as sent; payloads are at most
+//! [`MAX_PAYLOAD`] bytes, also once decompressed. `flags` says how the payload is compressed
+//! ([`Compression`]). Version 2; the peers exchange `HELLO` first.
 
 use std::io::{Read, Write};
 
@@ -13,13 +14,15 @@ use serde::{Deserialize, Serialize};
 /// Protocol magic in `HELLO`.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Oldest version this build accepts from a peer.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Largest payload accepted.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// How long either side waits for the peer to read or write before giving up (a cut link).
 pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// Most connections one migration may use.
+pub const MAX_CONNECTIONS: u8 = 16;
 /// Pages per `PAGES` frame.
 pub const BATCH_PAGES: usize = 256;
 
@@ -28,7 +31,10 @@ pub const BATCH_PAGES: usize = 256;
 pub enum MigrationError {
     /// The connection failed.
     #[error("migration connection failed")]
-    Io(#[from] std::io::Error),
+    Io(#[source] std::io::Error),
+    /// TLS: the peer is not a member of this cluster (or this side is not, for the peer).
+    #[error("the peer could not be authenticated: {0}")]
+    Auth(String),
     /// The peer is not a Ferry migration peer of a compatible version.
     #[error("peer speaks an incompatible protocol: {0}")]
     Protocol(String),
@@ -58,6 +64,19 @@ pub enum MigrationError {
     CommitUnknown(String),
 }
 
+impl From<std::io::Error> for MigrationError {
+    fn from(e: std::io::Error) -> Self {
+        // rustls reports handshake and certificate failures as I/O errors wrapping its own.
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t @ rustls::Error::InvalidMessage(_)) => MigrationError::Protocol(format!(
+                "the peer does not speak TLS (a peer without TLS, or not Ferry): {t}"
+            )),
+            Some(t) => MigrationError::Auth(t.to_string()),
+            None => MigrationError::Io(e),
+        }
+    }
+}
+
 /// Message kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -66,6 +85,8 @@ pub enum Kind {
     Hello = 0x01,
     /// Source → destination: [`Setup`].
     Setup = 0x02,
+    /// Source → destination, first on each additional connection: session id [16], lane u8.
+    Join = 0x05,
     /// Destination → source: ready to receive.
     Accept = 0x03,
     /// Destination → source: UTF-8 reason.
@@ -76,6 +97,8 @@ pub enum Kind {
     ZeroPages = 0x11,
     /// Source → destination: end of a round (u32 round number).
     RoundEnd = 0x12,
+    /// Source → destination, on each additional connection: no more pages on it.
+    DataEnd = 0x13,
     /// Source → destination: postcard `VmSnapshot` (vCPU, irqchip, clock, devices).
     State = 0x20,
     /// Destination → source: everything loaded, vCPUs created and paused.
@@ -98,9 +121,11 @@ impl Kind {
             0x02 => Setup,
             0x03 => Accept,
             0x04 => Refuse,
+            0x05 => Join,
             0x10 => Pages,
             0x11 => ZeroPages,
             0x12 => RoundEnd,
+            0x13 => DataEnd,
             0x20 => State,
             0x21 => Ready,
             0x22 => Commit,
@@ -119,6 +144,124 @@ pub struct Setup {
     pub config_json: Vec<u8>,
     /// The CPUID the guest sees (vCPU 0), for the destination's compatibility check.
     pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// Connections the memory travels over (1 = only this one).
+    pub connections: u8,
+    /// Identifies this migration's additional connections (their JOIN).
+    pub session: [u8; 16],
+}
+
+/// How a frame's payload is compressed (the frame's `flags`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Compression {
+    /// Sent as is (flags 0).
+    #[default]
+    None,
+    /// LZ4 block (flags 1): fast, modest ratio.
+    Lz4,
+    /// Zstandard level 1 (flags 2): better ratio, more CPU.
+    Zstd,
+}
+
+impl Compression {
+    fn flags(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Lz4 => 1,
+            Compression::Zstd => 2,
+        }
+    }
+}
+
+/// Compresses frame payloads of one connection.
+pub struct Packer {
+    how: Compression,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+    out: Vec<u8>,
+}
+
+impl Packer {
+    /// A packer for `how`.
+    pub fn new(how: Compression) -> Result<Packer, MigrationError> {
+        let zstd = match how {
+            Compression::Zstd => Some(zstd::bulk::Compressor::new(1)?),
+            _ => None,
+        };
+        Ok(Packer {
+            how,
+            zstd,
+            out: Vec::new(),
+        })
+    }
+
+    /// Compresses `payload`: returns the flags and the bytes to send (the payload itself when
+    /// compression does not make it smaller).
+    pub fn pack<'a>(&'a mut self, payload: &'a [u8]) -> Result<(u8, &'a [u8]), MigrationError> {
+        let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+        self.out.clear();
+        self.out.extend_from_slice(&len.to_le_bytes());
+        match self.how {
+            Compression::None => return Ok((0, payload)),
+            Compression::Lz4 => {
+                let bound = lz4_flex::block::get_maximum_output_size(payload.len());
+                self.out.resize(4 + bound, 0);
+                let n = lz4_flex::block::compress_into(payload, &mut self.out[4..])
+                    .map_err(|e| MigrationError::Protocol(format!("lz4: {e}")))?;
+                self.out.truncate(4 + n);
+            }
+            Compression::Zstd => {
+                let bound = zstd::compress_bound(payload.len());
+                self.out.resize(4 + bound, 0);
+                let n = match &mut self.zstd {
+                    Some(z) => z.compress_to_buffer(payload, &mut self.out[4..])?,
+                    None => bound,
+                };
+                self.out.truncate(4 + n);
+            }
+        }
+        if self.out.len() >= payload.len() {
+            return Ok((0, payload));
+        }
+        Ok((self.how.flags(), &self.out))
+    }
+}
+
+/// Undoes [`Packer::pack`] into `out`.
+fn unpack(flags: u8, packed: &[u8], out: &mut Vec<u8>) -> Result<(), MigrationError> {
+    let bad = |m: String| MigrationError::Corrupt(format!("compressed frame: {m}"));
+    if packed.len() < 4 {
+        return Err(bad("too short".into()));
+    }
+    let len = u32::from_le_bytes([packed[0], packed[1], packed[2], packed[3]]);
+    if len > MAX_PAYLOAD {
+        return Err(bad(format!("expands to {len} bytes (limit {MAX_PAYLOAD})")));
+    }
+    out.clear();
+    match flags {
+        1 => {
+            out.resize(len as usize, 0);
+            let n = lz4_flex::block::decompress_into(&packed[4..], out)
+                .map_err(|e| bad(e.to_string()))?;
+            if n != len as usize {
+                return Err(bad(format!("{n} bytes instead of {len}")));
+            }
+        }
+        2 => {
+            out.resize(len as usize, 0);
+            let n = zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(&packed[4..], &mut out[..]))
+                .map_err(|e| bad(e.to_string()))?;
+            if n != len as usize {
+                return Err(bad(format!("{n} bytes instead of {len}")));
+            }
+        }
+        f => {
+            return Err(MigrationError::Corrupt(format!(
+                "unknown frame flags {f:#x}"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// Sets up a migration connection: no Nagle delay, read/write timeouts, and a TCP user
@@ -148,12 +291,23 @@ pub fn tune(stream: &std::net::TcpStream) -> Result<(), MigrationError> {
 
 /// Writes one frame.
 pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+    write_frame_flags(w, kind, 0, payload)
+}
+
+/// Writes one frame whose payload was packed with `flags` (see [`Packer`]).
+pub fn write_frame_flags<W: Write>(
+    w: &mut W,
+    kind: Kind,
+    flags: u8,
+    payload: &[u8],
+) -> Result<(), MigrationError> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|l| *l <= MAX_PAYLOAD)
         .ok_or_else(|| MigrationError::Corrupt(format!("payload of {} bytes", payload.len())))?;
     let mut head = [0u8; 8];
     head[0] = kind as u8;
+    head[1] = flags;
     head[4..8].copy_from_slice(&len.to_le_bytes());
     let mut h = crc32fast::Hasher::new();
     h.update(&head);
@@ -178,13 +332,13 @@ pub fn write_frame<W: Write>(w: &mut W, kind: Kind, payload: &[u8]) -> Result<()
 /// Frames up to this payload size are written with a single `write`.
 const SMALL_FRAME: usize = 64 * 1024;
 
-/// Reads one frame; `buf` is reused for the payload.
+/// Reads one frame, decompressing it if needed; `buf` is reused for the payload.
 pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<Kind, MigrationError> {
     let mut head = [0u8; 8];
     r.read_exact(&mut head)?;
     let kind = Kind::from_u8(head[0])
         .ok_or_else(|| MigrationError::Corrupt(format!("unknown message kind {:#x}", head[0])))?;
-    if head[1] != 0 || head[2] != 0 || head[3] != 0 {
+    if head[1] > 2 || head[2] != 0 || head[3] != 0 {
         return Err(MigrationError::Corrupt("unknown frame flags".into()));
     }
     let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
@@ -205,6 +359,11 @@ pub fn read_frame<R: Read>(r: &mut R, buf: &mut Vec<u8>) -> Result<Kind, Migrati
             "checksum mismatch in a {kind:?} frame"
         )));
     }
+    if head[1] != 0 {
+        let mut out = Vec::new();
+        unpack(head[1], buf, &mut out)?;
+        *buf = out;
+    }
     Ok(kind)
 }
 
@@ -221,6 +380,11 @@ pub fn handshake<S: Read + Write>(s: &mut S) -> Result<(), MigrationError> {
     // Read the header by hand first: a peer of another protocol gets a clear error, not a
     // checksum complaint.
     s.read_exact(&mut head)?;
+    if head[0] == 0x16 && head[1] == 0x03 {
+        return Err(MigrationError::Protocol(
+            "the peer opened a TLS session but this side runs without TLS (--insecure)".into(),
+        ));
+    }
     if head[0] != Kind::Hello as u8
         || u32::from_le_bytes([head[4], head[5], head[6], head[7]]) != 12
     {
@@ -313,6 +477,54 @@ mod tests {
             read_frame(&mut huge.as_slice(), &mut buf),
             Err(MigrationError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn compressed_frames_round_trip_and_lies_are_caught() {
+        let mut payload = vec![0u8; 300_000];
+        for (i, b) in payload.iter_mut().enumerate().step_by(7) {
+            *b = (i % 251) as u8;
+        }
+        for how in [Compression::Lz4, Compression::Zstd] {
+            let mut p = Packer::new(how).unwrap();
+            let (flags, packed) = p.pack(&payload).unwrap();
+            assert_ne!(flags, 0, "{how:?} did not compress");
+            assert!(packed.len() < payload.len() / 2);
+            let mut wire = Vec::new();
+            write_frame_flags(&mut wire, Kind::Pages, flags, packed).unwrap();
+            let mut buf = Vec::new();
+            read_frame(&mut wire.as_slice(), &mut buf).unwrap();
+            assert_eq!(buf, payload);
+            // A declared size that does not match what the data expands to.
+            let mut lie = packed.to_vec();
+            lie[0..4].copy_from_slice(&1000u32.to_le_bytes());
+            let mut wire = Vec::new();
+            write_frame_flags(&mut wire, Kind::Pages, flags, &lie).unwrap();
+            assert!(matches!(
+                read_frame(&mut wire.as_slice(), &mut buf),
+                Err(MigrationError::Corrupt(_))
+            ));
+            // A bomb: declares more than the frame limit.
+            lie[0..4].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
+            let mut wire = Vec::new();
+            write_frame_flags(&mut wire, Kind::Pages, flags, &lie).unwrap();
+            assert!(matches!(
+                read_frame(&mut wire.as_slice(), &mut buf),
+                Err(MigrationError::Corrupt(_))
+            ));
+        }
+        // Incompressible data goes as is.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let noise: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let mut p = Packer::new(Compression::Lz4).unwrap();
+        assert_eq!(p.pack(&noise).unwrap().0, 0);
     }
 
     #[test]

@@ -1,18 +1,20 @@
 //! The sending side: runs in the source worker, which owns the VM's memory.
 
 use std::io::{BufWriter, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vmm::memory::{ram_ranges, PAGE_SIZE};
+use vmm::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 use vmm::Machine;
 
 use crate::protocol::{
-    encode_pages, handshake, read_frame, write_frame, Kind, MigrationError, Setup, BATCH_PAGES,
+    encode_pages, handshake, read_frame, write_frame, write_frame_flags, Compression, Kind,
+    MigrationError, Packer, Setup, BATCH_PAGES, MAX_CONNECTIONS,
 };
+use crate::tls::{Channel, Identity};
 
 /// Phase of a migration, as shown to users.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +66,10 @@ pub struct MigrateOptions {
     pub bandwidth_mib_s: u64,
     /// Quick migration: pause first, then copy everything (no pre-copy).
     pub quick: bool,
+    /// Compression of page data.
+    pub compression: Compression,
+    /// TCP connections the memory travels over, in parallel (1 to 16).
+    pub connections: u8,
 }
 
 /// Ferry's default downtime target. QEMU's is 300 ms; Ferry aims lower: 100 ms stays under
@@ -72,6 +78,9 @@ pub struct MigrateOptions {
 /// interactive session, while still converging on 1 GbE links for guests dirtying a few
 /// hundred MiB/s with auto-converge.
 pub const DEFAULT_DOWNTIME_MS: u64 = 100;
+
+/// Connections per migration unless told otherwise.
+pub const DEFAULT_CONNECTIONS: u8 = 2;
 
 impl Default for MigrateOptions {
     fn default() -> Self {
@@ -83,6 +92,8 @@ impl Default for MigrateOptions {
             auto_converge: true,
             bandwidth_mib_s: 0,
             quick: false,
+            compression: Compression::None,
+            connections: DEFAULT_CONNECTIONS,
         }
     }
 }
@@ -102,7 +113,7 @@ pub struct MigrationStatus {
     pub pages_remaining: u64,
     /// Guest dirty rate at the last sync (pages/s).
     pub dirty_rate_pps: u64,
-    /// Measured throughput (bytes/s).
+    /// Measured throughput: guest memory moved per second (bytes/s, before compression).
     pub throughput_bps: u64,
     /// Expected downtime if switching over now (ms).
     pub expected_downtime_ms: u64,
@@ -131,57 +142,45 @@ pub struct MigrationReport {
     pub zero_pages_skipped: u64,
     /// Highest auto-converge throttle used (percent).
     pub max_throttle_pct: u8,
+    /// Compression used for page data.
+    pub compression: Compression,
+    /// Page data bytes before compression ÷ after (1.0 without compression).
+    pub compression_ratio: f64,
+    /// Connections used.
+    pub connections: u8,
+    /// Whether the connections were TLS (mutually authenticated, encrypted).
+    pub tls: bool,
 }
+
+/// Fewest pages a round must move for its throughput to count.
+const MEASURE_PAGES: u64 = 64;
 
 /// Per-vCPU state estimate used in the downtime prediction before the real size is known.
 const STATE_ESTIMATE: u64 = 64 * 1024;
 
-struct Sender<'a> {
-    m: &'a Machine,
-    w: BufWriter<TcpStream>,
+/// Counters shared by the connections of one migration.
+struct Shared<'a> {
+    ram: &'a GuestRam,
     status: &'a Mutex<MigrationStatus>,
     cancel: &'a AtomicBool,
-    opts: &'a MigrateOptions,
+    /// Set by a connection that failed: the others stop at their next batch.
+    abort: AtomicBool,
     t0: Instant,
-    bytes: u64,
-    pages_sent: u64,
-    zero_skipped: u64,
-    payload: Vec<u8>,
-    page: Vec<u8>,
-    data: Vec<u8>,
-    batch: Vec<u64>,
-    zeros: Vec<u64>,
-    pending: Vec<u64>,
-    window: (Instant, u64),
+    bytes: AtomicU64,
+    pages_sent: AtomicU64,
+    zero_skipped: AtomicU64,
+    /// Page batch payloads before and after compression.
+    raw: AtomicU64,
+    packed: AtomicU64,
 }
 
-impl Sender<'_> {
+impl Shared<'_> {
     fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         let mut s = self.status.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut s);
-        s.bytes_sent = self.bytes;
-        s.pages_sent = self.pages_sent;
+        s.bytes_sent = self.bytes.load(Ordering::Relaxed);
+        s.pages_sent = self.pages_sent.load(Ordering::Relaxed);
         s.elapsed_ms = u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX);
-    }
-
-    fn frame(&mut self, kind: Kind, payload_from: Option<&[u8]>) -> Result<(), MigrationError> {
-        let p = payload_from.unwrap_or(&self.payload);
-        write_frame(&mut self.w, kind, p)?;
-        self.bytes += 12 + p.len() as u64;
-        if self.opts.bandwidth_mib_s > 0 {
-            // Token bucket over one-second windows: no burst from time spent elsewhere.
-            let allowed = self.opts.bandwidth_mib_s as f64 * 1048576.0;
-            let (start, base) = self.window;
-            let due = Duration::from_secs_f64((self.bytes - base) as f64 / allowed);
-            let el = start.elapsed();
-            if due > el {
-                std::thread::sleep(due - el);
-            }
-            if start.elapsed() >= Duration::from_secs(1) {
-                self.window = (Instant::now(), self.bytes);
-            }
-        }
-        Ok(())
     }
 
     fn check_cancel(&self) -> Result<(), MigrationError> {
@@ -190,114 +189,289 @@ impl Sender<'_> {
         }
         Ok(())
     }
+}
 
-    fn flush_batch(&mut self) -> Result<(), MigrationError> {
+/// One connection of a migration and its buffers. Lane 0 also carries the control messages.
+struct Lane {
+    w: BufWriter<Channel>,
+    packer: Packer,
+    payload: Vec<u8>,
+    data: Vec<u8>,
+    batch: Vec<u64>,
+    zeros: Vec<u64>,
+    /// Bandwidth cap of this connection in bytes/s (0: none), and its current window.
+    cap: f64,
+    window: (Instant, u64),
+    sent: u64,
+}
+
+impl Lane {
+    fn new(ch: Channel, opts: &MigrateOptions, lanes: u8) -> Result<Lane, MigrationError> {
+        Ok(Lane {
+            w: BufWriter::with_capacity(1 << 20, ch),
+            packer: Packer::new(opts.compression)?,
+            payload: Vec::new(),
+            data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
+            batch: Vec::new(),
+            zeros: Vec::new(),
+            cap: opts.bandwidth_mib_s as f64 * 1048576.0 / f64::from(lanes.max(1)),
+            window: (Instant::now(), 0),
+            sent: 0,
+        })
+    }
+
+    /// Writes a control frame (never compressed).
+    fn control(
+        &mut self,
+        sh: &Shared<'_>,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<(), MigrationError> {
+        write_frame(&mut self.w, kind, payload)?;
+        self.account(sh, 12 + payload.len() as u64);
+        Ok(())
+    }
+
+    fn account(&mut self, sh: &Shared<'_>, n: u64) {
+        sh.bytes.fetch_add(n, Ordering::Relaxed);
+        self.sent += n;
+        if self.cap > 0.0 {
+            // Token bucket over one-second windows: no burst from time spent elsewhere.
+            let (start, base) = self.window;
+            let due = Duration::from_secs_f64((self.sent - base) as f64 / self.cap);
+            let el = start.elapsed();
+            if due > el {
+                std::thread::sleep(due - el);
+            }
+            if start.elapsed() >= Duration::from_secs(1) {
+                self.window = (Instant::now(), self.sent);
+            }
+        }
+    }
+
+    /// Reads the peer's next frame (lane 0 only), after sending everything buffered.
+    fn read(&mut self, buf: &mut Vec<u8>) -> Result<Kind, MigrationError> {
+        self.w.flush()?;
+        read_frame(self.w.get_mut(), buf)
+    }
+
+    fn flush_batch(&mut self, sh: &Shared<'_>) -> Result<(), MigrationError> {
         if !self.batch.is_empty() {
-            let mut p = std::mem::take(&mut self.payload);
-            encode_pages(&self.batch, &self.data, &mut p);
-            self.payload = p;
-            self.frame(Kind::Pages, None)?;
-            self.pages_sent += self.batch.len() as u64;
-            self.update(|_| {}); // bytes and pages sent, live
+            encode_pages(&self.batch, &self.data, &mut self.payload);
+            let (flags, wire) = self.packer.pack(&self.payload)?;
+            write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
+            let n = wire.len() as u64;
+            sh.raw
+                .fetch_add(self.payload.len() as u64, Ordering::Relaxed);
+            sh.packed.fetch_add(n, Ordering::Relaxed);
+            sh.pages_sent
+                .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
+            self.account(sh, 12 + n);
+            sh.update(|_| {}); // bytes and pages sent, live
             self.batch.clear();
             self.data.clear();
         }
         if !self.zeros.is_empty() {
-            let mut p = std::mem::take(&mut self.payload);
-            encode_pages(&self.zeros, &[], &mut p);
+            encode_pages(&self.zeros, &[], &mut self.payload);
+            let p = std::mem::take(&mut self.payload);
+            let r = self.control(sh, Kind::ZeroPages, &p);
             self.payload = p;
-            self.frame(Kind::ZeroPages, None)?;
+            r?;
             self.zeros.clear();
         }
-        self.check_cancel()
+        sh.check_cancel()
     }
 
     /// Sends `pages` (ascending page numbers). Zero pages go as a list, or not at all when
-    /// `skip_zero` (the destination's memory starts zeroed).
-    fn send_pages(
+    /// `skip_zero` (the destination's memory starts zeroed). Stops early, without an error,
+    /// when another lane failed.
+    fn send(
         &mut self,
-        pages: impl Iterator<Item = u64>,
+        sh: &Shared<'_>,
+        pages: &[u64],
         skip_zero: bool,
     ) -> Result<(), MigrationError> {
-        for p in pages {
-            self.m.ram().read(p * PAGE_SIZE as u64, &mut self.page)?;
-            if self.page.iter().all(|&b| b == 0) {
+        let r = self.send_inner(sh, pages, skip_zero);
+        if r.is_err() {
+            sh.abort.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn send_inner(
+        &mut self,
+        sh: &Shared<'_>,
+        pages: &[u64],
+        skip_zero: bool,
+    ) -> Result<(), MigrationError> {
+        for &p in pages {
+            // Read each page straight into the batch; drop it again if it is all zero.
+            let off = self.data.len();
+            self.data.resize(off + PAGE_SIZE, 0);
+            sh.ram.read(p * PAGE_SIZE as u64, &mut self.data[off..])?;
+            if self.data[off..].iter().all(|&b| b == 0) {
+                self.data.truncate(off);
                 if skip_zero {
-                    self.zero_skipped += 1;
+                    sh.zero_skipped.fetch_add(1, Ordering::Relaxed);
                 } else {
                     self.zeros.push(p);
                 }
             } else {
                 self.batch.push(p);
-                self.data.extend_from_slice(&self.page);
             }
             if self.batch.len() >= BATCH_PAGES || self.zeros.len() >= BATCH_PAGES * 16 {
-                self.flush_batch()?;
+                self.flush_batch(sh)?;
+                if sh.abort.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
             }
         }
-        self.flush_batch()
-    }
-
-    fn all_pages(&self) -> impl Iterator<Item = u64> {
-        ram_ranges(self.m.ram().size())
-            .into_iter()
-            .flat_map(|(s, l)| (s / PAGE_SIZE as u64)..((s + l) / PAGE_SIZE as u64))
-    }
-
-    fn round_end(&mut self, round: u32) -> Result<(), MigrationError> {
-        let p = round.to_le_bytes();
-        self.frame(Kind::RoundEnd, Some(&p))?;
-        self.w.flush()?;
-        Ok(())
+        self.flush_batch(sh)
     }
 }
 
-/// Migrates the running VM `m` to the destination listening at `to`. On success the VM runs
-/// there and `m` is paused for good (the caller stops it). On any failure before the commit
-/// point, `m` runs as before (resumed if this function paused it).
+/// The lane a page always travels on, so that a page's later copies never overtake its
+/// earlier ones (each connection is ordered; different connections are not).
+fn lane_of(page: u64, lanes: usize) -> usize {
+    ((page / BATCH_PAGES as u64) % lanes as u64) as usize
+}
+
+struct Sender<'a> {
+    m: &'a Machine,
+    sh: Shared<'a>,
+    opts: &'a MigrateOptions,
+    lanes: Vec<Lane>,
+}
+
+impl Sender<'_> {
+    /// Sends `pages` (ascending) over all lanes in parallel.
+    fn send_pages(&mut self, pages: Vec<u64>, skip_zero: bool) -> Result<(), MigrationError> {
+        let n = self.lanes.len();
+        let sh = &self.sh;
+        if n == 1 {
+            return self.lanes[0].send(sh, &pages, skip_zero);
+        }
+        let mut parts = vec![Vec::with_capacity(pages.len() / n + 1); n];
+        for p in pages {
+            parts[lane_of(p, n)].push(p);
+        }
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = self
+                .lanes
+                .iter_mut()
+                .zip(parts)
+                .map(|(lane, part)| sc.spawn(move || lane.send(sh, &part, skip_zero)))
+                .collect();
+            let mut result = Ok(());
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(MigrationError::Protocol("a sending thread panicked".into()))
+                });
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+        })
+    }
+
+    fn all_pages(&self) -> Vec<u64> {
+        ram_ranges(self.m.ram().size())
+            .into_iter()
+            .flat_map(|(s, l)| (s / PAGE_SIZE as u64)..((s + l) / PAGE_SIZE as u64))
+            .collect()
+    }
+
+    fn round_end(&mut self, round: u32) -> Result<(), MigrationError> {
+        for l in &mut self.lanes {
+            l.w.flush()?;
+        }
+        self.lanes[0].control(&self.sh, Kind::RoundEnd, &round.to_le_bytes())?;
+        self.lanes[0].w.flush()?;
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        self.sh.bytes.load(Ordering::Relaxed)
+    }
+
+    fn pages(&self) -> u64 {
+        self.sh.pages_sent.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens one connection to the destination: TCP, TLS when `id` is given, HELLO.
+fn open(addr: &SocketAddr, id: Option<&Identity>) -> Result<Channel, MigrationError> {
+    let stream = TcpStream::connect_timeout(addr, Duration::from_secs(10))?;
+    crate::protocol::tune(&stream)?;
+    let mut ch = Channel::connect(stream, id)?;
+    handshake(&mut ch)?;
+    Ok(ch)
+}
+
+fn session_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut id);
+    }
+    id
+}
+
+/// Migrates the running VM `m` to the destination listening at `to`, over TLS with `id`
+/// (`None`: plain TCP). On success the VM runs there and `m` is paused for good (the caller
+/// stops it). On any failure before the commit point, `m` runs as before (resumed if this
+/// function paused it).
 pub fn migrate(
     m: &Machine,
     to: &str,
+    id: Option<&Identity>,
     opts: &MigrateOptions,
     status: &Mutex<MigrationStatus>,
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let t0 = Instant::now();
+    if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
+        return Err(MigrationError::Protocol(format!(
+            "connections must be 1 to {MAX_CONNECTIONS}, not {}",
+            opts.connections
+        )));
+    }
     let addr = to
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| MigrationError::Protocol(format!("cannot resolve {to}")))?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    crate::protocol::tune(&stream)?;
-    handshake(&mut stream)?;
-    let mut reader = stream.try_clone()?;
-    let mut s = Sender {
-        m,
-        w: BufWriter::with_capacity(1 << 20, stream),
+    let main = open(&addr, id)?;
+    let tls = main.is_tls();
+    let sh = Shared {
+        ram: m.ram(),
         status,
         cancel,
-        opts,
+        abort: AtomicBool::new(false),
         t0,
-        bytes: 24,
-        pages_sent: 0,
-        zero_skipped: 0,
-        payload: Vec::new(),
-        page: vec![0u8; PAGE_SIZE],
-        data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
-        batch: Vec::new(),
-        zeros: Vec::new(),
-        pending: Vec::new(),
-        window: (Instant::now(), 0),
+        bytes: AtomicU64::new(24),
+        pages_sent: AtomicU64::new(0),
+        zero_skipped: AtomicU64::new(0),
+        raw: AtomicU64::new(0),
+        packed: AtomicU64::new(0),
     };
+    let mut s = Sender {
+        m,
+        sh,
+        opts,
+        lanes: vec![Lane::new(main, opts, opts.connections)?],
+    };
+    let session = session_id();
     let setup = Setup {
         config_json: m.saved_config().encode()?,
         cpuid: m.guest_cpuid().to_vec(),
+        connections: opts.connections,
+        session,
     };
     let setup = postcard::to_stdvec(&setup).map_err(|e| MigrationError::Protocol(e.to_string()))?;
-    s.frame(Kind::Setup, Some(&setup))?;
-    s.w.flush()?;
+    s.lanes[0].control(&s.sh, Kind::Setup, &setup)?;
     let mut buf = Vec::new();
-    match read_frame(&mut reader, &mut buf)? {
+    match s.lanes[0].read(&mut buf)? {
         Kind::Accept => {}
         Kind::Refuse => {
             return Err(MigrationError::Refused(
@@ -310,10 +484,18 @@ pub fn migrate(
             )))
         }
     }
+    for lane in 1..opts.connections {
+        let mut join = session.to_vec();
+        join.push(lane);
+        let mut l = Lane::new(open(&addr, id)?, opts, opts.connections)?;
+        l.control(&s.sh, Kind::Join, &join)?;
+        l.w.flush()?;
+        s.lanes.push(l);
+    }
 
     let mut paused_here = false;
     let mut max_throttle = 0u8;
-    let result = precopy_and_stop(&mut s, &mut reader, &mut paused_here, &mut max_throttle);
+    let result = precopy_and_stop(&mut s, &mut paused_here, &mut max_throttle);
     let (rounds, pause_at) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -324,13 +506,14 @@ pub fn migrate(
             } else {
                 Kind::Error
             };
-            let _ = write_frame(&mut s.w, kind, reason.as_bytes()).and_then(|_| Ok(s.w.flush()?));
+            let w = &mut s.lanes[0].w;
+            let _ = write_frame(w, kind, reason.as_bytes()).and_then(|_| Ok(w.flush()?));
             m.set_throttle(0);
             let _ = m.set_dirty_logging(false);
             if paused_here {
                 let _ = m.resume();
             }
-            s.update(|st| {
+            s.sh.update(|st| {
                 st.phase = if matches!(e, MigrationError::Cancelled(_)) {
                     Phase::Cancelled
                 } else {
@@ -343,15 +526,15 @@ pub fn migrate(
     };
 
     // The commit point. From here on the source never resumes.
-    s.update(|st| st.phase = Phase::Commit);
-    let committed = s
-        .frame(Kind::Commit, Some(&[]))
-        .and_then(|_| Ok(s.w.flush()?));
+    s.sh.update(|st| st.phase = Phase::Commit);
+    let committed = s.lanes[0]
+        .control(&s.sh, Kind::Commit, &[])
+        .and_then(|_| Ok(s.lanes[0].w.flush()?));
     m.set_throttle(0);
     if let Err(e) = committed {
         return Err(MigrationError::CommitUnknown(e.to_string()));
     }
-    match read_frame(&mut reader, &mut buf) {
+    match s.lanes[0].read(&mut buf) {
         Ok(Kind::Resumed) => {}
         Ok(k) => {
             return Err(MigrationError::CommitUnknown(format!(
@@ -361,37 +544,52 @@ pub fn migrate(
         Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
     }
     let downtime = pause_at.elapsed();
-    s.update(|st| st.phase = Phase::Completed);
+    s.sh.update(|st| st.phase = Phase::Completed);
+    let raw = s.sh.raw.load(Ordering::Relaxed);
+    let packed = s.sh.packed.load(Ordering::Relaxed).max(1);
     Ok(MigrationReport {
         total_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
         downtime_ms: u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX),
         rounds,
-        bytes_sent: s.bytes,
-        pages_sent: s.pages_sent,
-        zero_pages_skipped: s.zero_skipped,
+        bytes_sent: s.bytes(),
+        pages_sent: s.sh.pages_sent.load(Ordering::Relaxed),
+        zero_pages_skipped: s.sh.zero_skipped.load(Ordering::Relaxed),
         max_throttle_pct: max_throttle,
+        compression: opts.compression,
+        compression_ratio: if raw == 0 {
+            1.0
+        } else {
+            raw as f64 / packed as f64
+        },
+        connections: opts.connections,
+        tls,
     })
 }
 
 fn precopy_and_stop(
     s: &mut Sender<'_>,
-    reader: &mut TcpStream,
     paused_here: &mut bool,
     max_throttle: &mut u8,
 ) -> Result<(u32, Instant), MigrationError> {
     let m = s.m;
     let target = Duration::from_millis(s.opts.downtime_ms);
     let mut round = 0u32;
+    // Pages dirty at the switch-over decision: sent after the pause.
+    let mut pending = Vec::new();
     if s.opts.quick {
         *paused_here = m.pause()?;
     } else {
         // Dirty logging on before the first page is read: nothing written later is missed.
         m.set_dirty_logging(true)?;
-        s.update(|st| st.phase = Phase::Precopy);
+        s.sh.update(|st| st.phase = Phase::Precopy);
         let mut round_start = Instant::now();
-        let mut round_bytes = s.bytes;
-        let all: Vec<u64> = s.all_pages().collect();
-        s.send_pages(all.into_iter(), true)?;
+        let mut round_pages = s.pages();
+        // Effective rate in guest bytes per second (pages moved, whatever their size on the
+        // wire): what the downtime estimate needs. Kept from the last round that moved
+        // enough pages to measure it.
+        let mut throughput = 1.0f64;
+        let all = s.all_pages();
+        s.send_pages(all, true)?;
         s.round_end(0)?;
         let mut prev_dirty = u64::MAX;
         let mut throttle = 0u8;
@@ -399,12 +597,15 @@ fn precopy_and_stop(
         loop {
             let dirty = m.dirty_pages()?;
             let el = round_start.elapsed().as_secs_f64().max(1e-3);
-            let throughput = ((s.bytes - round_bytes) as f64 / el).max(1.0);
+            let moved = s.pages() - round_pages;
+            if moved >= MEASURE_PAGES || throughput <= 1.0 {
+                throughput = (moved as f64 * PAGE_SIZE as f64 / el).max(1.0);
+            }
             let dirty_rate = dirty.len() as f64 / el;
             let remaining = dirty.len() as u64 * PAGE_SIZE as u64
                 + STATE_ESTIMATE * u64::from(m.config().vcpus);
             let expected = Duration::from_secs_f64(remaining as f64 / throughput);
-            s.update(|st| {
+            s.sh.update(|st| {
                 st.round = round;
                 st.pages_remaining = dirty.len() as u64;
                 st.dirty_rate_pps = dirty_rate as u64;
@@ -421,10 +622,10 @@ fn precopy_and_stop(
             );
             if expected <= target {
                 // Put the pages back in the log's place: they are sent after the pause.
-                s.pending = dirty;
+                pending = dirty;
                 break;
             }
-            let over_time = s.t0.elapsed() > Duration::from_secs(s.opts.timeout_s);
+            let over_time = s.sh.t0.elapsed() > Duration::from_secs(s.opts.timeout_s);
             if over_time || round >= s.opts.max_rounds {
                 match s.opts.on_timeout {
                     TimeoutPolicy::Cancel => {
@@ -436,7 +637,7 @@ fn precopy_and_stop(
                         )))
                     }
                     TimeoutPolicy::SwitchOver => {
-                        s.pending = dirty;
+                        pending = dirty;
                         break;
                     }
                 }
@@ -461,34 +662,38 @@ fn precopy_and_stop(
             prev_dirty = dirty.len() as u64;
             round += 1;
             round_start = Instant::now();
-            round_bytes = s.bytes;
-            s.send_pages(dirty.into_iter(), false)?;
+            round_pages = s.pages();
+            s.send_pages(dirty, false)?;
             s.round_end(round)?;
         }
     }
 
     // Stop-and-copy.
-    s.update(|st| st.phase = Phase::StopAndCopy);
+    s.sh.update(|st| st.phase = Phase::StopAndCopy);
     let pause_at = Instant::now();
     if !*paused_here {
         *paused_here = m.pause()?;
     }
-    let mut last = std::mem::take(&mut s.pending);
     if s.opts.quick {
-        let all: Vec<u64> = s.all_pages().collect();
-        s.send_pages(all.into_iter(), true)?;
+        let all = s.all_pages();
+        s.send_pages(all, true)?;
     } else {
+        let mut last = pending;
         last.extend(m.dirty_pages()?);
         last.sort_unstable();
         last.dedup();
-        s.send_pages(last.into_iter(), false)?;
+        s.send_pages(last, false)?;
+    }
+    // Every additional connection is drained before the state goes out on the main one.
+    for l in s.lanes.iter_mut().skip(1) {
+        l.control(&s.sh, Kind::DataEnd, &[])?;
+        l.w.flush()?;
     }
     let snap = m.capture()?;
     let state = postcard::to_stdvec(&snap).map_err(|e| MigrationError::Protocol(e.to_string()))?;
-    s.frame(Kind::State, Some(&state))?;
-    s.w.flush()?;
+    s.lanes[0].control(&s.sh, Kind::State, &state)?;
     let mut buf = Vec::new();
-    match read_frame(reader, &mut buf)? {
+    match s.lanes[0].read(&mut buf)? {
         Kind::Ready => {}
         Kind::Error | Kind::Refuse => {
             return Err(MigrationError::Peer(
@@ -501,6 +706,6 @@ fn precopy_and_stop(
             )))
         }
     }
-    s.check_cancel()?;
+    s.sh.check_cancel()?;
     Ok((round, pause_at))
 }

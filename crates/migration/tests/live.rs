@@ -8,6 +8,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use migration::protocol::Compression;
+use migration::tls::Identity;
 use migration::{MigrateOptions, MigrationError, MigrationStatus, Phase};
 use vmm::devices::serial::ConsoleOut;
 use vmm::machine::{Machine, RunState};
@@ -18,6 +20,22 @@ fn tmpdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// A cluster CA with one identity, made once per test process; `other` gives a second,
+/// unrelated CA's identity.
+fn identity(other: bool) -> Identity {
+    static DIRS: std::sync::OnceLock<(PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    let (a, b) = DIRS.get_or_init(|| {
+        let d = tmpdir("pki");
+        let (a, b) = (d.join("a"), d.join("b"));
+        for (dir, name) in [(&a, "cluster-a"), (&b, "cluster-b")] {
+            migration::tls::init_ca(dir, name).unwrap();
+            migration::tls::issue(dir, dir, "host").unwrap();
+        }
+        (a, b)
+    });
+    Identity::load(if other { b } else { a }).unwrap()
 }
 
 fn console(path: &Path) -> ConsoleOut {
@@ -66,8 +84,8 @@ fn wait_beats(log: &Path, count: usize) {
     }
 }
 
-/// Runs a migration of `src` to a receiver in a thread; returns the sender's result and the
-/// receiver's.
+/// Runs a migration of `src` to a receiver in a thread, both over TLS with identities of one
+/// cluster CA; returns the sender's result and the receiver's.
 fn run_migration(
     src: &Machine,
     dest_log: &Path,
@@ -82,10 +100,12 @@ fn run_migration(
     let dl = dest_log.to_path_buf();
     let recv = std::thread::spawn(move || {
         let phase = Mutex::new(String::new());
-        migration::dest::receive(&listener, "dst", console(&dl), &phase, false)
+        let id = identity(false);
+        migration::dest::receive(&listener, "dst", Some(&id), console(&dl), &phase, false)
     });
     let status = Mutex::new(MigrationStatus::default());
-    let sent = migration::source::migrate(src, &addr, opts, &status, cancel);
+    let id = identity(false);
+    let sent = migration::source::migrate(src, &addr, Some(&id), opts, &status, cancel);
     (sent, recv.join().unwrap())
 }
 
@@ -106,19 +126,30 @@ fn check_continues(a: &Path, b: &Path, min_after: usize) {
 
 #[test]
 fn dirtying_guests_migrate_live_and_keep_verifying() {
-    for vcpus in [1u8, 2] {
+    // 1 vCPU over one connection; 2 vCPUs over three, LZ4-compressed.
+    for (vcpus, connections, compression) in
+        [(1u8, 1u8, Compression::None), (2, 3, Compression::Lz4)]
+    {
         let d = tmpdir(&format!("live{vcpus}"));
         let (la, lb) = (d.join("a.log"), d.join("b.log"));
-        let src =
-            Machine::boot(dirtier(vcpus, "mb=8 rate=3000 beat_ms=100"), console(&la)).unwrap();
+        // period=8: the pattern repeats every 64 bytes, so pages compress.
+        let cmdline = "mb=8 rate=3000 beat_ms=100 period=8";
+        let src = Machine::boot(dirtier(vcpus, cmdline), console(&la)).unwrap();
         wait_beats(&la, 3);
-        let (sent, got) = run_migration(
-            &src,
-            &lb,
-            &MigrateOptions::default(),
-            &AtomicBool::new(false),
-        );
+        let opts = MigrateOptions {
+            connections,
+            compression,
+            ..Default::default()
+        };
+        let (sent, got) = run_migration(&src, &lb, &opts, &AtomicBool::new(false));
         let report = sent.unwrap();
+        assert!(
+            report.tls && report.connections == connections,
+            "{report:?}"
+        );
+        if compression != Compression::None {
+            assert!(report.compression_ratio > 4.0, "{report:?}");
+        }
         let dst = got.unwrap();
         // The source is paused for good; the destination runs.
         assert_eq!(src.state(), RunState::Paused);
@@ -142,24 +173,31 @@ fn dirtying_guests_migrate_live_and_keep_verifying() {
 fn memory_is_identical_at_the_switch_over() {
     let d = tmpdir("hash");
     let (la, lb) = (d.join("a.log"), d.join("b.log"));
-    let src = Machine::boot(dirtier(1, "mb=4 rate=2000 beat_ms=100"), console(&la)).unwrap();
+    let src = Machine::boot(
+        dirtier(1, "mb=4 rate=2000 beat_ms=100 period=8"),
+        console(&la),
+    )
+    .unwrap();
     wait_beats(&la, 2);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     // The destination takes the VM over paused: both copies are frozen at the switch-over.
+    // Plain TCP here; four connections and zstd, so that page ordering across connections
+    // and decompression are both covered by the hash.
     let recv = std::thread::spawn(move || {
         let phase = Mutex::new(String::new());
-        migration::dest::receive(&listener, "dst", console(&lb), &phase, true).unwrap()
+        migration::dest::receive(&listener, "dst", None, console(&lb), &phase, true).unwrap()
     });
     let status = Mutex::new(MigrationStatus::default());
-    migration::source::migrate(
-        &src,
-        &addr,
-        &MigrateOptions::default(),
-        &status,
-        &AtomicBool::new(false),
-    )
-    .unwrap();
+    let opts = MigrateOptions {
+        connections: 4,
+        compression: Compression::Zstd,
+        ..Default::default()
+    };
+    let report =
+        migration::source::migrate(&src, &addr, None, &opts, &status, &AtomicBool::new(false))
+            .unwrap();
+    assert!(!report.tls && report.compression_ratio > 4.0, "{report:?}");
     let dst = recv.join().unwrap();
     assert_eq!(dst.state(), RunState::Paused);
     assert_eq!(
@@ -272,6 +310,172 @@ fn cancel_keeps_the_vm_on_the_source() {
         beats(&std::fs::read_to_string(&lb).unwrap_or_default()).is_empty(),
         "nothing may run on the destination"
     );
+    src.shutdown();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A TLS client that offers no certificate of its own.
+fn anonymous_client(addr: &str) {
+    use std::io::{Read, Write};
+    let ca_pem = std::fs::read(
+        std::env::temp_dir()
+            .join(format!("ferry-mig-pki-{}", std::process::id()))
+            .join("a")
+            .join("ca.pem"),
+    )
+    .unwrap();
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&ca_pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(migration::tls::PEER_NAME).unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    // The server refuses during the handshake: nothing (no HELLO) ever comes back.
+    let _ = s.write_all(b"x");
+    let mut b = [0u8; 16];
+    assert!(
+        !matches!(s.read(&mut b), Ok(n) if n > 0),
+        "an unauthenticated client got an answer"
+    );
+}
+
+#[test]
+fn peers_outside_the_cluster_are_refused_and_the_receiver_keeps_waiting() {
+    use migration::protocol::{write_frame, Kind, MAGIC};
+    let d = tmpdir("auth");
+    let (la, lb) = (d.join("a.log"), d.join("b.log"));
+    let src = Machine::boot(dirtier(1, "mb=2 rate=1000 beat_ms=100"), console(&la)).unwrap();
+    wait_beats(&la, 2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let phase = std::sync::Arc::new(Mutex::new(String::new()));
+    let p2 = phase.clone();
+    let recv = std::thread::spawn(move || {
+        let id = identity(false);
+        migration::dest::receive(&listener, "dst", Some(&id), console(&lb), &p2, false)
+    });
+    let refusals = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !phase.lock().unwrap().contains("refused a connection") {
+            assert!(Instant::now() < deadline, "refusal {n} not reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let p = std::mem::take(&mut *phase.lock().unwrap());
+        assert!(
+            !recv.is_finished(),
+            "the receiver gave up after refusal {n}"
+        );
+        p
+    };
+    let status = Mutex::new(MigrationStatus::default());
+    let no = AtomicBool::new(false);
+    let opts = MigrateOptions::default();
+
+    // 1. A source whose certificate is signed by another CA.
+    let other = identity(true);
+    let e = migration::source::migrate(&src, &addr, Some(&other), &opts, &status, &no)
+        .expect_err("a foreign certificate was accepted");
+    assert!(matches!(e, MigrationError::Auth(_)), "{e:?}");
+    let p = refusals(1);
+    assert!(p.contains("authenticated"), "{p}");
+
+    // 2. A client without a certificate.
+    anonymous_client(&addr);
+    refusals(2);
+
+    // 3. A peer without TLS at all.
+    let e = migration::source::migrate(&src, &addr, None, &opts, &status, &no)
+        .expect_err("a plain-TCP source was accepted");
+    assert!(
+        matches!(e, MigrationError::Protocol(_) | MigrationError::Io(_)),
+        "{e:?}"
+    );
+    refusals(3);
+
+    // 4. A cluster member speaking another protocol version.
+    let id = identity(false);
+    let tcp = std::net::TcpStream::connect(&addr).unwrap();
+    let mut ch = migration::tls::Channel::connect(tcp, Some(&id)).unwrap();
+    let mut hello = MAGIC.to_vec();
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    hello.extend_from_slice(&1u16.to_le_bytes());
+    write_frame(&mut ch, Kind::Hello, &hello).unwrap();
+    std::io::Write::flush(&mut ch).unwrap();
+    let p = refusals(4);
+    assert!(p.contains("version 1"), "{p}");
+    drop(ch);
+
+    // The VM never stopped on the source, and the right source still gets through.
+    assert_eq!(src.state(), RunState::Running);
+    let report = migration::source::migrate(&src, &addr, Some(&id), &opts, &status, &no).unwrap();
+    assert!(report.tls);
+    let dst = recv.join().unwrap().unwrap();
+    src.shutdown();
+    check_continues(&la, &d.join("b.log"), 3);
+    dst.shutdown();
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_destination_of_another_protocol_version_is_refused_before_anything_is_sent() {
+    use migration::protocol::{read_frame, write_frame, Kind, MAGIC};
+    let d = tmpdir("version");
+    let la = d.join("a.log");
+    let src = Machine::boot(dirtier(1, "mb=2 rate=1000 beat_ms=100"), console(&la)).unwrap();
+    wait_beats(&la, 2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let peer = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let id = identity(false);
+        let mut ch = migration::tls::Channel::accept(tcp, Some(&id)).unwrap();
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&3u16.to_le_bytes());
+        hello.extend_from_slice(&3u16.to_le_bytes());
+        write_frame(&mut ch, Kind::Hello, &hello).unwrap();
+        std::io::Write::flush(&mut ch).unwrap();
+        // Whatever comes after the peer's HELLO: the source must send nothing more.
+        let mut buf = Vec::new();
+        let first = read_frame(&mut ch, &mut buf);
+        assert!(matches!(first, Ok(Kind::Hello)), "{first:?}");
+        let second = read_frame(&mut ch, &mut buf);
+        assert!(
+            second.is_err(),
+            "the source went on after the version mismatch"
+        );
+    });
+    let status = Mutex::new(MigrationStatus::default());
+    let id = identity(false);
+    let e = migration::source::migrate(
+        &src,
+        &addr,
+        Some(&id),
+        &MigrateOptions::default(),
+        &status,
+        &AtomicBool::new(false),
+    )
+    .expect_err("a version-3 peer was accepted");
+    assert!(
+        matches!(&e, MigrationError::Protocol(m) if m.contains("version 3")),
+        "{e:?}"
+    );
+    peer.join().unwrap();
+    assert_eq!(src.state(), RunState::Running);
+    let n = beats(&std::fs::read_to_string(&la).unwrap()).len();
+    wait_beats(&la, n + 2);
+    assert!(beats(&std::fs::read_to_string(&la).unwrap())
+        .iter()
+        .all(|b| b.1));
     src.shutdown();
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -39,6 +39,10 @@ pub enum Request {
         /// Tunables.
         #[serde(default)]
         options: migration::MigrateOptions,
+        /// This host's TLS identity directory (`ca.pem`, `cert.pem`, `key.pem`); absent:
+        /// plain TCP, which the CLI sends only with `--insecure`.
+        #[serde(default)]
+        pki: Option<std::path::PathBuf>,
     },
     /// Progress of the running (or last) migration.
     MigrationStatus,

@@ -44,6 +44,9 @@ pub enum WorkerError {
     /// Config file unreadable.
     #[error(transparent)]
     Config(#[from] vmm::config::ConfigError),
+    /// The TLS identity cannot be used.
+    #[error(transparent)]
+    Tls(#[from] migration::tls::TlsError),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkerError {
@@ -79,6 +82,10 @@ pub struct Args {
     /// Wait for an incoming migration on this `HOST:PORT` (port 0: any free port).
     #[arg(long, conflicts_with_all = ["config", "restore"])]
     pub receive: Option<String>,
+    /// TLS identity directory for --receive (`ca.pem`, `cert.pem`, `key.pem`); without it
+    /// the migration connection is plain TCP.
+    #[arg(long, requires = "receive")]
+    pub pki: Option<PathBuf>,
 }
 
 fn describe(e: &dyn std::error::Error) -> String {
@@ -291,7 +298,24 @@ impl Worker {
     }
 
     /// Runs a migration, writing progress lines to `out`; returns whether the worker must exit.
-    fn migrate(self: &Arc<Self>, to: String, opts: MigrateOptions, out: &mut UnixStream) -> bool {
+    fn migrate(
+        self: &Arc<Self>,
+        to: String,
+        opts: MigrateOptions,
+        pki: Option<PathBuf>,
+        out: &mut UnixStream,
+    ) -> bool {
+        let id = match pki
+            .as_deref()
+            .map(migration::tls::Identity::load)
+            .transpose()
+        {
+            Ok(id) => id,
+            Err(e) => {
+                let _ = writeln!(out, "{}", json(&Response::err(describe(&e))));
+                return false;
+            }
+        };
         if self.machine.get().is_none() {
             let _ = writeln!(
                 out,
@@ -329,7 +353,9 @@ impl Worker {
         let o2 = Arc::clone(&o);
         let handle = std::thread::spawn(move || {
             let res = match w.machine.get() {
-                Some(m) => migration::source::migrate(m, &to, &opts, &o2.status, &o2.cancel),
+                Some(m) => {
+                    migration::source::migrate(m, &to, id.as_ref(), &opts, &o2.status, &o2.cancel)
+                }
                 None => Err(MigrationError::Protocol("no VM".into())),
             };
             o2.done.store(true, Ordering::SeqCst);
@@ -438,6 +464,11 @@ fn run(args: Args) -> Result<(), WorkerError> {
             ))
         }
     };
+    let identity = args
+        .pki
+        .as_deref()
+        .map(migration::tls::Identity::load)
+        .transpose()?;
     let (dir, listener) = claim_dir(&name)?;
     let fail = |e: WorkerError| {
         let _ = std::fs::remove_file(dir.join("control.sock"));
@@ -542,6 +573,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
         match migration::dest::receive(
             &l,
             &name,
+            identity.as_ref(),
             console.take().unwrap_or_default(),
             phase,
             args.paused,
@@ -607,8 +639,8 @@ fn serve_conn(worker: &Arc<Worker>, conn: UnixStream) -> Option<bool> {
             return Some(false);
         }
         let (resp, exit) = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Migrate { to, options }) => {
-                return Some(worker.migrate(to, options, &mut out))
+            Ok(Request::Migrate { to, options, pki }) => {
+                return Some(worker.migrate(to, options, pki, &mut out))
             }
             Ok(req) => worker.handle(req),
             Err(e) => (Response::err(format!("bad request: {e}")), false),

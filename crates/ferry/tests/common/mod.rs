@@ -16,7 +16,25 @@ impl Env {
         let dir = std::env::temp_dir().join(format!("ferry-test-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("run")).unwrap();
-        Env { dir }
+        let env = Env { dir };
+        // One cluster CA and identity per test: migrations run over mutual TLS, as in
+        // production.
+        env.ok(&["pki", "init", env.pki().to_str().unwrap(), "--host", "test"]);
+        env
+    }
+
+    /// This test's TLS identity directory.
+    pub fn pki(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// The environment every `ferry` of this test runs with.
+    pub fn vars(&self) -> Vec<(&'static str, std::ffi::OsString)> {
+        vec![
+            ("FERRY_RUN_DIR", self.dir.join("run").into_os_string()),
+            ("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm").into()),
+            ("FERRY_PKI_DIR", self.pki().into_os_string()),
+        ]
     }
 
     /// Runs `ferry` with this test's run directory; a command that takes over 5 minutes is
@@ -24,8 +42,7 @@ impl Env {
     pub fn ferry(&self, args: &[&str]) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
-            .env("FERRY_RUN_DIR", self.dir.join("run"))
-            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .envs(self.vars())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
