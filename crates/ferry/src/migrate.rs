@@ -223,6 +223,7 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             "TO",
             "TOTAL",
             "DOWNTIME",
+            "GUEST-OBSERVED",
             "ROUNDS",
             "ON THE WIRE",
             "ZERO PAGES SKIPPED",
@@ -235,6 +236,10 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             to.to_string(),
             format!("{} ms", report.total_ms),
             format!("{} ms", report.downtime_ms),
+            report
+                .guest_downtime_ms
+                .map(|g| format!("{g} ms"))
+                .unwrap_or_else(|| "-".into()),
             report.rounds.to_string(),
             mib(report.bytes_sent),
             report.zero_pages_skipped.to_string(),

@@ -110,6 +110,10 @@ fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     assert!(report["downtime_ms"].as_u64().unwrap() < 5000, "{report}");
     // The default: mutually authenticated TLS, more than one connection.
     assert_eq!(report["tls"], true, "{report}");
+    assert!(
+        report["guest_downtime_ms"].as_u64().unwrap() >= 80,
+        "{report}"
+    );
     assert!(report["connections"].as_u64().unwrap() > 1, "{report}");
     assert!(
         report["zero_pages_skipped"].as_u64().unwrap() > 0,

@@ -5,7 +5,7 @@ use std::io::{BufReader, Write};
 use std::net::TcpListener;
 use std::sync::Mutex;
 
-use vmm::devices::serial::ConsoleOut;
+use vmm::devices::serial::{unix_us, ConsoleOut};
 use vmm::machine::{check_host_cpu, SavedConfig, VmSnapshot};
 use vmm::memory::{GuestRam, PAGE_SIZE};
 use vmm::Machine;
@@ -233,8 +233,10 @@ pub fn receive(
                 let main_tcp = &main_tcp;
                 sc.spawn(move || {
                     let res = data_lane(lane, ram);
-                    if res.is_err() {
-                        // Wake the main connection's reader: the migration is over.
+                    if matches!(&res, Err(e) if !matches!(e, MigrationError::Io(_))) {
+                        // A bad stream from a live source: wake the main connection's
+                        // reader, the migration is over. (A lane that merely closed means
+                        // the source ended it; its reason comes on the main connection.)
                         let _ = main_tcp.shutdown(std::net::Shutdown::Both);
                     }
                     res
@@ -260,6 +262,7 @@ pub fn receive(
         }
         // The main connection's error says most (CANCEL, ERROR); a lane's otherwise.
         match (main_res, lane_err) {
+            (Err(MigrationError::Io(_)), Some(e)) if !matches!(e, MigrationError::Io(_)) => Err(e),
             (Err(e), _) => Err(e),
             (Ok(_), Some(e)) => Err(e),
             (Ok(snap), None) => Ok(snap),
@@ -294,6 +297,13 @@ pub fn receive(
         }
     }
     // Committed: this side owns the VM now, whatever happens to the connection.
+    // COMMIT carries how long to watch for the guest's first console line (u32 ms).
+    let watch_ms = buf
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .unwrap_or(0)
+        .min(MAX_OUTPUT_WATCH_MS);
+    let resumed_at = unix_us();
     if paused {
         set("paused");
     } else {
@@ -302,8 +312,28 @@ pub fn receive(
     }
     let w = r.get_mut();
     let _ = write_frame(w, Kind::Resumed, &[]).and_then(|_| Ok(w.flush()?));
+    // The guest-observed downtime needs the first line the guest prints here; watch for it
+    // without holding the VM's worker up.
+    let clock = m.console_clock();
+    let watch = if paused { 0 } else { watch_ms };
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(watch.into());
+        let first = loop {
+            match clock.last_line_us() {
+                Some(t) if t > resumed_at => break t,
+                _ if std::time::Instant::now() >= deadline => break 0,
+                _ => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        };
+        let w = r.get_mut();
+        let _ =
+            write_frame(w, Kind::FirstOutput, &first.to_le_bytes()).and_then(|_| Ok(w.flush()?));
+    });
     Ok(m)
 }
+
+/// Longest the destination watches for the guest's first console line after resuming.
+pub const MAX_OUTPUT_WATCH_MS: u32 = 10_000;
 
 /// The main connection during pre-copy and stop-and-copy: its share of the pages, round
 /// ends, then STATE (or CANCEL/ERROR).

@@ -107,6 +107,9 @@ pub enum Kind {
     Commit = 0x22,
     /// Destination → source: resumed.
     Resumed = 0x23,
+    /// Destination → source, after RESUMED: when the guest's first console line on the
+    /// destination ended (u64 µs since the Unix epoch; 0: none within the wait).
+    FirstOutput = 0x24,
     /// Source → destination: discard everything (UTF-8 reason).
     Cancel = 0x30,
     /// Either way: failing (UTF-8 reason).
@@ -130,6 +133,7 @@ impl Kind {
             0x21 => Ready,
             0x22 => Commit,
             0x23 => Resumed,
+            0x24 => FirstOutput,
             0x30 => Cancel,
             0x31 => Error,
             _ => return None,

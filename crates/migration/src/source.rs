@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmm::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 use vmm::Machine;
 
+use crate::dest::MAX_OUTPUT_WATCH_MS;
 use crate::protocol::{
     encode_pages, handshake, read_frame, write_frame, write_frame_flags, Compression, Kind,
     MigrationError, Packer, Setup, BATCH_PAGES, MAX_CONNECTIONS,
@@ -150,6 +151,11 @@ pub struct MigrationReport {
     pub connections: u8,
     /// Whether the connections were TLS (mutually authenticated, encrypted).
     pub tls: bool,
+    /// Downtime as the guest shows it: the largest gap between two of its console lines,
+    /// host-timestamped, from the start of the migration until its first line on the
+    /// destination (ms; `None` when the guest printed nothing to measure with). Across
+    /// hosts this relies on their clocks being synchronized (NTP).
+    pub guest_downtime_ms: Option<u64>,
 }
 
 /// Fewest pages a round must move for its throughput to count.
@@ -443,6 +449,8 @@ pub fn migrate(
         .ok_or_else(|| MigrationError::Protocol(format!("cannot resolve {to}")))?;
     let main = open(&addr, id)?;
     let tls = main.is_tls();
+    let clock = m.console_clock();
+    clock.reset_gap();
     let sh = Shared {
         ram: m.ram(),
         status,
@@ -527,8 +535,18 @@ pub fn migrate(
 
     // The commit point. From here on the source never resumes.
     s.sh.update(|st| st.phase = Phase::Commit);
+    // The guest is paused: its last line here is final. Ask the destination to watch for
+    // the next one for three of the largest gaps seen (0: the guest printed nothing).
+    let last_line = clock.last_line_us();
+    let gap_before = clock.max_gap_us();
+    let watch_ms = if last_line.is_some() && gap_before > 0 {
+        u32::try_from((gap_before * 3 / 1000).clamp(500, u64::from(MAX_OUTPUT_WATCH_MS)))
+            .unwrap_or(MAX_OUTPUT_WATCH_MS)
+    } else {
+        0
+    };
     let committed = s.lanes[0]
-        .control(&s.sh, Kind::Commit, &[])
+        .control(&s.sh, Kind::Commit, &watch_ms.to_le_bytes())
         .and_then(|_| Ok(s.lanes[0].w.flush()?));
     m.set_throttle(0);
     if let Err(e) = committed {
@@ -545,6 +563,18 @@ pub fn migrate(
     }
     let downtime = pause_at.elapsed();
     s.sh.update(|st| st.phase = Phase::Completed);
+    // Committed and resumed: a missing FIRST_OUTPUT only loses the measurement.
+    let first_there = match s.lanes[0].read(&mut buf) {
+        Ok(Kind::FirstOutput) => buf
+            .get(..8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+            .filter(|&t| t != 0),
+        _ => None,
+    };
+    let guest_downtime_ms = match (last_line, first_there) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).max(gap_before) / 1000),
+        _ => None,
+    };
     let raw = s.sh.raw.load(Ordering::Relaxed);
     let packed = s.sh.packed.load(Ordering::Relaxed).max(1);
     Ok(MigrationReport {
@@ -563,6 +593,7 @@ pub fn migrate(
         },
         connections: opts.connections,
         tls,
+        guest_downtime_ms,
     })
 }
 

@@ -48,6 +48,7 @@ fn console(path: &Path) -> ConsoleOut {
                 .unwrap(),
         ),
         stdout: false,
+        ..Default::default()
     }
 }
 

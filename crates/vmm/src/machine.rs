@@ -428,6 +428,15 @@ impl Machine {
         }
     }
 
+    /// Host timestamps of the guest's console lines.
+    pub fn console_clock(&self) -> Arc<crate::devices::serial::LineClock> {
+        self.shared
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clock()
+    }
+
     /// The CPUID vCPU 0 gives the guest.
     pub fn guest_cpuid(&self) -> &[kvm_cpuid_entry2] {
         self.cpuids.first().map(Vec::as_slice).unwrap_or(&[])

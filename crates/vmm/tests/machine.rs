@@ -26,6 +26,7 @@ fn console(path: &Path) -> ConsoleOut {
                 .unwrap(),
         ),
         stdout: false,
+        ..Default::default()
     }
 }
 

@@ -497,6 +497,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
     let console = ConsoleOut {
         log: log_file,
         stdout: args.foreground,
+        ..Default::default()
     };
     let mut incoming = None;
     let mut console = Some(console);

@@ -3,6 +3,8 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use vm_superio::serial::{NoEvents, SerialState};
@@ -36,6 +38,49 @@ impl Trigger for IrqTrigger {
     }
 }
 
+/// Host timestamps of the guest's console lines: when the last one ended, and the largest gap
+/// between two since [`LineClock::reset_gap`]. A migration uses them to measure the downtime
+/// the guest itself shows (its heartbeats stop, then go on elsewhere).
+#[derive(Debug, Default)]
+pub struct LineClock {
+    last_us: AtomicU64,
+    max_gap_us: AtomicU64,
+}
+
+/// Microseconds since the Unix epoch (host wall clock).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl LineClock {
+    fn mark(&self) {
+        let now = unix_us();
+        let prev = self.last_us.swap(now, Ordering::Relaxed);
+        if prev != 0 {
+            self.max_gap_us
+                .fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
+        }
+    }
+
+    /// When the last console line ended (µs since the epoch), if any did.
+    pub fn last_line_us(&self) -> Option<u64> {
+        Some(self.last_us.load(Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
+    /// The largest gap between two lines since the last reset (µs).
+    pub fn max_gap_us(&self) -> u64 {
+        self.max_gap_us.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new largest-gap measurement.
+    pub fn reset_gap(&self) {
+        self.max_gap_us.store(0, Ordering::Relaxed);
+    }
+}
+
 /// Where console output goes.
 #[derive(Debug, Default)]
 pub struct ConsoleOut {
@@ -43,10 +88,15 @@ pub struct ConsoleOut {
     pub log: Option<File>,
     /// Whether to copy to standard output too.
     pub stdout: bool,
+    /// Timestamps of complete lines.
+    pub clock: Arc<LineClock>,
 }
 
 impl Write for ConsoleOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.contains(&b'\n') {
+            self.clock.mark();
+        }
         if let Some(f) = &mut self.log {
             // A console log that cannot be written must not stop the guest.
             let _ = f.write_all(buf);
@@ -100,6 +150,11 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::new(IrqTrigger(irq), out),
         }
+    }
+
+    /// The console's line timestamps.
+    pub fn clock(&self) -> Arc<LineClock> {
+        Arc::clone(&self.serial.writer().clock)
     }
 
     /// A UART with saved registers.
