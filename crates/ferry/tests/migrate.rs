@@ -371,17 +371,28 @@ impl Hosts {
         h
     }
 
-    fn ferry(&self, env: &Env, ns: &str, args: &[&str]) -> std::process::Output {
+    fn ferry(
+        &self,
+        env: &Env,
+        ns: &str,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ferry")])
             .args(args)
             .envs(env.vars())
+            .envs(extra.iter().copied())
             .output()
             .unwrap()
     }
 
     fn ok(&self, env: &Env, ns: &str, args: &[&str]) {
-        let o = self.ferry(env, ns, args);
+        self.ok_env(env, ns, args, &[]);
+    }
+
+    fn ok_env(&self, env: &Env, ns: &str, args: &[&str], extra: &[(&str, &str)]) {
+        let o = self.ferry(env, ns, args, extra);
         assert!(
             o.status.success(),
             "{args:?}: {}",
@@ -391,9 +402,15 @@ impl Hosts {
 
     /// Starts the dirtier as "a" on host A and a receiver "b" on host B; returns B's address.
     fn setup(&self, env: &Env) -> String {
+        self.setup_env(env, &[], &[])
+    }
+
+    /// [`Hosts::setup`], the source worker started with `extra` in its environment, the
+    /// receiving one with `extra_b`.
+    fn setup_env(&self, env: &Env, extra: &[(&str, &str)], extra_b: &[(&str, &str)]) -> String {
         let k = ferry_guests::dirtier();
         let (ca, cb) = (env.console("a"), env.console("b"));
-        self.ok(
+        self.ok_env(
             env,
             &self.a,
             &[
@@ -411,10 +428,11 @@ impl Hosts {
                 "--console-log",
                 ca.to_str().unwrap(),
             ],
+            extra,
         );
         wait_beats(&ca, 2);
         let addr = format!("{}:7070", self.ip_b);
-        self.ok(
+        self.ok_env(
             env,
             &self.b,
             &[
@@ -426,6 +444,7 @@ impl Hosts {
                 "--console-log",
                 cb.to_str().unwrap(),
             ],
+            extra_b,
         );
         addr
     }
@@ -515,4 +534,239 @@ fn wait_phase(env: &Env, vm: &str, phase: &str) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+// ---- Failures at each point of a migration (FERRY_FAULT, test builds only) ----
+
+/// The source worker "a", started to hold its next migration at `point` (see
+/// crates/migration/src/fault.rs); returns the mark file that exists while it holds.
+fn fault_env(env: &Env, point: &str) -> (Vec<(&'static str, String)>, std::path::PathBuf) {
+    let mark = env.dir.join("fault.mark");
+    (
+        vec![
+            ("FERRY_FAULT", format!("hold:{point}")),
+            ("FERRY_FAULT_MARK", mark.to_str().unwrap().to_string()),
+        ],
+        mark,
+    )
+}
+
+fn borrowed<'a>(v: &'a [(&'static str, String)]) -> Vec<(&'a str, &'a str)> {
+    v.iter().map(|(k, x)| (*k, x.as_str())).collect()
+}
+
+fn wait_file(p: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !p.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared", p.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// On localhost: "a" (held at `point`) migrating to a receiver "b". Returns the running
+/// `ferry vm migrate` and the mark file, once the migration holds.
+fn held_migration(
+    env: &Env,
+    point: &str,
+    extra_args: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
+    let (vars, mark) = fault_env(env, point);
+    let k = ferry_guests::dirtier();
+    let c = env.console("a");
+    let o = env.ferry_env(
+        &[
+            "vm",
+            "start",
+            "a",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--vcpus",
+            "1",
+            "--cmdline",
+            "mb=4 rate=2000 beat_ms=100",
+            "--console-log",
+            c.to_str().unwrap(),
+        ],
+        &borrowed(&vars),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(env, "b", "127.0.0.1:0");
+    let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["vm", "migrate", "a", "--to", &addr])
+        .args(extra_args)
+        .envs(env.vars())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&mark);
+    (mig, mark)
+}
+
+fn kill(env: &Env, vm: &str) {
+    let pid = env.json(&["vm", "status", vm])["pid"].as_u64().unwrap();
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn failed(mig: std::process::Child) -> String {
+    let out = mig.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the migration succeeded");
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+/// Nothing runs anywhere any more: both workers gone, no guest output on the destination.
+fn assert_nowhere(env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !env.names().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "still running: {:?}",
+            env.names()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(beats(&std::fs::read_to_string(env.console("b")).unwrap_or_default()).is_empty());
+}
+
+#[test]
+fn cancel_in_setup_and_just_before_the_commit_leaves_the_vm_on_the_source() {
+    for point in ["setup", "ready"] {
+        let env = Env::new(&format!("cancel-{point}"));
+        let (mig, _mark) = held_migration(&env, point, &[]);
+        env.ok(&["migration", "cancel", "a"]);
+        let e = failed(mig);
+        assert!(e.contains("cancelled"), "{point}: {e}");
+        assert_eq!(
+            env.json(&["migration", "status", "a"])["phase"],
+            "cancelled"
+        );
+        if point == "setup" {
+            // Nothing but the handshake and the config went out.
+            assert_eq!(env.json(&["migration", "status", "a"])["pages_sent"], 0);
+        }
+        assert_stayed(&env, "a", "b");
+    }
+}
+
+#[test]
+fn killing_the_destination_in_setup_stop_and_copy_or_ready_leaves_the_vm_on_the_source() {
+    for point in ["setup", "stop-and-copy", "ready"] {
+        let env = Env::new(&format!("kdst-{point}"));
+        let (mig, mark) = held_migration(&env, point, &[]);
+        kill(&env, "b");
+        std::fs::remove_file(&mark).unwrap();
+        let e = failed(mig);
+        assert!(!e.contains("commit outcome unknown"), "{point}: {e}");
+        assert_eq!(env.json(&["migration", "status", "a"])["phase"], "failed");
+        assert_stayed(&env, "a", "b");
+    }
+}
+
+#[test]
+fn killing_the_source_in_setup_stop_and_copy_or_ready_runs_the_vm_nowhere() {
+    for point in ["setup", "stop-and-copy", "ready"] {
+        let env = Env::new(&format!("ksrc-{point}"));
+        let (mig, _mark) = held_migration(&env, point, &[]);
+        kill(&env, "a");
+        failed(mig);
+        // The destination never ran a vCPU and discards what it had; the VM's disk (once
+        // there are disks) was never opened there. The cluster restarts it.
+        assert_nowhere(&env);
+    }
+}
+
+#[test]
+fn a_corrupted_page_batch_is_caught_and_the_vm_stays_on_the_source() {
+    let env = Env::new("mig-corrupt");
+    let k = ferry_guests::dirtier();
+    let c = env.console("a");
+    let o = env.ferry_env(
+        &[
+            "vm",
+            "start",
+            "a",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--cmdline",
+            "mb=4 rate=2000 beat_ms=100",
+            "--console-log",
+            c.to_str().unwrap(),
+        ],
+        &[("FERRY_FAULT", "corrupt-batch:3")],
+    );
+    assert!(o.status.success());
+    wait_beats(&env.console("a"), 2);
+    let addr = receive(&env, "b", "127.0.0.1:0");
+    let e = env.fails(&["vm", "migrate", "a", "--to", &addr]);
+    assert!(
+        e.contains("migration connection failed") || e.contains("peer"),
+        "{e}"
+    );
+    assert_stayed(&env, "a", "b");
+    // The destination said why it gave up.
+    let log = std::fs::read_to_string(env.dir.join("run/vms/b/worker.log")).unwrap_or_default();
+    assert!(log.contains("checksum mismatch"), "{log}");
+}
+
+/// Cuts host A's link while the migration holds at `point` (on the destination for
+/// `dest-committed`), then lets it go on.
+fn cut_at(point: &str, n: u8) -> (Env, Hosts, String) {
+    let env = Env::new(&format!("cut-{point}"));
+    let hosts = Hosts::new(n);
+    let (vars, mark) = fault_env(&env, point);
+    let vars = borrowed(&vars);
+    let addr = if point.starts_with("dest-") {
+        hosts.setup_env(&env, &[], &vars)
+    } else {
+        hosts.setup_env(&env, &vars, &[])
+    };
+    let mig = Command::new("ip")
+        .args(["netns", "exec", &hosts.a, env!("CARGO_BIN_EXE_ferry")])
+        .args(["vm", "migrate", "a", "--to", &addr])
+        .envs(env.vars())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_file(&mark);
+    ip(&["-n", &hosts.a, "link", "set", &hosts.veth_a, "down"]);
+    std::fs::remove_file(&mark).unwrap();
+    let e = failed(mig);
+    (env, hosts, e)
+}
+
+#[test]
+fn cutting_the_link_in_stop_and_copy_or_just_before_the_commit_leaves_the_vm_on_the_source() {
+    for (point, n) in [("stop-and-copy", 9), ("ready", 10)] {
+        let (env, _hosts, e) = cut_at(point, n);
+        assert!(!e.contains("commit outcome unknown"), "{point}: {e}");
+        assert_stayed(&env, "a", "b");
+    }
+}
+
+#[test]
+fn cutting_the_link_after_the_commit_leaves_the_vm_on_the_destination_only() {
+    // The destination holds right after COMMIT arrived; the link goes down before its
+    // RESUMED can get back.
+    let (env, _hosts, e) = cut_at("dest-committed", 11);
+    assert!(e.contains("commit outcome unknown"), "{e}");
+    // The destination had COMMIT: it runs the guest, intact; the source stays paused and
+    // refuses to resume, so the VM never runs twice.
+    assert_eq!(env.json(&["vm", "status", "a"])["state"], "paused");
+    let r = env.fails(&["vm", "resume", "a"]);
+    assert!(r.contains("handed over") || r.contains("fenced"), "{r}");
+    assert_continued(&env, "a", "b", 3);
+    env.ok(&["vm", "stop", "a"]);
+    env.ok(&["vm", "stop", "b"]);
 }

@@ -282,20 +282,28 @@ pub fn receive(
     r.get_mut().flush()?;
     set("ready, waiting for commit");
     // Before COMMIT arrives the source may still resume: this side never runs a vCPU.
-    match read_frame(&mut r, &mut buf)? {
-        Kind::Commit => {}
-        Kind::Cancel => {
-            return Err(MigrationError::Cancelled(format!(
-                " by the source: {}",
-                String::from_utf8_lossy(&buf)
-            )))
-        }
-        k => {
-            return Err(MigrationError::Corrupt(format!(
-                "expected COMMIT, got {k:?}"
-            )))
+    loop {
+        match read_frame(&mut r, &mut buf)? {
+            Kind::Commit => break,
+            Kind::Ping => {
+                let w = r.get_mut();
+                write_frame(w, Kind::Pong, &[])?;
+                w.flush()?;
+            }
+            Kind::Cancel => {
+                return Err(MigrationError::Cancelled(format!(
+                    " by the source: {}",
+                    String::from_utf8_lossy(&buf)
+                )))
+            }
+            k => {
+                return Err(MigrationError::Corrupt(format!(
+                    "expected COMMIT, got {k:?}"
+                )))
+            }
         }
     }
+    crate::fault::hold("dest-committed", &std::sync::atomic::AtomicBool::new(false));
     // Committed: this side owns the VM now, whatever happens to the connection.
     // COMMIT carries how long to watch for the guest's first console line (u32 ms).
     let watch_ms = buf

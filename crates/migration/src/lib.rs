@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod dest;
+mod fault;
 pub mod protocol;
 pub mod source;
 pub mod tls;

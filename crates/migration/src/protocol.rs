@@ -23,6 +23,9 @@ pub const MAX_PAYLOAD: u32 = 16 << 20;
 pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 /// Most connections one migration may use.
 pub const MAX_CONNECTIONS: u8 = 16;
+/// How long the source waits for PONG before committing; no answer in time means the
+/// destination or the link is gone, and the VM stays on the source.
+pub const PRECOMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Pages per `PAGES` frame.
 pub const BATCH_PAGES: usize = 256;
 
@@ -114,6 +117,10 @@ pub enum Kind {
     Cancel = 0x30,
     /// Either way: failing (UTF-8 reason).
     Error = 0x31,
+    /// Source → destination, right before COMMIT: are you still there?
+    Ping = 0x32,
+    /// Destination → source: yes.
+    Pong = 0x33,
 }
 
 impl Kind {
@@ -136,6 +143,8 @@ impl Kind {
             0x24 => FirstOutput,
             0x30 => Cancel,
             0x31 => Error,
+            0x32 => Ping,
+            0x33 => Pong,
             _ => return None,
         })
     }

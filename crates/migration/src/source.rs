@@ -13,7 +13,7 @@ use vmm::Machine;
 use crate::dest::MAX_OUTPUT_WATCH_MS;
 use crate::protocol::{
     encode_pages, handshake, read_frame, write_frame, write_frame_flags, Compression, Kind,
-    MigrationError, Packer, Setup, BATCH_PAGES, MAX_CONNECTIONS,
+    MigrationError, Packer, Setup, BATCH_PAGES, IO_TIMEOUT, MAX_CONNECTIONS, PRECOMMIT_TIMEOUT,
 };
 use crate::tls::{Channel, Identity};
 
@@ -265,7 +265,15 @@ impl Lane {
         if !self.batch.is_empty() {
             encode_pages(&self.batch, &self.data, &mut self.payload);
             let (flags, wire) = self.packer.pack(&self.payload)?;
-            write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
+            if crate::fault::corrupt_this_batch() {
+                let mut frame = Vec::new();
+                write_frame_flags(&mut frame, Kind::Pages, flags, wire)?;
+                let mid = frame.len() / 2;
+                frame[mid] ^= 0x20;
+                self.w.write_all(&frame)?;
+            } else {
+                write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
+            }
             let n = wire.len() as u64;
             sh.raw
                 .fetch_add(self.payload.len() as u64, Ordering::Relaxed);
@@ -500,6 +508,7 @@ pub fn migrate(
         l.w.flush()?;
         s.lanes.push(l);
     }
+    crate::fault::hold("setup", cancel);
 
     let mut paused_here = false;
     let mut max_throttle = 0u8;
@@ -552,6 +561,7 @@ pub fn migrate(
     if let Err(e) = committed {
         return Err(MigrationError::CommitUnknown(e.to_string()));
     }
+    crate::fault::hold("committed", &AtomicBool::new(false));
     match s.lanes[0].read(&mut buf) {
         Ok(Kind::Resumed) => {}
         Ok(k) => {
@@ -607,6 +617,7 @@ fn precopy_and_stop(
     let mut round = 0u32;
     // Pages dirty at the switch-over decision: sent after the pause.
     let mut pending = Vec::new();
+    s.sh.check_cancel()?; // cancelled during setup: nothing was sent yet
     if s.opts.quick {
         *paused_here = m.pause()?;
     } else {
@@ -622,6 +633,7 @@ fn precopy_and_stop(
         let all = s.all_pages();
         s.send_pages(all, true)?;
         s.round_end(0)?;
+        crate::fault::hold("precopy", s.sh.cancel);
         let mut prev_dirty = u64::MAX;
         let mut throttle = 0u8;
         let mut stalled = 0;
@@ -705,6 +717,8 @@ fn precopy_and_stop(
     if !*paused_here {
         *paused_here = m.pause()?;
     }
+    crate::fault::hold("stop-and-copy", s.sh.cancel);
+    s.sh.check_cancel()?;
     if s.opts.quick {
         let all = s.all_pages();
         s.send_pages(all, true)?;
@@ -734,6 +748,29 @@ fn precopy_and_stop(
         k => {
             return Err(MigrationError::Corrupt(format!(
                 "expected READY, got {k:?}"
+            )))
+        }
+    }
+    crate::fault::hold("ready", s.sh.cancel);
+    s.sh.check_cancel()?;
+    // Last check before the point of no return: the destination must answer right now.
+    // A dead destination or a cut link is found here, while the VM can still resume on the
+    // source; what is left is a failure in the one round trip between PONG and COMMIT.
+    let lane = &mut s.lanes[0];
+    lane.control(&s.sh, Kind::Ping, &[])?;
+    lane.w.flush()?;
+    lane.w
+        .get_ref()
+        .tcp()
+        .set_read_timeout(Some(PRECOMMIT_TIMEOUT))?;
+    let pong = lane.read(&mut buf);
+    lane.w.get_ref().tcp().set_read_timeout(Some(IO_TIMEOUT))?;
+    match pong {
+        Ok(Kind::Pong) => {}
+        Ok(k) => return Err(MigrationError::Corrupt(format!("expected PONG, got {k:?}"))),
+        Err(e) => {
+            return Err(MigrationError::Peer(format!(
+                "the destination did not answer before the commit ({e}); the VM stays here"
             )))
         }
     }

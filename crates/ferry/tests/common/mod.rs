@@ -40,9 +40,15 @@ impl Env {
     /// Runs `ferry` with this test's run directory; a command that takes over 5 minutes is
     /// killed and fails the test (a hang must not stall the suite).
     pub fn ferry(&self, args: &[&str]) -> Output {
+        self.ferry_env(args, &[])
+    }
+
+    /// [`Env::ferry`] with extra environment variables (a worker started by it inherits them).
+    pub fn ferry_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
         let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(args)
             .envs(self.vars())
+            .envs(extra.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
