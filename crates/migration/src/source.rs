@@ -323,7 +323,7 @@ impl Lane {
             let off = self.data.len();
             self.data.resize(off + PAGE_SIZE, 0);
             sh.ram.read(p * PAGE_SIZE as u64, &mut self.data[off..])?;
-            if self.data[off..].iter().all(|&b| b == 0) {
+            if is_zero(&self.data[off..]) {
                 self.data.truncate(off);
                 if skip_zero {
                     sh.zero_skipped.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +342,13 @@ impl Lane {
         }
         self.flush_batch(sh)
     }
+}
+
+/// Whether a page is all zero (16 bytes at a time).
+fn is_zero(page: &[u8]) -> bool {
+    let mut chunks = page.chunks_exact(16);
+    chunks.all(|c| <[u8; 16]>::try_from(c).is_ok_and(|a| u128::from_ne_bytes(a) == 0))
+        && chunks.remainder().iter().all(|&b| b == 0)
 }
 
 /// The lane a page always travels on, so that a page's later copies never overtake its
@@ -548,8 +555,11 @@ pub fn migrate(
     // the next one for three of the largest gaps seen (0: the guest printed nothing).
     let last_line = clock.last_line_us();
     let gap_before = clock.max_gap_us();
-    let watch_ms = if last_line.is_some() && gap_before > 0 {
-        u32::try_from((gap_before * 3 / 1000).clamp(500, u64::from(MAX_OUTPUT_WATCH_MS)))
+    // The guest's usual interval: the largest gap during the migration, or the last one
+    // before it when the migration was shorter than one interval.
+    let interval = gap_before.max(clock.last_gap_us());
+    let watch_ms = if last_line.is_some() && interval > 0 {
+        u32::try_from((interval * 3 / 1000).clamp(500, u64::from(MAX_OUTPUT_WATCH_MS)))
             .unwrap_or(MAX_OUTPUT_WATCH_MS)
     } else {
         0

@@ -44,6 +44,7 @@ impl Trigger for IrqTrigger {
 #[derive(Debug, Default)]
 pub struct LineClock {
     last_us: AtomicU64,
+    last_gap_us: AtomicU64,
     max_gap_us: AtomicU64,
 }
 
@@ -60,8 +61,9 @@ impl LineClock {
         let now = unix_us();
         let prev = self.last_us.swap(now, Ordering::Relaxed);
         if prev != 0 {
-            self.max_gap_us
-                .fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
+            let gap = now.saturating_sub(prev);
+            self.last_gap_us.store(gap, Ordering::Relaxed);
+            self.max_gap_us.fetch_max(gap, Ordering::Relaxed);
         }
     }
 
@@ -73,6 +75,11 @@ impl LineClock {
     /// The largest gap between two lines since the last reset (µs).
     pub fn max_gap_us(&self) -> u64 {
         self.max_gap_us.load(Ordering::Relaxed)
+    }
+
+    /// The gap between the last two lines (µs; 0 before the second line).
+    pub fn last_gap_us(&self) -> u64 {
+        self.last_gap_us.load(Ordering::Relaxed)
     }
 
     /// Starts a new largest-gap measurement.
