@@ -9,6 +9,11 @@
 //!   of the same bytes.
 //!
 //! Run: `cargo run --release -p ferry-bench` (builds the release `ferry` binaries first).
+//!
+//! `ferry-bench compare-qemu [MiB ...]` (module `qemu`) compares live migration with QEMU's on
+//! a Linux guest; it needs a KVM that runs Linux: `cargo xtask bench-qemu` runs it in a lab host.
+
+mod qemu;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -97,6 +102,28 @@ fn ms(d: Duration) -> String {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("compare-qemu") {
+        let sizes = args[1..]
+            .iter()
+            .map(|a| a.parse::<u64>().context("sizes are MiB numbers"))
+            .collect::<Result<Vec<_>>>()?;
+        let dir = std::env::temp_dir().join("ferry-bench-qemu");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run"))?;
+        let b = Bench {
+            dir,
+            ferry: ws().join("target/release/ferry"),
+        };
+        return qemu::run(
+            &b,
+            if sizes.is_empty() {
+                &[256, 1024]
+            } else {
+                &sizes
+            },
+        );
+    }
     let root = ws();
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(&root)

@@ -9,6 +9,9 @@
  * after re-verifying the checksum of every vCPU's share and the full pattern of a rotating
  * window of pages, or `beat <n> BAD <reason>` on any mismatch or a stalled vCPU.
  *
+ * At start vCPU 0 prints the CPUID feature registers it sees:
+ *     cpuid 1.ecx=<hex> 1.edx=<hex> 7.ebx=<hex> 7.ecx=<hex> 7.edx=<hex> d.eax=<hex> x1.ecx=<hex> x1.edx=<hex>
+ *
  * Parameters come from the command line in the boot-info block: `mb=<MiB> rate=<pages/s>
  * beat_ms=<ms> period=<words>` (defaults: mb=4, rate=2000, beat_ms=200, period=512).
  * rate=0 dirties as fast as it can. The pattern of a page repeats every `period` 8-byte words:
@@ -73,6 +76,39 @@ static void put_u64(uint64_t v)
 	} while (v);
 	while (i)
 		putc_serial(buf[--i]);
+}
+
+static void put_hex32(uint32_t v)
+{
+	for (int i = 28; i >= 0; i -= 4)
+		putc_serial("0123456789abcdef"[(v >> i) & 0xf]);
+}
+
+static inline void cpuid(uint32_t leaf, uint32_t sub, uint32_t r[4])
+{
+	__asm__ volatile("cpuid" : "=a"(r[0]), "=b"(r[1]), "=c"(r[2]), "=d"(r[3]) : "a"(leaf), "c"(sub));
+}
+
+/* One line with the CPUID registers that hold feature bits, so a test can compare what the
+ * guest sees with what its CPU model promises. */
+static void print_cpuid(void)
+{
+	uint32_t l1[4], l7[4], ld[4], x1[4], max[4], xmax[4];
+	cpuid(0, 0, max);
+	cpuid(0x80000000, 0, xmax);
+	cpuid(1, 0, l1);
+	if (max[0] >= 7) cpuid(7, 0, l7); else l7[1] = l7[2] = l7[3] = 0;
+	if (max[0] >= 0xd) cpuid(0xd, 0, ld); else ld[0] = 0;
+	if (xmax[0] >= 0x80000001) cpuid(0x80000001, 0, x1); else x1[2] = x1[3] = 0;
+	puts_serial("cpuid 1.ecx="); put_hex32(l1[2]);
+	puts_serial(" 1.edx="); put_hex32(l1[3]);
+	puts_serial(" 7.ebx="); put_hex32(l7[1]);
+	puts_serial(" 7.ecx="); put_hex32(l7[2]);
+	puts_serial(" 7.edx="); put_hex32(l7[3]);
+	puts_serial(" d.eax="); put_hex32(ld[0]);
+	puts_serial(" x1.ecx="); put_hex32(x1[2]);
+	puts_serial(" x1.edx="); put_hex32(x1[3]);
+	puts_serial("\n");
 }
 
 static uint64_t parse_param(const char *cmdline, const char *key, uint64_t dflt)
@@ -179,8 +215,10 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 			puts_serial("dirtier: bad boot info\n");
 		return;
 	}
-	if (cpu == 0)
+	if (cpu == 0) {
 		puts_serial("dirtier: start\n");
+		print_cpuid();
+	}
 	const char *cmdline = (const char *)(uintptr_t)bi->cmdline;
 	uint64_t mb = parse_param(cmdline, "mb", 4);
 	uint64_t rate = parse_param(cmdline, "rate", 2000);

@@ -53,11 +53,19 @@ enum Task {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Show quick migration: run the dirtier, save it, restore it in a new process.
+    /// The main job: two hosts (network namespaces), a running VM live-migrated from one to
+    /// the other over mutual TLS, then quick-migrated back.
     Demo {
         /// Use the Linux guest inside a lab host instead of the bare-metal dirtier here.
         #[arg(long)]
         linux: bool,
+    },
+    /// Benchmark live migration against QEMU's on the Linux guest, inside a lab host
+    /// (bench/src/qemu.rs). Takes a while: every size × idle/dirtying × 3 link speeds.
+    BenchQemu {
+        /// Guest sizes in MiB.
+        #[arg(default_values_t = [256u64, 1024])]
+        sizes: Vec<u64>,
     },
 }
 
@@ -174,5 +182,37 @@ fn main() -> Result<()> {
             std::process::exit(rc);
         }
         Task::Demo { linux } => demo::run(&workspace(), linux),
+        Task::BenchQemu { sizes } => {
+            run({
+                let mut c = cargo();
+                c.args([
+                    "build",
+                    "--release",
+                    "-p",
+                    "ferry",
+                    "-p",
+                    "ferry-bench",
+                    "-p",
+                    "ferry-guests",
+                ]);
+                c
+            })?;
+            let mut cmd = vec![
+                workspace()
+                    .join("target/release/ferry-bench")
+                    .display()
+                    .to_string(),
+                "compare-qemu".into(),
+            ];
+            cmd.extend(sizes.iter().map(u64::to_string));
+            let opts = lab::LabOpts {
+                mem_mib: 8192,
+                cpus: 2,
+                timeout_s: 7200,
+                verbose: false,
+            };
+            let rc = lab::run(&workspace(), &opts, &cmd)?;
+            std::process::exit(rc);
+        }
     }
 }

@@ -1,5 +1,6 @@
 //! `ferry`: the command line.
 
+mod host;
 mod migrate;
 mod output;
 mod pki;
@@ -39,6 +40,9 @@ enum Cmd {
     /// Migrations of this host's VMs.
     #[command(subcommand)]
     Migration(migrate::MigrationCmd),
+    /// This host.
+    #[command(subcommand)]
+    Host(host::HostCmd),
     /// The cluster CA and host identities that authenticate migrations.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
@@ -50,6 +54,7 @@ fn main() {
         Cmd::Vm(c) => vm::run(c, cli.output),
         Cmd::Migration(c) => migrate::run_cmd(c, cli.output),
         Cmd::Pki(c) => pki::run(c, cli.output),
+        Cmd::Host(c) => host::run(c, cli.output),
     };
     if let Err(e) = res {
         if cli.output == Output::Json {

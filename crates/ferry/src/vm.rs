@@ -35,6 +35,10 @@ pub struct BootOpts {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// CPU model: host, compat, x86-64-v1, x86-64-v2, x86-64-v3 or x86-64-v4
+    /// (docs/cpu-compat.md).
+    #[arg(long, default_value = "host")]
+    cpu: String,
 }
 
 /// `ferry vm` verbs.
@@ -316,6 +320,7 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         kernel,
         initrd,
         cmdline: b.cmdline,
+        cpu: vmm::cpuid::CpuModel::parse(&b.cpu)?,
     };
     cfg.validate()?;
     vmm::boot::detect(&cfg.kernel)?;

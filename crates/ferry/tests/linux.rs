@@ -196,3 +196,154 @@ fn linux_2_vcpus_live_migrate_with_memory_intact() {
 fn linux_quick_migration_over_the_wire() {
     live_migrate("quick1", 1, &["--quick"]);
 }
+
+/// The features named in the dirtier's `cpuid ...` line (leaf 0xD subleaf 1 is not printed).
+fn guest_cpuid_line(text: &str) -> Option<(Vec<String>, u32)> {
+    let line = text.lines().find(|l| l.starts_with("cpuid "))?;
+    let mut names = Vec::new();
+    let mut xcr0 = 0;
+    for kv in line.split_whitespace().skip(1) {
+        let (k, v) = kv.split_once('=')?;
+        let v = u32::from_str_radix(v, 16).ok()?;
+        let (leaf, reg) = match k {
+            "1.ecx" => (1, 2),
+            "1.edx" => (1, 3),
+            "7.ebx" => (7, 1),
+            "7.ecx" => (7, 2),
+            "x1.ecx" => (0x8000_0001, 2),
+            "x1.edx" => (0x8000_0001, 3),
+            "d.eax" => {
+                xcr0 = v;
+                continue;
+            }
+            _ => continue,
+        };
+        names.extend(
+            vmm::cpuid::names_in(leaf, 0, reg, v)
+                .into_iter()
+                .map(String::from),
+        );
+    }
+    Some((names, xcr0))
+}
+
+#[test]
+#[ignore = "needs a KVM that honours the CPUID it is given: run with cargo xtask lab-tests"]
+fn guests_see_exactly_the_features_of_their_cpu_model() {
+    let env = Env::new("cpu-guest");
+    let host = env.json(&["host", "cpu"]);
+    let k = ferry_guests::dirtier();
+    let mut tried = 0;
+    for model in ["host", "compat", "x86-64-v1", "x86-64-v2", "x86-64-v3"] {
+        if model != "host" && host["models"][model]["available"] != true {
+            eprintln!("{model}: not available on this host");
+            continue;
+        }
+        tried += 1;
+        let vm = format!("g{tried}");
+        let c = env.console(&vm);
+        env.ok(&[
+            "vm",
+            "start",
+            &vm,
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--cpu",
+            model,
+            "--cmdline",
+            "mb=2",
+            "--console-log",
+            c.to_str().unwrap(),
+        ]);
+        let text = wait_for(&c, "the guest's cpuid line", |t| t.contains("\nbeat "));
+        let (mut seen, xcr0) = guest_cpuid_line(&text).expect("no cpuid line");
+        let st = env.json(&["vm", "status", &vm]);
+        let mut want: Vec<String> = st["cpu_features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .filter(|n| !["xsaveopt", "xsavec", "xsaves"].contains(&n.as_str()))
+            .collect();
+        seen.sort();
+        want.sort();
+        assert_eq!(
+            seen, want,
+            "{model}: the guest's CPUID differs from its model"
+        );
+        if !want.iter().any(|n| n == "avx") {
+            assert_eq!(xcr0 & 0b100, 0, "{model}: AVX state offered to the guest");
+        }
+        if !want.iter().any(|n| n == "xsave") {
+            assert_eq!(xcr0, 0, "{model}: XSAVE offered to the guest");
+        }
+        env.ok(&["vm", "stop", &vm]);
+    }
+    assert!(tried >= 2, "fewer than two CPU models available here");
+}
+
+#[test]
+#[ignore = "needs a KVM that runs Linux: run with cargo xtask lab-tests"]
+fn linux_under_x86_64_v2_gets_no_avx_state() {
+    let env = Env::new("cpu-linux");
+    let host = env.json(&["host", "cpu"]);
+    if host["models"]["x86-64-v2"]["available"] != true {
+        eprintln!("x86-64-v2 not available on this host");
+        return;
+    }
+    let g = guest_dir();
+    let c = env.console("v2");
+    env.ok(&[
+        "vm",
+        "start",
+        "v2",
+        "--cpu",
+        "x86-64-v2",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        g.join("initramfs.cpio.gz").to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 dirtier.mb=16",
+        "--memory",
+        "256M",
+        "--console-log",
+        c.to_str().unwrap(),
+    ]);
+    let text = wait_for(&c, "2 ticks", |t| ticks(t).len() >= 2);
+    // The kernel sizes its FPU state from CPUID: without XSAVE it uses FXSAVE and never
+    // enables the AVX component (KVM would refuse XSETBV with it anyway).
+    assert!(!text.contains("AVX registers"), "{text}");
+    assert!(!text.contains("DIRTIER-ERROR"), "{text}");
+    env.ok(&["vm", "stop", "v2"]);
+    // The same kernel with the host's model does enable AVX state when the host has it:
+    // the check above is not vacuous.
+    let host_has_avx = host["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "avx");
+    if host_has_avx {
+        let c = env.console("h");
+        env.ok(&[
+            "vm",
+            "start",
+            "h",
+            "--kernel",
+            g.join("vmlinux").to_str().unwrap(),
+            "--initrd",
+            g.join("initramfs.cpio.gz").to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0 dirtier.mb=16",
+            "--memory",
+            "256M",
+            "--console-log",
+            c.to_str().unwrap(),
+        ]);
+        let text = wait_for(&c, "2 ticks", |t| ticks(t).len() >= 2);
+        assert!(text.contains("AVX registers"), "{text}");
+        env.ok(&["vm", "stop", "h"]);
+    }
+}

@@ -60,6 +60,7 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
         kernel: ferry_guests::dirtier(),
         initrd: None,
         cmdline: cmdline.into(),
+        cpu: Default::default(),
     }
 }
 

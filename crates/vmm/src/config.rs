@@ -47,6 +47,9 @@ pub struct VmConfig {
     /// Kernel command line (given to bare-metal guests in their boot-info block).
     #[serde(default)]
     pub cmdline: String,
+    /// What the guest is told about its processor (docs/cpu-compat.md).
+    #[serde(default)]
+    pub cpu: crate::cpuid::CpuModel,
 }
 
 impl VmConfig {
@@ -121,6 +124,7 @@ mod tests {
             kernel: "/k".into(),
             initrd: None,
             cmdline: String::new(),
+            cpu: Default::default(),
         }
     }
 

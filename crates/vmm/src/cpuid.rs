@@ -13,6 +13,313 @@ pub enum CpuidError {
     /// Too many entries.
     #[error("CPUID has too many entries ({0})")]
     TooMany(usize),
+    /// An unknown CPU model name.
+    #[error(
+        "unknown CPU model {0:?}: use host, compat, x86-64-v1, x86-64-v2, x86-64-v3 or x86-64-v4"
+    )]
+    UnknownModel(String),
+    /// An unknown feature name (in a host's hide list).
+    #[error("unknown CPU feature {0:?}; known features: {known}", known = FEATURES.iter().map(|f| f.4).collect::<Vec<_>>().join(" "))]
+    UnknownFeature(String),
+}
+
+/// What a VM is told about its processor: the CPU model of its config.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CpuModel {
+    /// Everything this host's KVM offers (minus what the host hides): fastest, but the VM
+    /// can move only to hosts with at least the same features.
+    #[default]
+    #[serde(rename = "host")]
+    Host,
+    /// Processor compatibility mode: a fixed set that every x86-64 processor of one vendor
+    /// from the last fifteen years has (no SSE4.x, POPCNT, AES, XSAVE/AVX, AVX-512, BMI,
+    /// SHA, ...), so the VM can move between generations.
+    #[serde(rename = "compat")]
+    Compat,
+    /// x86-64 baseline (psABI level 1).
+    #[serde(rename = "x86-64-v1")]
+    V1,
+    /// + CX16, LAHF, POPCNT, SSE3, SSE4.1, SSE4.2, SSSE3 (Nehalem, Bulldozer).
+    #[serde(rename = "x86-64-v2")]
+    V2,
+    /// + AVX, AVX2, BMI1, BMI2, F16C, FMA, LZCNT, MOVBE, XSAVE (Haswell, Excavator).
+    #[serde(rename = "x86-64-v3")]
+    V3,
+    /// + AVX-512 F, BW, CD, DQ, VL (Skylake-X, Zen 4).
+    #[serde(rename = "x86-64-v4")]
+    V4,
+}
+
+/// Features every model promises: the architectural x86-64 baseline.
+const BASELINE: &[&str] = &[
+    "fpu", "tsc", "msr", "cx8", "apic", "cmov", "clflush", "mmx", "fxsr", "sse", "sse2", "syscall",
+    "nx", "lm",
+];
+/// Platform features a model passes through when the host has them, without promising them:
+/// the interrupt controller and timer modes KVM provides in software (x2APIC, TSC-deadline).
+const PLATFORM: &[&str] = &["x2apic", "tsc-deadline"];
+const V2_ADDS: &[&str] = &[
+    "cx16", "lahf-lm", "popcnt", "sse3", "sse4.1", "sse4.2", "ssse3",
+];
+const V3_ADDS: &[&str] = &[
+    "avx",
+    "avx2",
+    "bmi1",
+    "bmi2",
+    "f16c",
+    "fma",
+    "abm-lzcnt",
+    "movbe",
+    "xsave",
+];
+const V4_ADDS: &[&str] = &["avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+const COMPAT_ADDS: &[&str] = &["cx16", "lahf-lm", "sse3", "ssse3"];
+
+/// Registers that hold only instruction-set extensions: under a model, a bit there survives
+/// only if the model names it (so features newer than this table are hidden too).
+/// (leaf, subleaf, register)
+const EXTENSION_REGS: &[(u32, u32, u8)] = &[
+    (1, 0, 2),
+    (7, 0, 1),
+    (7, 0, 2),
+    (7, 1, 0),
+    (0xd, 1, 0),
+    (0x8000_0001, 0, 2),
+];
+
+/// Leaf 7 EDX mixes extensions with the speculation-control bits a guest needs for its
+/// mitigations; under a model only these extension bits are cleared there
+/// (AVX512_4VNNIW, AVX512_4FMAPS, FSRM, VP2INTERSECT, SERIALIZE, HYBRID, TSXLDTRK, AMX-BF16,
+/// AVX512_FP16, AMX-TILE, AMX-INT8).
+const LEAF7_EDX_EXTENSIONS: u32 = (1 << 2)
+    | (1 << 3)
+    | (1 << 4)
+    | (1 << 8)
+    | (1 << 14)
+    | (1 << 15)
+    | (1 << 16)
+    | (1 << 22)
+    | (1 << 23)
+    | (1 << 24)
+    | (1 << 25);
+
+impl CpuModel {
+    /// Every model, in order.
+    pub const ALL: [CpuModel; 6] = [
+        CpuModel::Host,
+        CpuModel::Compat,
+        CpuModel::V1,
+        CpuModel::V2,
+        CpuModel::V3,
+        CpuModel::V4,
+    ];
+
+    /// The model's name, as in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuModel::Host => "host",
+            CpuModel::Compat => "compat",
+            CpuModel::V1 => "x86-64-v1",
+            CpuModel::V2 => "x86-64-v2",
+            CpuModel::V3 => "x86-64-v3",
+            CpuModel::V4 => "x86-64-v4",
+        }
+    }
+
+    /// Parses a model name.
+    pub fn parse(s: &str) -> Result<CpuModel, CpuidError> {
+        CpuModel::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| CpuidError::UnknownModel(s.to_string()))
+    }
+
+    /// The named features a guest of this model may see (`None`: whatever the host has).
+    pub fn allowed(self) -> Option<Vec<&'static str>> {
+        let mut v = self.promised()?;
+        v.extend_from_slice(PLATFORM);
+        Some(v)
+    }
+
+    /// The named features a host must have to run guests of this model (`None`: host).
+    pub fn promised(self) -> Option<Vec<&'static str>> {
+        let adds: &[&[&str]] = match self {
+            CpuModel::Host => return None,
+            CpuModel::Compat => &[COMPAT_ADDS],
+            CpuModel::V1 => &[],
+            CpuModel::V2 => &[V2_ADDS],
+            CpuModel::V3 => &[V2_ADDS, V3_ADDS],
+            CpuModel::V4 => &[V2_ADDS, V3_ADDS, V4_ADDS],
+        };
+        let mut v = BASELINE.to_vec();
+        for a in adds {
+            v.extend_from_slice(a);
+        }
+        Some(v)
+    }
+}
+
+impl std::fmt::Display for CpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// XSAVE state components (XCR0 bits) a guest may enable: x87 and SSE always, AVX with
+/// `avx`, the three AVX-512 components with `avx512f`; nothing else (MPX, PKRU, AMX, ...).
+fn allowed_xcr0(features: &[&str]) -> u64 {
+    let mut x = 0b11;
+    if features.contains(&"avx") {
+        x |= 1 << 2;
+    }
+    if features.contains(&"avx512f") {
+        x |= 0b111 << 5;
+    }
+    x
+}
+
+fn reg_mut(e: &mut kvm_cpuid_entry2, r: u8) -> &mut u32 {
+    match r {
+        0 => &mut e.eax,
+        1 => &mut e.ebx,
+        2 => &mut e.ecx,
+        _ => &mut e.edx,
+    }
+}
+
+fn matches(e: &kvm_cpuid_entry2, function: u32, index: u32) -> bool {
+    e.function == function && (e.index == index || e.flags & 1 == 0)
+}
+
+/// Hides the named features in `entries` (a host's hide list).
+pub fn hide(entries: &mut [kvm_cpuid_entry2], names: &[String]) -> Result<(), CpuidError> {
+    for n in names {
+        let f = FEATURES
+            .iter()
+            .find(|f| f.4 == n)
+            .ok_or_else(|| CpuidError::UnknownFeature(n.clone()))?;
+        for e in entries.iter_mut().filter(|e| matches(e, f.0, f.1)) {
+            *reg_mut(e, f.2) &= !(1 << f.3);
+        }
+    }
+    if names.iter().any(|n| n == "xsave") {
+        restrict_xsave(entries, 0);
+    } else if names.iter().any(|n| n == "avx") {
+        restrict_xsave(entries, !(1u64 << 2) & !(0b111 << 5));
+    } else if names.iter().any(|n| n == "avx512f") {
+        restrict_xsave(entries, !(0b111u64 << 5));
+    }
+    Ok(())
+}
+
+/// Limits the XSAVE components the guest is offered to `keep` (0: no XSAVE at all). KVM
+/// derives the XCR0 values a guest may set from leaf 0xD, so a hidden component cannot be
+/// enabled with XSETBV.
+fn restrict_xsave(entries: &mut [kvm_cpuid_entry2], keep: u64) {
+    if keep & 0b11 == 0 || keep == 0 {
+        for e in entries.iter_mut() {
+            if e.function == 1 {
+                e.ecx &= !((1 << 26) | (1 << 27)); // XSAVE, OSXSAVE
+            }
+            if e.function == 0xd {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+        }
+        return;
+    }
+    // Sizes and offsets of the components that stay (subleaf i: size EAX, offset EBX).
+    let mut end = 576u32; // legacy area + header
+    let comps: Vec<(u32, u32, u32)> = entries
+        .iter()
+        .filter(|e| e.function == 0xd && e.index >= 2 && e.index < 64)
+        .map(|e| (e.index, e.eax, e.ebx))
+        .collect();
+    for (i, size, off) in comps {
+        if keep >> i & 1 == 1 {
+            end = end.max(off.saturating_add(size));
+        }
+    }
+    for e in entries.iter_mut().filter(|e| e.function == 0xd) {
+        match e.index {
+            0 => {
+                e.eax &= keep as u32;
+                e.edx &= (keep >> 32) as u32;
+                e.ecx = end;
+                e.ebx = e.ebx.min(end);
+            }
+            1 => {}
+            i if i < 64 && keep >> i & 1 == 0 => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The features `model` promises that a host offering `entries` lacks (empty: the host can
+/// run guests of that model).
+pub fn model_missing(entries: &[kvm_cpuid_entry2], model: CpuModel) -> Vec<&'static str> {
+    let has = feature_names(entries);
+    model
+        .promised()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| !has.contains(f))
+        .collect()
+}
+
+/// Applies `model` to the CPUID `entries` of a host: hides everything the model does not
+/// name (see [`CpuModel`]), including the matching XSAVE components.
+pub fn apply_model(entries: &mut [kvm_cpuid_entry2], model: CpuModel) {
+    let Some(allowed) = model.allowed() else {
+        return;
+    };
+    let allowed_bit = |f: u32, i: u32, r: u8, b: u8| {
+        FEATURES
+            .iter()
+            .any(|x| x.0 == f && x.1 == i && x.2 == r && x.3 == b && allowed.contains(&x.4))
+    };
+    for e in entries.iter_mut() {
+        for &(f, i, r) in EXTENSION_REGS {
+            if matches(e, f, i) {
+                let mut keep = 0u32;
+                for b in 0..32u8 {
+                    if allowed_bit(f, i, r, b) {
+                        keep |= 1 << b;
+                    }
+                }
+                if (f, r) == (1, 2) {
+                    keep |= 1 << 31; // hypervisor present
+                    if allowed.contains(&"xsave") {
+                        keep |= 1 << 27; // OSXSAVE mirrors CR4
+                    }
+                }
+                *reg_mut(e, r) &= keep;
+            }
+        }
+        if matches(e, 7, 0) {
+            e.edx &= !LEAF7_EDX_EXTENSIONS;
+        }
+        // Registers outside EXTENSION_REGS: clear only the named features not allowed.
+        for x in FEATURES.iter().filter(|x| !allowed.contains(&x.4)) {
+            if matches(e, x.0, x.1) && !EXTENSION_REGS.contains(&(x.0, x.1, x.2)) {
+                *reg_mut(e, x.2) &= !(1 << x.3);
+            }
+        }
+    }
+    // XSAVE components follow the features the guest now sees.
+    let present = feature_names(entries);
+    if present.contains(&"xsave") {
+        restrict_xsave(entries, allowed_xcr0(&present));
+    } else {
+        restrict_xsave(entries, 0);
+    }
 }
 
 /// Named feature bits checked before a guest is brought to a host: (leaf, subleaf, register,
@@ -65,7 +372,7 @@ pub const FEATURES: &[(u32, u32, u8, u8, &str)] = &[
     (7, 0, 1, 31, "avx512vl"),
     (7, 0, 2, 1, "avx512vbmi"),
     (7, 0, 2, 2, "umip"),
-    (7, 0, 2, 4, "ospke-pku"),
+    (7, 0, 2, 3, "pku"),
     (7, 0, 2, 8, "gfni"),
     (7, 0, 2, 9, "vaes"),
     (7, 0, 2, 10, "vpclmulqdq"),
@@ -127,6 +434,16 @@ pub fn feature_names(entries: &[kvm_cpuid_entry2]) -> Vec<&'static str> {
         .collect()
 }
 
+/// Names of the known features set in one CPUID register value (register: 0 = EAX ...
+/// 3 = EDX), e.g. to read what a guest printed.
+pub fn names_in(leaf: u32, subleaf: u32, reg: u8, value: u32) -> Vec<&'static str> {
+    FEATURES
+        .iter()
+        .filter(|f| f.0 == leaf && f.1 == subleaf && f.2 == reg && value >> f.3 & 1 == 1)
+        .map(|f| f.4)
+        .collect()
+}
+
 /// Why a guest that saw `guest` cannot run on a host offering `host`: a vendor mismatch and the
 /// list of features it saw that the host lacks. Empty when it can.
 pub fn incompatibilities(guest: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
@@ -167,6 +484,61 @@ pub fn for_vcpu(supported: &CpuId, id: u8, count: u8) -> Result<CpuId, CpuidErro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn models_hide_what_they_do_not_name() {
+        let kvm = match Kvm::new() {
+            Ok(k) => k,
+            Err(_) => return,
+        };
+        let host = supported(&kvm).unwrap();
+        let host_names = feature_names(host.as_slice());
+        for model in CpuModel::ALL {
+            let mut e = host.as_slice().to_vec();
+            apply_model(&mut e, model);
+            let seen = feature_names(&e);
+            match model.allowed() {
+                None => assert_eq!(seen, host_names),
+                Some(allowed) => {
+                    // Exactly the model's features that the host has.
+                    let want: Vec<_> = host_names
+                        .iter()
+                        .copied()
+                        .filter(|n| allowed.contains(n))
+                        .collect();
+                    assert_eq!(seen, want, "{model}");
+                    let xcr0 = e
+                        .iter()
+                        .find(|x| x.function == 0xd && x.index == 0)
+                        .map_or(0, |x| u64::from(x.eax) | (u64::from(x.edx) << 32));
+                    if !seen.contains(&"avx") {
+                        assert_eq!(xcr0 & (1 << 2), 0, "{model}: AVX state still offered");
+                    }
+                    if !seen.contains(&"xsave") {
+                        assert_eq!(xcr0, 0, "{model}");
+                    }
+                }
+            }
+            // Masking is idempotent and a model's guest fits on its own host.
+            let once = e.clone();
+            apply_model(&mut e, model);
+            assert_eq!(feature_names(&e), feature_names(&once));
+            assert!(incompatibilities(&e, host.as_slice()).is_empty());
+        }
+        assert!(CpuModel::parse("x86-64-v9").is_err());
+        assert_eq!(CpuModel::parse("compat").unwrap(), CpuModel::Compat);
+    }
+
+    #[test]
+    fn a_host_hide_list_is_checked() {
+        let mut e = vec![leaf(1, 0, (1 << 28) | (1 << 26), 1)];
+        hide(&mut e, &["avx".into()]).unwrap();
+        assert_eq!(e[0].ecx & (1 << 28), 0);
+        assert!(matches!(
+            hide(&mut e, &["avx3".into()]),
+            Err(CpuidError::UnknownFeature(_))
+        ));
+    }
 
     fn leaf(function: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {

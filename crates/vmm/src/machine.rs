@@ -48,6 +48,17 @@ pub enum MachineError {
     /// CPUID.
     #[error(transparent)]
     Cpuid(#[from] cpuid::CpuidError),
+    /// Host configuration.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    /// The host cannot give guests everything the VM's CPU model promises.
+    #[error("this host cannot run CPU model {model}: it lacks {}", missing.join(", "))]
+    ModelUnavailable {
+        /// The model.
+        model: cpuid::CpuModel,
+        /// Promised features the host lacks.
+        missing: Vec<&'static str>,
+    },
     /// Boot.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
@@ -213,7 +224,19 @@ impl Machine {
         }
         let ram = GuestRam::new(&config.name, config.memory_bytes())?;
         let (kvm, vmfd) = vm::create(&ram)?;
-        let supported = cpuid::supported(&kvm)?;
+        // What this host offers, narrowed to the VM's CPU model.
+        let host = crate::host::cpuid(&kvm)?;
+        let missing = cpuid::model_missing(host.as_slice(), config.cpu);
+        if !missing.is_empty() {
+            return Err(MachineError::ModelUnavailable {
+                model: config.cpu,
+                missing,
+            });
+        }
+        let mut entries = host.as_slice().to_vec();
+        cpuid::apply_model(&mut entries, config.cpu);
+        let supported = kvm_bindings::CpuId::from_entries(&entries)
+            .map_err(|_| cpuid::CpuidError::TooMany(entries.len()))?;
         let mut fds = Vec::new();
         let mut cpuids = Vec::new();
         for id in 0..config.vcpus {
@@ -381,7 +404,7 @@ impl Machine {
     ) -> Result<Machine, MachineError> {
         snap.check(&saved.config)?;
         let (kvm, vmfd) = vm::create(&ram)?;
-        let host = cpuid::supported(&kvm)?;
+        let host = crate::host::cpuid(&kvm)?;
         let missing = cpuid::incompatibilities(&snap.vcpus[0].cpuid, host.as_slice());
         if !missing.is_empty() {
             return Err(MachineError::IncompatibleCpu(missing));
@@ -778,7 +801,7 @@ impl VmSnapshot {
 /// Refuses early when this host's KVM cannot give a guest the CPU it saw.
 pub fn check_host_cpu(guest: &[kvm_cpuid_entry2]) -> Result<(), MachineError> {
     let kvm = vm::open_kvm()?;
-    let host = cpuid::supported(&kvm)?;
+    let host = crate::host::cpuid(&kvm)?;
     let missing = cpuid::incompatibilities(guest, host.as_slice());
     if missing.is_empty() {
         Ok(())

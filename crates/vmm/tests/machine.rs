@@ -38,6 +38,7 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
         kernel: ferry_guests::dirtier(),
         initrd: None,
         cmdline: "mb=2 rate=2000 beat_ms=100".into(),
+        cpu: Default::default(),
     }
 }
 

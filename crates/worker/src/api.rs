@@ -100,6 +100,10 @@ pub struct Status {
     pub kernel: PathBuf,
     /// bzimage, vmlinux or bare-metal (none while receiving).
     pub kernel_kind: Option<vmm::boot::KernelKind>,
+    /// CPU model (none while receiving).
+    pub cpu_model: Option<vmm::cpuid::CpuModel>,
+    /// The named CPU features the guest sees (vCPU 0; docs/cpu-compat.md).
+    pub cpu_features: Vec<String>,
     /// Worker process id.
     pub pid: u32,
     /// Console log file.

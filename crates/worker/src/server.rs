@@ -172,6 +172,11 @@ impl Worker {
                     memory_mib: c.memory_mib,
                     kernel: c.kernel.clone(),
                     kernel_kind: Some(m.kernel_kind()),
+                    cpu_model: Some(c.cpu),
+                    cpu_features: vmm::cpuid::feature_names(m.guest_cpuid())
+                        .into_iter()
+                        .map(str::to_string)
+                        .collect(),
                     pid: std::process::id(),
                     console_log: self.console_log.clone(),
                     uptime_s: self.started.elapsed().as_secs(),
@@ -188,6 +193,8 @@ impl Worker {
                 memory_mib: 0,
                 kernel: PathBuf::new(),
                 kernel_kind: None,
+                cpu_model: None,
+                cpu_features: Vec::new(),
                 pid: std::process::id(),
                 console_log: self.console_log.clone(),
                 uptime_s: self.started.elapsed().as_secs(),
