@@ -44,6 +44,11 @@ pub(crate) fn hold(point: &str, cancel: &AtomicBool) {
 
 static BATCHES: AtomicU64 = AtomicU64::new(0);
 
+/// Whether a corruption is set up (the sender then builds every batch in one buffer).
+pub(crate) fn active() -> bool {
+    setting().is_some_and(|s| s.starts_with("corrupt-batch:"))
+}
+
 /// Whether to damage the PAGES frame being sent now.
 pub(crate) fn corrupt_this_batch() -> bool {
     let Some(n) = setting()

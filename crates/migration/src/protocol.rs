@@ -207,6 +207,11 @@ impl Packer {
         })
     }
 
+    /// Whether this packer compresses at all.
+    pub fn compresses(&self) -> bool {
+        self.how != Compression::None
+    }
+
     /// Compresses `payload`: returns the flags and the bytes to send (the payload itself when
     /// compression does not make it smaller).
     pub fn pack<'a>(&'a mut self, payload: &'a [u8]) -> Result<(u8, &'a [u8]), MigrationError> {
@@ -339,6 +344,34 @@ pub fn write_frame_flags<W: Write>(
         w.write_all(payload)?;
         w.write_all(&crc)?;
     }
+    Ok(())
+}
+
+/// Writes one uncompressed frame whose payload is the concatenation of `parts`, without
+/// copying them together first.
+pub fn write_frame_parts<W: Write>(
+    w: &mut W,
+    kind: Kind,
+    parts: &[&[u8]],
+) -> Result<(), MigrationError> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(total)
+        .ok()
+        .filter(|l| *l <= MAX_PAYLOAD)
+        .ok_or_else(|| MigrationError::Corrupt(format!("payload of {total} bytes")))?;
+    let mut head = [0u8; 8];
+    head[0] = kind as u8;
+    head[4..8].copy_from_slice(&len.to_le_bytes());
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    for p in parts {
+        h.update(p);
+    }
+    w.write_all(&head)?;
+    for p in parts {
+        w.write_all(p)?;
+    }
+    w.write_all(&h.finalize().to_le_bytes())?;
     Ok(())
 }
 
@@ -538,6 +571,15 @@ mod tests {
             .collect();
         let mut p = Packer::new(Compression::Lz4).unwrap();
         assert_eq!(p.pack(&noise).unwrap().0, 0);
+    }
+
+    #[test]
+    fn a_frame_written_in_parts_reads_as_one() {
+        let mut a = Vec::new();
+        write_frame(&mut a, Kind::Pages, b"headerdata").unwrap();
+        let mut b = Vec::new();
+        write_frame_parts(&mut b, Kind::Pages, &[b"header", b"data"]).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]

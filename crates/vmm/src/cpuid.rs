@@ -166,7 +166,8 @@ impl std::fmt::Display for CpuModel {
 }
 
 /// XSAVE state components (XCR0 bits) a guest may enable: x87 and SSE always, AVX with
-/// `avx`, the three AVX-512 components with `avx512f`; nothing else (MPX, PKRU, AMX, ...).
+/// `avx`, the three AVX-512 components with `avx512f`, PKRU with `pku`; nothing else (MPX,
+/// AMX, ...: components of features Ferry cannot check across hosts).
 fn allowed_xcr0(features: &[&str]) -> u64 {
     let mut x = 0b11;
     if features.contains(&"avx") {
@@ -174,6 +175,9 @@ fn allowed_xcr0(features: &[&str]) -> u64 {
     }
     if features.contains(&"avx512f") {
         x |= 0b111 << 5;
+    }
+    if features.contains(&"pku") {
+        x |= 1 << 9;
     }
     x
 }
@@ -278,6 +282,11 @@ pub fn model_missing(entries: &[kvm_cpuid_entry2], model: CpuModel) -> Vec<&'sta
 /// name (see [`CpuModel`]), including the matching XSAVE components.
 pub fn apply_model(entries: &mut [kvm_cpuid_entry2], model: CpuModel) {
     let Some(allowed) = model.allowed() else {
+        // `host`: keep every feature, but offer only XSAVE components whose features the
+        // guest is told about (KVM may list components, e.g. AVX-512's, whose CPUID bits it
+        // does not offer; Linux then finds the sizes inconsistent and disables XSAVE
+        // features altogether).
+        restrict_to_present_xsave(entries);
         return;
     };
     let allowed_bit = |f: u32, i: u32, r: u8, b: u8| {
@@ -313,7 +322,11 @@ pub fn apply_model(entries: &mut [kvm_cpuid_entry2], model: CpuModel) {
             }
         }
     }
-    // XSAVE components follow the features the guest now sees.
+    restrict_to_present_xsave(entries);
+}
+
+/// XSAVE components follow the features the guest sees.
+fn restrict_to_present_xsave(entries: &mut [kvm_cpuid_entry2]) {
     let present = feature_names(entries);
     if present.contains(&"xsave") {
         restrict_xsave(entries, allowed_xcr0(&present));
