@@ -364,15 +364,15 @@ pub fn run(b: &Bench, sizes: &[u64]) -> Result<()> {
             let cmdline = format!("console=ttyS0 dirtier.mb={mb}");
             for (link, rate) in links {
                 set_link(rate)?;
-                let q = run_qemu(&dir, mem, &cmdline)?;
-                let f = run_ferry(
-                    b,
-                    &dir,
-                    mem,
-                    &cmdline,
-                    &["--insecure", "--connections", "1"],
-                )?;
-                let ft = run_ferry(b, &dir, mem, &cmdline, &[])?;
+                // A failed run is reported in its row; the others go on.
+                let failed = |e: anyhow::Error| Outcome {
+                    note: format!("FAILED: {e:#}"),
+                    ..Default::default()
+                };
+                let q = run_qemu(&dir, mem, &cmdline).unwrap_or_else(failed);
+                let plain = ["--insecure", "--connections", "1"];
+                let f = run_ferry(b, &dir, mem, &cmdline, &plain).unwrap_or_else(failed);
+                let ft = run_ferry(b, &dir, mem, &cmdline, &[]).unwrap_or_else(failed);
                 set_link(None)?;
                 let frac = |o: &Outcome| match rate {
                     Some(m) if o.total_ms > 0 => format!(
