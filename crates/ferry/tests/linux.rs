@@ -273,7 +273,9 @@ fn guests_see_exactly_the_features_of_their_cpu_model() {
             seen, want,
             "{model}: the guest's CPUID differs from its model"
         );
-        if !want.iter().any(|n| n == "avx") {
+        if want.iter().any(|n| n == "avx") {
+            assert_ne!(xcr0 & 0b100, 0, "{model}: AVX without its XSAVE state");
+        } else {
             assert_eq!(xcr0 & 0b100, 0, "{model}: AVX state offered to the guest");
         }
         if !want.iter().any(|n| n == "xsave") {
@@ -318,32 +320,6 @@ fn linux_under_x86_64_v2_gets_no_avx_state() {
     assert!(!text.contains("AVX registers"), "{text}");
     assert!(!text.contains("DIRTIER-ERROR"), "{text}");
     env.ok(&["vm", "stop", "v2"]);
-    // The same kernel with the host's model does enable AVX state when the host has it:
-    // the check above is not vacuous.
-    let host_has_avx = host["features"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|f| f == "avx");
-    if host_has_avx {
-        let c = env.console("h");
-        env.ok(&[
-            "vm",
-            "start",
-            "h",
-            "--kernel",
-            g.join("vmlinux").to_str().unwrap(),
-            "--initrd",
-            g.join("initramfs.cpio.gz").to_str().unwrap(),
-            "--cmdline",
-            "console=ttyS0 dirtier.mb=16",
-            "--memory",
-            "256M",
-            "--console-log",
-            c.to_str().unwrap(),
-        ]);
-        let text = wait_for(&c, "2 ticks", |t| ticks(t).len() >= 2);
-        assert!(text.contains("AVX registers"), "{text}");
-        env.ok(&["vm", "stop", "h"]);
-    }
+    // (The positive side — the guest's leaf 0xD offers AVX state under models with AVX — is
+    // checked on the guest's own CPUID in guests_see_exactly_the_features_of_their_cpu_model.)
 }
