@@ -57,6 +57,57 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
 }
 
+/// Whether the page-aligned 4 KiB at `page` are all zero. Pages with data are usually told by
+/// their first word; a zero page is scanned whole, 64 bytes per step with SSE2 on x86-64.
+fn zero_page(page: *const u8) -> bool {
+    let words = page.cast::<u64>();
+    // Callers pass the start of a mapped, page-aligned 4 KiB of guest RAM that stays mapped
+    // for the call. The guest may write it concurrently, so it is only read with volatile
+    // loads or from assembly, never through a Rust reference.
+    // SAFETY: as just said; the first u64 of the page is aligned and mapped.
+    let first = unsafe { std::ptr::read_volatile(words) };
+    if first != 0 {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let acc: u64;
+        // SAFETY: the page is mapped as above; `page` is 16-byte aligned (page-aligned), the loop reads exactly
+        // [page, page + 4096), and only xmm0/xmm1 and the named registers are changed.
+        unsafe {
+            std::arch::asm!(
+                "pxor xmm0, xmm0",
+                "2:",
+                "por xmm0, [{p}]",
+                "por xmm0, [{p} + 16]",
+                "por xmm0, [{p} + 32]",
+                "por xmm0, [{p} + 48]",
+                "add {p}, 64",
+                "cmp {p}, {end}",
+                "jb 2b",
+                "movdqa xmm1, xmm0",
+                "psrldq xmm1, 8",
+                "por xmm0, xmm1",
+                "movq {acc}, xmm0",
+                p = inout(reg) page => _,
+                end = in(reg) page.wrapping_add(PAGE_SIZE),
+                acc = out(reg) acc,
+                out("xmm0") _,
+                out("xmm1") _,
+                options(nostack, readonly),
+            );
+        }
+        acc == 0
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        (1..PAGE_SIZE / 8).all(|i| {
+            // SAFETY: the page is mapped as above; every u64 of it is aligned.
+            unsafe { std::ptr::read_volatile(words.add(i)) == 0 }
+        })
+    }
+}
+
 /// The guest-physical ranges `size` bytes of RAM occupy: (start, length).
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_GAP_START {
@@ -145,17 +196,7 @@ impl GuestRam {
             .get_slice(GuestAddress(addr), PAGE_SIZE)
             .map_err(|_| bad)?;
         let guard = slice.ptr_guard();
-        let words = guard.as_ptr().cast::<u64>();
-        for i in 0..PAGE_SIZE / 8 {
-            // SAFETY: the slice covers PAGE_SIZE bytes of mapped guest RAM, kept mapped by
-            // `guard`; `addr` is page-aligned and the regions are page-aligned mappings, so
-            // every u64 is aligned; volatile, because the guest may write it concurrently.
-            let w = unsafe { std::ptr::read_volatile(words.add(i)) };
-            if w != 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        Ok(zero_page(guard.as_ptr()))
     }
 
     /// Copies `buf.len()` bytes at `addr` into `buf`.
@@ -194,6 +235,13 @@ mod tests {
     fn zero_pages_are_recognised_in_place() {
         let ram = GuestRam::new("zero-test", 16 << 20).unwrap();
         assert!(ram.page_is_zero(0x5000).unwrap());
+        // A non-zero byte anywhere is seen: first word, inside the SSE2 loop, last byte.
+        for off in [0u64, 17, 63, 64, 2049, 4095] {
+            ram.write(0x5000 + off, &[1]).unwrap();
+            assert!(!ram.page_is_zero(0x5000).unwrap(), "byte {off}");
+            ram.write(0x5000 + off, &[0]).unwrap();
+            assert!(ram.page_is_zero(0x5000).unwrap());
+        }
         ram.write(0x5fff, &[1]).unwrap();
         assert!(!ram.page_is_zero(0x5000).unwrap());
         assert!(ram.page_is_zero(0x6000).unwrap());
