@@ -34,23 +34,32 @@ fn wait_beats(log: &Path, count: usize) {
 }
 
 fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
+    start_env(env, vm, vcpus, cmdline, &[]);
+}
+
+/// [`start`] with extra environment variables for the worker (fault injection).
+fn start_env(env: &Env, vm: &str, vcpus: &str, cmdline: &str, extra: &[(&str, &str)]) {
     let k = ferry_guests::dirtier();
     let c = env.console(vm);
-    env.ok(&[
-        "vm",
-        "start",
-        vm,
-        "--kernel",
-        k.to_str().unwrap(),
-        "--memory",
-        "64M",
-        "--vcpus",
-        vcpus,
-        "--cmdline",
-        cmdline,
-        "--console-log",
-        c.to_str().unwrap(),
-    ]);
+    let o = env.ferry_env(
+        &[
+            "vm",
+            "start",
+            vm,
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "64M",
+            "--vcpus",
+            vcpus,
+            "--cmdline",
+            cmdline,
+            "--console-log",
+            c.to_str().unwrap(),
+        ],
+        extra,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 fn receive(env: &Env, vm: &str, listen: &str) -> String {
@@ -571,27 +580,13 @@ fn held_migration(
     extra_args: &[&str],
 ) -> (std::process::Child, std::path::PathBuf) {
     let (vars, mark) = fault_env(env, point);
-    let k = ferry_guests::dirtier();
-    let c = env.console("a");
-    let o = env.ferry_env(
-        &[
-            "vm",
-            "start",
-            "a",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--memory",
-            "64M",
-            "--vcpus",
-            "1",
-            "--cmdline",
-            "mb=4 rate=2000 beat_ms=100",
-            "--console-log",
-            c.to_str().unwrap(),
-        ],
+    start_env(
+        env,
+        "a",
+        "1",
+        "mb=4 rate=2000 beat_ms=100",
         &borrowed(&vars),
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     wait_beats(&env.console("a"), 2);
     let addr = receive(env, "b", "127.0.0.1:0");
     let mig = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -687,25 +682,13 @@ fn killing_the_source_in_setup_stop_and_copy_or_ready_runs_the_vm_nowhere() {
 #[test]
 fn a_corrupted_page_batch_is_caught_and_the_vm_stays_on_the_source() {
     let env = Env::new("mig-corrupt");
-    let k = ferry_guests::dirtier();
-    let c = env.console("a");
-    let o = env.ferry_env(
-        &[
-            "vm",
-            "start",
-            "a",
-            "--kernel",
-            k.to_str().unwrap(),
-            "--memory",
-            "64M",
-            "--cmdline",
-            "mb=4 rate=2000 beat_ms=100",
-            "--console-log",
-            c.to_str().unwrap(),
-        ],
+    start_env(
+        &env,
+        "a",
+        "1",
+        "mb=4 rate=2000 beat_ms=100",
         &[("FERRY_FAULT", "corrupt-batch:3")],
     );
-    assert!(o.status.success());
     wait_beats(&env.console("a"), 2);
     let addr = receive(&env, "b", "127.0.0.1:0");
     let e = env.fails(&["vm", "migrate", "a", "--to", &addr]);

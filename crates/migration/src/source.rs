@@ -263,39 +263,33 @@ impl Lane {
     }
 
     fn flush_batch(&mut self, sh: &Shared<'_>) -> Result<(), MigrationError> {
-        if !self.batch.is_empty() && !self.packer.compresses() && !crate::fault::active() {
-            // Uncompressed: the page data goes out from the batch buffer as it is.
-            encode_pages(&self.batch, &[], &mut self.payload);
-            write_frame_parts(&mut self.w, Kind::Pages, &[&self.payload, &self.data])?;
-            let n = (self.payload.len() + self.data.len()) as u64;
-            sh.raw.fetch_add(n, Ordering::Relaxed);
-            sh.packed.fetch_add(n, Ordering::Relaxed);
-            sh.pages_sent
-                .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-            self.account(sh, 12 + n);
-            sh.update(|_| {});
-            self.batch.clear();
-            self.data.clear();
-        }
         if !self.batch.is_empty() {
-            encode_pages(&self.batch, &self.data, &mut self.payload);
-            let (flags, wire) = self.packer.pack(&self.payload)?;
-            if crate::fault::corrupt_this_batch() {
-                let mut frame = Vec::new();
-                write_frame_flags(&mut frame, Kind::Pages, flags, wire)?;
-                let mid = frame.len() / 2;
-                frame[mid] ^= 0x20;
-                self.w.write_all(&frame)?;
+            // (raw payload bytes, bytes on the wire)
+            let (raw, wire_len) = if !self.packer.compresses() && !crate::fault::active() {
+                // Uncompressed: the page data goes out from the batch buffer as it is.
+                encode_pages(&self.batch, &[], &mut self.payload);
+                write_frame_parts(&mut self.w, Kind::Pages, &[&self.payload, &self.data])?;
+                let n = (self.payload.len() + self.data.len()) as u64;
+                (n, n)
             } else {
-                write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
-            }
-            let n = wire.len() as u64;
-            sh.raw
-                .fetch_add(self.payload.len() as u64, Ordering::Relaxed);
-            sh.packed.fetch_add(n, Ordering::Relaxed);
+                encode_pages(&self.batch, &self.data, &mut self.payload);
+                let (flags, wire) = self.packer.pack(&self.payload)?;
+                if crate::fault::corrupt_this_batch() {
+                    let mut frame = Vec::new();
+                    write_frame_flags(&mut frame, Kind::Pages, flags, wire)?;
+                    let mid = frame.len() / 2;
+                    frame[mid] ^= 0x20;
+                    self.w.write_all(&frame)?;
+                } else {
+                    write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
+                }
+                (self.payload.len() as u64, wire.len() as u64)
+            };
+            sh.raw.fetch_add(raw, Ordering::Relaxed);
+            sh.packed.fetch_add(wire_len, Ordering::Relaxed);
             sh.pages_sent
                 .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-            self.account(sh, 12 + n);
+            self.account(sh, 12 + wire_len);
             sh.update(|_| {}); // bytes and pages sent, live
             self.batch.clear();
             self.data.clear();
