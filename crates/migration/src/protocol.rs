@@ -319,32 +319,7 @@ pub fn write_frame_flags<W: Write>(
     flags: u8,
     payload: &[u8],
 ) -> Result<(), MigrationError> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|l| *l <= MAX_PAYLOAD)
-        .ok_or_else(|| MigrationError::Corrupt(format!("payload of {} bytes", payload.len())))?;
-    let mut head = [0u8; 8];
-    head[0] = kind as u8;
-    head[1] = flags;
-    head[4..8].copy_from_slice(&len.to_le_bytes());
-    let mut h = crc32fast::Hasher::new();
-    h.update(&head);
-    h.update(payload);
-    let crc = h.finalize().to_le_bytes();
-    if payload.len() <= SMALL_FRAME {
-        // Control frames go out in one write even on an unbuffered socket: no partial frame
-        // on the wire if the peer hangs up between segments.
-        let mut f = Vec::with_capacity(12 + payload.len());
-        f.extend_from_slice(&head);
-        f.extend_from_slice(payload);
-        f.extend_from_slice(&crc);
-        w.write_all(&f)?;
-    } else {
-        w.write_all(&head)?;
-        w.write_all(payload)?;
-        w.write_all(&crc)?;
-    }
-    Ok(())
+    write_frame_vectored(w, kind, flags, &[payload])
 }
 
 /// Writes one uncompressed frame whose payload is the concatenation of `parts`, without
@@ -354,6 +329,15 @@ pub fn write_frame_parts<W: Write>(
     kind: Kind,
     parts: &[&[u8]],
 ) -> Result<(), MigrationError> {
+    write_frame_vectored(w, kind, 0, parts)
+}
+
+fn write_frame_vectored<W: Write>(
+    w: &mut W,
+    kind: Kind,
+    flags: u8,
+    parts: &[&[u8]],
+) -> Result<(), MigrationError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let len = u32::try_from(total)
         .ok()
@@ -361,17 +345,31 @@ pub fn write_frame_parts<W: Write>(
         .ok_or_else(|| MigrationError::Corrupt(format!("payload of {total} bytes")))?;
     let mut head = [0u8; 8];
     head[0] = kind as u8;
+    head[1] = flags;
     head[4..8].copy_from_slice(&len.to_le_bytes());
     let mut h = crc32fast::Hasher::new();
     h.update(&head);
     for p in parts {
         h.update(p);
     }
-    w.write_all(&head)?;
-    for p in parts {
-        w.write_all(p)?;
+    let crc = h.finalize().to_le_bytes();
+    if total <= SMALL_FRAME {
+        // Control frames go out in one write even on an unbuffered socket: no partial frame
+        // on the wire if the peer hangs up between segments.
+        let mut f = Vec::with_capacity(12 + total);
+        f.extend_from_slice(&head);
+        for p in parts {
+            f.extend_from_slice(p);
+        }
+        f.extend_from_slice(&crc);
+        w.write_all(&f)?;
+    } else {
+        w.write_all(&head)?;
+        for p in parts {
+            w.write_all(p)?;
+        }
+        w.write_all(&crc)?;
     }
-    w.write_all(&h.finalize().to_le_bytes())?;
     Ok(())
 }
 
