@@ -387,22 +387,19 @@ pub fn run(b: &Bench, sizes: &[u64]) -> Result<()> {
                     cell(&q),
                     frac(&q)
                 );
-                println!(
-                    "  Ferry plain, 1 connection   {}  link use {}  total {}× downtime {}× bytes {}×",
-                    cell(&f),
-                    frac(&f),
-                    ratio(f.total_ms, q.total_ms),
-                    ratio(f.downtime_ms, q.downtime_ms),
-                    ratio(f.bytes, q.bytes)
-                );
-                println!(
-                    "  Ferry TLS, 2 connections    {}  link use {}  total {}× downtime {}× bytes {}×",
-                    cell(&ft),
-                    frac(&ft),
-                    ratio(ft.total_ms, q.total_ms),
-                    ratio(ft.downtime_ms, q.downtime_ms),
-                    ratio(ft.bytes, q.bytes)
-                );
+                for (name, o) in [
+                    ("Ferry plain, 1 connection", &f),
+                    ("Ferry TLS, 2 connections", &ft),
+                ] {
+                    println!(
+                        "  {name:<27} {}  link use {}  total {}× downtime {}× bytes {}×",
+                        cell(o),
+                        frac(o),
+                        ratio(o.total_ms, q.total_ms),
+                        ratio(o.downtime_ms, q.downtime_ms),
+                        ratio(o.bytes, q.bytes)
+                    );
+                }
             }
         }
     }
