@@ -159,9 +159,36 @@ fn initramfs(workspace: &Path, cache: &Path, kver: &str) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Every 20 s: uptime, load, memory, the overlay's use and the busiest processes.
+const MONITOR: &str = r#"echo 60 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+( while sleep 20; do
+  echo "lab-monitor: up $(cut -d' ' -f1 /proc/uptime)s load $(cut -d' ' -f1-3 /proc/loadavg)"
+  grep -E '^(MemAvailable|Shmem|Dirty):' /proc/meminfo | tr -s ' ' | tr '\n' ' '; echo
+  df -m / | tail -1
+  ps -eo pid,rss,pcpu,stat,wchan:20,args --sort=-pcpu | head -8 | cut -c1-160
+done ) >/dev/ttyS1 2>&1 &
+"#;
+
+/// Prints the last `n` lines of the lab's kernel and monitor log.
+fn print_tail(log: &Path, n: usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    eprintln!(
+        "lab: last {} lines of the lab's kernel and monitor log ({}):",
+        n.min(lines.len()),
+        log.display()
+    );
+    for l in &lines[lines.len().saturating_sub(n)..] {
+        eprintln!("  | {l}");
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
+
+/// The status [`run`] returns when the lab host ended without the command's (a hang or timeout).
+pub const NO_STATUS: i32 = 125;
 
 /// Runs `cmd` inside a lab host; returns its exit status (125 when the lab ended without one).
 pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
@@ -181,6 +208,11 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     s.push_str("mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm\n");
     s.push_str("modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null || echo 'lab: no kvm module'\n");
     s.push_str("ip link set lo up 2>/dev/null; hostname lab\n");
+    if !opts.verbose {
+        // The lab's own health on the second serial port (with the kernel's messages): when a
+        // run hangs, the log says whether memory ran out, a CPU locked up or a task hung.
+        s.push_str(MONITOR);
+    }
     let ws = workspace.display().to_string();
     let _ = writeln!(
         s,
@@ -197,7 +229,11 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     let cwd = std::env::current_dir()?.display().to_string();
     let _ = writeln!(s, "cd {}", shell_quote(&cwd));
     let line: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
-    let _ = writeln!(s, "{}", line.join(" "));
+    if opts.verbose {
+        let _ = writeln!(s, "{}", line.join(" "));
+    } else {
+        let _ = writeln!(s, "{} </dev/null >/dev/ttyS0 2>&1", line.join(" "));
+    }
     let _ = writeln!(
         s,
         "echo $? > {}",
@@ -205,9 +241,13 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     );
     s.push_str("sync; poweroff -f\n");
     std::fs::write(rundir.join("stage2.sh"), s)?;
-    let mut append = format!("console=ttyS0 panic=-1 ferrylab.rw={ws} ferrylab.run=.lab/{id}");
-    if !opts.verbose {
-        append.push_str(" quiet loglevel=0");
+    let mut append = format!("panic=-1 ferrylab.rw={ws} ferrylab.run=.lab/{id}");
+    let kernel_log = cache.join("last-kernel.log");
+    std::fs::write(&kernel_log, b"").context("cannot create the lab kernel log")?;
+    if opts.verbose {
+        append.push_str(" console=ttyS0");
+    } else {
+        append.push_str(" console=ttyS1 loglevel=6");
     }
     let status = Command::new("timeout")
         .arg(opts.timeout_s.to_string())
@@ -228,7 +268,13 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
             "-no-reboot",
             "-nic",
             "none",
+            "-serial",
         ])
+        .arg(if opts.verbose {
+            "null".to_string()
+        } else {
+            format!("file:{}", kernel_log.display())
+        })
         .arg("-kernel")
         .arg(format!("/boot/{kernel}"))
         .arg("-initrd")
@@ -253,7 +299,10 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
         Some(rc) => Ok(rc),
         None => {
             eprintln!("lab: the lab host ended without the command's status (qemu: {status})");
-            Ok(125)
+            if !opts.verbose {
+                print_tail(&kernel_log, 120);
+            }
+            Ok(NO_STATUS)
         }
     }
 }
