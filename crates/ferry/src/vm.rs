@@ -1,16 +1,13 @@
 //! `ferry vm ...`: VMs on this host, each in its own `ferry-vm` worker process.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use ferry_worker::api::{Request, Response, Status};
-use ferry_worker::{paths, server};
+use ferry_worker::api::{Request, Status};
+use ferry_worker::client::{self, Workers};
 use vmm::config::{parse_mib, validate_name};
 use vmm::VmConfig;
 
@@ -153,14 +150,9 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             console_log,
         } => {
             let cfg = make_config(&name, boot)?;
-            let dir = prepare_dir(&name)?;
-            let cfg_path = dir.join("config.json");
-            std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg)?)
-                .with_context(|| format!("cannot write {}", cfg_path.display()))?;
-            let mut args: Vec<std::ffi::OsString> =
-                vec!["--config".into(), cfg_path.into_os_string()];
+            let mut args = Vec::new();
             worker_options(&mut args, console_log, false)?;
-            spawn_worker(&dir, &args)?;
+            workers()?.start(&cfg, &args)?;
             report_started(out, &name)
         }
         VmCmd::Restore {
@@ -327,70 +319,16 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
     Ok(cfg)
 }
 
-fn worker_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("FERRY_VM_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let me = std::env::current_exe().context("cannot locate the ferry executable")?;
-    let w = me.with_file_name("ferry-vm");
-    if w.exists() {
-        Ok(w)
-    } else {
-        bail!(
-            "cannot find the worker binary {} (set FERRY_VM_BIN)",
-            w.display()
-        )
-    }
+fn workers() -> Result<Workers> {
+    Ok(Workers::from_env()?)
 }
 
 fn prepare_dir(name: &str) -> Result<PathBuf> {
-    validate_name(name)?;
-    if server::call(name, &Request::Status).is_ok() {
-        bail!("a VM named {name:?} is already running on this host");
-    }
-    let dir = paths::vm_dir(name);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
+    Ok(workers()?.prepare(name)?)
 }
 
-/// Starts a detached worker and waits for its one-line readiness report.
 fn spawn_worker(dir: &Path, args: &[std::ffi::OsString]) -> Result<serde_json::Value> {
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("worker.log"))
-        .with_context(|| format!("cannot open {}", dir.join("worker.log").display()))?;
-    let mut child = Command::new(worker_bin()?)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start the worker process")?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow!("no worker stdout"))?;
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("cannot read the worker's report")?;
-    let v: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| {
-        let _ = child.wait();
-        anyhow!(
-            "the worker exited without reporting; see {}",
-            dir.join("worker.log").display()
-        )
-    })?;
-    if v["ready"].as_bool() != Some(true) {
-        let _ = child.wait();
-        bail!(
-            "{}",
-            v["error"].as_str().unwrap_or("the worker failed to start")
-        );
-    }
-    Ok(v)
+    Ok(workers()?.spawn(dir, args)?)
 }
 
 /// Adds the worker options shared by start, restore and receive.
@@ -423,7 +361,7 @@ fn foreground(cfg: &VmConfig) -> Result<()> {
     // Ctrl-C reaches the worker (same process group); this process just waits for it.
     // SAFETY: installing SIG_IGN for SIGINT has no preconditions.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
-    let status = Command::new(worker_bin()?)
+    let status = Command::new(workers()?.bin())
         .arg("--config")
         .arg(&cfg_path)
         .arg("--foreground")
@@ -436,19 +374,11 @@ fn foreground(cfg: &VmConfig) -> Result<()> {
 }
 
 pub fn request(name: &str, req: &Request) -> Result<serde_json::Value> {
-    let resp: Response = server::call(name, req)
-        .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
-    if resp.ok {
-        Ok(resp.result.unwrap_or(serde_json::Value::Null))
-    } else {
-        bail!("{}", resp.error.unwrap_or_else(|| "request failed".into()))
-    }
+    Ok(workers()?.request(name, req)?)
 }
 
 pub fn status(name: &str) -> Result<Status> {
-    validate_name(name)?;
-    let v = request(name, &Request::Status)?;
-    Ok(serde_json::from_value(v)?)
+    Ok(workers()?.status(name)?)
 }
 
 fn simple(out: Output, name: &str, req: Request, state: &str) -> Result<()> {
@@ -463,48 +393,9 @@ fn simple(out: Output, name: &str, req: Request, state: &str) -> Result<()> {
 }
 
 fn list_vms() -> Vec<Status> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(paths::run_dir().join("vms")) else {
-        return out;
-    };
-    let mut names: Vec<String> = rd
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for n in names {
-        if let Ok(s) = status(&n) {
-            out.push(s);
-        }
-    }
-    out
+    workers().map(|w| w.list()).unwrap_or_default()
 }
 
 pub fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    let pid = i32::try_from(pid).context("bad pid")?;
-    while process_alive(pid) {
-        if Instant::now() > deadline {
-            bail!("the worker (pid {pid}) did not exit within {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-/// Whether `pid` exists and is not a zombie (an exited worker whose parent has not reaped it).
-fn process_alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for the process's existence.
-    if unsafe { libc::kill(pid, 0) } != 0 {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        }
-        Err(_) => false,
-    }
+    Ok(client::wait_exit(pid, timeout)?)
 }

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod client;
 pub mod paths;
 pub mod server;
 
