@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::Subcommand;
 use vmm::cpuid::{self, CpuModel};
 
+use crate::cluster::{self, Api};
 use crate::output::print;
 use crate::Output;
 
@@ -13,12 +14,44 @@ pub enum HostCmd {
     /// This host's processor as guests see it: vendor, model, the features it offers (after
     /// the host config's hide list), and what each CPU model leaves of them.
     Cpu,
+    /// The cluster's hosts (needs --api).
+    List,
+    /// One cluster host (needs --api).
+    Show {
+        /// Host name.
+        host: String,
+    },
+    /// Pause a host and live-migrate its VMs away (needs --api); waits until it is empty.
+    Drain {
+        /// Host name.
+        host: String,
+        /// Return once the drain has started.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Return a paused host to service (needs --api).
+    Resume {
+        /// Host name.
+        host: String,
+        /// Move the VMs its last drain moved away back to it.
+        #[arg(long)]
+        failback: bool,
+    },
 }
 
 /// Runs a `ferry host` verb.
-pub fn run(cmd: HostCmd, out: Output) -> Result<()> {
+pub fn run(cmd: HostCmd, out: Output, api: Option<&Api>) -> Result<()> {
+    let need = || {
+        api.ok_or_else(|| {
+            anyhow::anyhow!("this verb works on the cluster: give --api URL (or set FERRY_API)")
+        })
+    };
     match cmd {
         HostCmd::Cpu => cpu(out),
+        HostCmd::List => cluster::host_list(need()?, out),
+        HostCmd::Show { host } => cluster::host_show(need()?, &host, out),
+        HostCmd::Drain { host, no_wait } => cluster::host_drain(need()?, &host, no_wait, out),
+        HostCmd::Resume { host, failback } => cluster::host_resume(need()?, &host, failback, out),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `ferry`: the command line.
 
+mod cluster;
 mod host;
 mod migrate;
 mod output;
@@ -28,6 +29,8 @@ struct Cli {
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    #[command(flatten)]
+    api: cluster::ApiArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -46,16 +49,25 @@ enum Cmd {
     /// The cluster CA and host identities that authenticate migrations.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
+    /// The cluster as a whole (needs --api).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let res = match cli.cmd {
-        Cmd::Vm(c) => vm::run(c, cli.output),
-        Cmd::Migration(c) => migrate::run_cmd(c, cli.output),
+    let res = cli.api.resolve().and_then(|api| match cli.cmd {
+        Cmd::Vm(c) => vm::run(c, cli.output, api.as_ref()),
+        Cmd::Migration(c) => migrate::run_cmd(c, cli.output, api.as_ref()),
         Cmd::Pki(c) => pki::run(c, cli.output),
-        Cmd::Host(c) => host::run(c, cli.output),
-    };
+        Cmd::Host(c) => host::run(c, cli.output, api.as_ref()),
+        Cmd::Cluster(c) => match api {
+            Some(api) => cluster::run_cluster(c, &api, cli.output),
+            None => Err(anyhow::anyhow!(
+                "`ferry cluster` needs a cluster API: give --api URL (or set FERRY_API)"
+            )),
+        },
+    });
     if let Err(e) = res {
         if cli.output == Output::Json {
             println!("{}", serde_json::json!({ "error": format!("{e:#}") }));

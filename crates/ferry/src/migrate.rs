@@ -1,16 +1,14 @@
 //! `ferry vm migrate` and `ferry migration ...`: live and quick migration with progress.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand, ValueEnum};
-use ferry_worker::api::{Request, Response};
-use ferry_worker::paths;
+use ferry_worker::api::Request;
+use ferry_worker::client::Workers;
 use indicatif::{ProgressBar, ProgressStyle};
 use migration::protocol::Compression;
-use migration::{MigrateOptions, MigrationReport, MigrationStatus, TimeoutPolicy};
+use migration::{MigrateOptions, MigrationStatus, TimeoutPolicy};
 
 use crate::output::print;
 use crate::vm::{mib, request, status, wait_exit};
@@ -74,21 +72,36 @@ pub enum Compress {
 /// `ferry migration` verbs.
 #[derive(Debug, Subcommand)]
 pub enum MigrationCmd {
-    /// Progress of a VM's running (or last) migration.
+    /// Progress of a VM's running (or last) migration (with --api: of migration ID).
     Status {
-        /// VM name.
+        /// VM name (with --api: migration id).
         name: String,
     },
-    /// Cancel a VM's migration (before its commit point the VM simply continues here).
+    /// Cancel a VM's migration (before its commit point the VM simply continues here); with
+    /// --api, cluster migration ID (queued or running).
     Cancel {
-        /// VM name.
+        /// VM name (with --api: migration id).
         name: String,
     },
+    /// The cluster's migrations (needs --api).
+    List,
 }
 
 /// Runs a `ferry migration` verb.
-pub fn run_cmd(cmd: MigrationCmd, out: Output) -> Result<()> {
+pub fn run_cmd(cmd: MigrationCmd, out: Output, api: Option<&crate::cluster::Api>) -> Result<()> {
+    if let Some(api) = api {
+        return match cmd {
+            MigrationCmd::List => crate::cluster::migration_list(api, out),
+            MigrationCmd::Status { name } => crate::cluster::migration_show(api, &name, out),
+            MigrationCmd::Cancel { name } => crate::cluster::migration_cancel(api, &name, out),
+        };
+    }
     match cmd {
+        MigrationCmd::List => {
+            anyhow::bail!(
+                "`ferry migration list` works on the cluster: give --api URL (or set FERRY_API)"
+            )
+        }
         MigrationCmd::Status { name } => {
             let v = request(&name, &Request::MigrationStatus)?;
             let st: MigrationStatus = serde_json::from_value(v.clone())?;
@@ -132,6 +145,25 @@ fn status_row(name: &str, s: &MigrationStatus) -> Vec<String> {
     ]
 }
 
+/// One line of migration progress, for people.
+pub fn progress_line(st: &MigrationStatus) -> String {
+    format!(
+        "{} round {} · sent {} · remaining {} · dirty {} pages/s · {}/s · expected downtime {} ms{}",
+        phase_name(st),
+        st.round,
+        mib(st.bytes_sent),
+        mib(st.pages_remaining * 4096),
+        st.dirty_rate_pps,
+        mib(st.throughput_bps),
+        st.expected_downtime_ms,
+        if st.throttle_pct > 0 {
+            format!(" · throttle {}%", st.throttle_pct)
+        } else {
+            String::new()
+        }
+    )
+}
+
 /// `ferry vm migrate NAME --to ADDR`.
 pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
     let pid = status(name)?.pid;
@@ -154,14 +186,6 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
         connections: a.connections,
     };
     let pki = a.security.resolve()?;
-    let mut s = UnixStream::connect(paths::socket(name))
-        .map_err(|_| anyhow!("no VM named {name:?} is running on this host"))?;
-    let req = serde_json::to_string(&Request::Migrate {
-        to: to.to_string(),
-        options,
-        pki,
-    })?;
-    writeln!(s, "{req}")?;
     let bar = if out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = ProgressBar::new_spinner();
         b.set_style(
@@ -174,46 +198,20 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
         None
     };
     let mut last_phase = String::new();
-    let mut final_resp: Option<Response> = None;
-    for line in BufReader::new(s).lines() {
-        let line = line.context("lost the worker's connection")?;
-        let v: serde_json::Value = serde_json::from_str(&line)?;
-        if let Some(p) = v.get("progress") {
-            let st: MigrationStatus = serde_json::from_value(p.clone())?;
-            let phase = phase_name(&st);
-            let msg = format!(
-                "{phase} round {} · sent {} · remaining {} · dirty {} pages/s · {}/s · expected downtime {} ms{}",
-                st.round,
-                mib(st.bytes_sent),
-                mib(st.pages_remaining * 4096),
-                st.dirty_rate_pps,
-                mib(st.throughput_bps),
-                st.expected_downtime_ms,
-                if st.throttle_pct > 0 { format!(" · throttle {}%", st.throttle_pct) } else { String::new() }
-            );
-            match &bar {
-                Some(b) => b.set_message(msg),
-                None if out == Output::Table && phase != last_phase => eprintln!("{msg}"),
-                None => {}
-            }
-            last_phase = phase;
-        } else {
-            final_resp = Some(serde_json::from_value(v)?);
-            break;
+    let result = Workers::from_env()?.migrate(name, to, options, pki, |st| {
+        let phase = phase_name(st);
+        let msg = progress_line(st);
+        match &bar {
+            Some(b) => b.set_message(msg),
+            None if out == Output::Table && phase != last_phase => eprintln!("{msg}"),
+            None => {}
         }
-    }
+        last_phase = phase;
+    });
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    let resp =
-        final_resp.ok_or_else(|| anyhow!("the worker closed the connection without a result"))?;
-    if !resp.ok {
-        bail!(
-            "{}",
-            resp.error.unwrap_or_else(|| "migration failed".into())
-        );
-    }
-    let report: MigrationReport = serde_json::from_value(resp.result.unwrap_or_default())?;
+    let report = result?;
     wait_exit(pid, Duration::from_secs(30))?;
     print(
         out,

@@ -11,15 +11,17 @@ use ferry_worker::client::{self, Workers};
 use vmm::config::{parse_mib, validate_name};
 use vmm::VmConfig;
 
+use crate::cluster::{self, Api};
 use crate::output::print;
 use crate::Output;
 
 /// Boot options shared by `run` and `start`.
 #[derive(Debug, Args)]
 pub struct BootOpts {
-    /// Kernel: Linux bzImage or vmlinux, or a bare-metal 64-bit ELF.
+    /// Kernel: Linux bzImage or vmlinux, or a bare-metal 64-bit ELF (required on a host;
+    /// with --api, `vm start NAME` starts a defined VM and takes none).
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initramfs (Linux).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -59,9 +61,17 @@ pub enum VmCmd {
         #[arg(long)]
         console_log: Option<PathBuf>,
     },
-    /// List the VMs running on this host.
+    /// Define a VM in the cluster (and start it on the best host): needs --api.
+    Create(crate::cluster::CreateArgs),
+    /// Delete a stopped VM's definition from the cluster: needs --api.
+    Delete {
+        /// VM name.
+        name: String,
+    },
+    /// List the VMs running on this host (with --api: the cluster's VMs).
     List,
     /// Show one VM.
+    #[command(visible_alias = "show")]
     Status {
         /// VM name.
         name: String,
@@ -124,21 +134,69 @@ pub enum VmCmd {
         #[command(flatten)]
         security: crate::pki::SecurityArgs,
     },
-    /// Move a running VM to a receiving worker (live by default).
+    /// Move a running VM to a receiving worker (live by default); with --api, to another
+    /// cluster host through the coordinator.
     Migrate {
         /// VM name.
         name: String,
-        /// Destination ADDR:PORT (a `ferry vm receive`).
+        /// Destination ADDR:PORT (a `ferry vm receive`); with --api a host name (default:
+        /// the best host).
         #[arg(long)]
-        to: String,
+        to: Option<String>,
+        /// With --api: return once the migration is queued.
+        #[arg(long)]
+        no_wait: bool,
         #[command(flatten)]
         opts: crate::migrate::MigrateArgs,
     },
 }
 
-/// Runs a `ferry vm` verb.
-pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
+/// Runs a `ferry vm` verb against the cluster.
+fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
     match cmd {
+        VmCmd::Create(a) => cluster::vm_create(api, a, out),
+        VmCmd::Delete { name } => cluster::vm_action(api, &name, "delete", out),
+        VmCmd::List => cluster::vm_list(api, out),
+        VmCmd::Status { name } => cluster::vm_show(api, &name, out),
+        VmCmd::Start { name, boot, .. } => {
+            if boot.kernel.is_some() {
+                bail!("with --api, define VMs with `ferry vm create`; `vm start NAME` starts a defined one");
+            }
+            cluster::vm_action(api, &name, "start", out)
+        }
+        VmCmd::Stop { name } => cluster::vm_action(api, &name, "stop", out),
+        VmCmd::Migrate {
+            name, to, no_wait, ..
+        } => cluster::vm_migrate(api, &name, to, no_wait, out),
+        other => bail!(
+            "`ferry vm {}` works on one host's VMs: run it on that host without --api/FERRY_API",
+            verb(&other)
+        ),
+    }
+}
+
+fn verb(c: &VmCmd) -> &'static str {
+    match c {
+        VmCmd::Run { .. } => "run",
+        VmCmd::Pause { .. } => "pause",
+        VmCmd::Resume { .. } => "resume",
+        VmCmd::Save { .. } => "save",
+        VmCmd::Restore { .. } => "restore",
+        VmCmd::MemoryHash { .. } => "memory-hash",
+        VmCmd::Receive { .. } => "receive",
+        _ => "this verb",
+    }
+}
+
+/// Runs a `ferry vm` verb: against the cluster with an API, else on this host.
+pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
+    if let Some(api) = api {
+        return run_cluster(cmd, api, out);
+    }
+    match cmd {
+        VmCmd::Create(_) | VmCmd::Delete { .. } => {
+            bail!("`ferry vm create` and `delete` work on the cluster: give --api URL (or set FERRY_API)")
+        }
         VmCmd::Run { name, boot } => {
             let name = name.unwrap_or_else(|| format!("run-{}", std::process::id()));
             let cfg = make_config(&name, boot)?;
@@ -205,7 +263,12 @@ pub fn run(cmd: VmCmd, out: Output) -> Result<()> {
             );
             Ok(())
         }
-        VmCmd::Migrate { name, to, opts } => crate::migrate::run(&name, &to, opts, out),
+        VmCmd::Migrate { name, to, opts, .. } => {
+            let to = to.ok_or_else(|| {
+                anyhow::anyhow!("--to ADDR:PORT is required (the address of a `ferry vm receive`)")
+            })?;
+            crate::migrate::run(&name, &to, opts, out)
+        }
         VmCmd::List => {
             let list = list_vms();
             let rows = list.iter().map(status_row).collect();
@@ -293,7 +356,11 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
-    let kernel = absolute(&b.kernel)?;
+    let kernel = b
+        .kernel
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("--kernel is required"))?;
+    let kernel = absolute(kernel)?;
     std::fs::File::open(&kernel)
         .with_context(|| format!("cannot read kernel {}", kernel.display()))?;
     let initrd = match b.initrd {

@@ -204,6 +204,47 @@ impl Workers {
         Ok(v)
     }
 
+    /// Migrates VM `name` to a receiving worker at `to`, calling `progress` with each status
+    /// the worker streams; the engine's report once the VM runs there.
+    pub fn migrate(
+        &self,
+        name: &str,
+        to: &str,
+        options: migration::MigrateOptions,
+        pki: Option<PathBuf>,
+        mut progress: impl FnMut(&migration::MigrationStatus),
+    ) -> Result<migration::MigrationReport> {
+        use std::io::Write as _;
+        let sock = self.vm_dir(name).join("control.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)
+            .map_err(|_| ClientError::NotRunning(name.to_string()))?;
+        let req = serde_json::to_string(&Request::Migrate {
+            to: to.to_string(),
+            options,
+            pki,
+        })?;
+        writeln!(s, "{req}").map_err(|e| ClientError::Io("cannot ask the worker".into(), e))?;
+        for line in BufReader::new(s).lines() {
+            let line =
+                line.map_err(|e| ClientError::Io("lost the worker's connection".into(), e))?;
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if let Some(p) = v.get("progress") {
+                progress(&serde_json::from_value(p.clone())?);
+                continue;
+            }
+            let resp: Response = serde_json::from_value(v)?;
+            if !resp.ok {
+                return Err(ClientError::Refused(
+                    resp.error.unwrap_or_else(|| "migration failed".into()),
+                ));
+            }
+            return Ok(serde_json::from_value(resp.result.unwrap_or_default())?);
+        }
+        Err(ClientError::Refused(
+            "the worker closed the connection without a result".into(),
+        ))
+    }
+
     /// Asks VM `name`'s worker to stop and waits up to `timeout` for it to exit.
     pub fn stop(&self, name: &str, timeout: Duration) -> Result<()> {
         let pid = self.status(name)?.pid;

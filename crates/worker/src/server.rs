@@ -86,6 +86,38 @@ pub struct Args {
     /// the migration connection is plain TCP.
     #[arg(long, requires = "receive")]
     pub pki: Option<PathBuf>,
+    /// Stop the VM at once when process PID exits: the host agent that started this worker
+    /// (ferryd) is the only one that can fence it, so the VM does not outlive it.
+    #[arg(long, value_name = "PID")]
+    pub stop_with: Option<u32>,
+}
+
+/// Ends this process as soon as process `pid` exits (watched through a pidfd, so a reused pid
+/// cannot fool it). Fails if `pid` does not exist.
+fn stop_with(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(std::io::Error::other)?;
+    std::thread::Builder::new()
+        .name("stop-with".into())
+        .spawn(move || loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: p is one valid pollfd; a pidfd becomes readable when its process exits.
+            let n = unsafe { libc::poll(&mut p, 1, -1) };
+            if n > 0 {
+                tracing::warn!("the agent (pid {pid}) exited: stopping the VM with it");
+                std::process::exit(3);
+            }
+        })?;
+    Ok(())
 }
 
 fn describe(e: &dyn std::error::Error) -> String {
@@ -113,6 +145,15 @@ pub fn main() -> i32 {
         )
         .try_init();
     let foreground = args.foreground;
+    if let Some(pid) = args.stop_with {
+        if let Err(e) = stop_with(pid) {
+            println!(
+                "{}",
+                serde_json::json!({ "ready": false, "error": format!("--stop-with {pid}: {e}") })
+            );
+            return 1;
+        }
+    }
     match run(args) {
         Ok(()) => 0,
         Err(e) => {

@@ -1,0 +1,674 @@
+//! `ferryd`'s REST API (JSON over HTTP, `Authorization: Bearer <token>` on everything but
+//! `/metrics` and `/v1/health`), described in `docs/openapi.yaml`. Any host answers for the
+//! whole cluster: requests become records in the store, which the owning host and the
+//! coordinator act on.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vmm::config::{parse_mib, validate_name};
+use vmm::VmConfig;
+
+use crate::agent::Agent;
+use crate::coordinator::{queue_migration, View};
+use crate::records::*;
+use crate::ClusterError;
+
+/// An API error: status and message, sent as `{"error": "..."}`.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(e: ClusterError) -> Self {
+        match e {
+            ClusterError::Request(code, msg) => ApiError(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+                msg,
+            ),
+            ClusterError::Store(e) => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            e => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+}
+
+impl From<ferry_store::StoreError> for ApiError {
+    fn from(e: ferry_store::StoreError) -> Self {
+        ClusterError::Store(e).into()
+    }
+}
+
+fn bad(code: u16, msg: impl Into<String>) -> ApiError {
+    ApiError(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST),
+        msg.into(),
+    )
+}
+
+type ApiResult = Result<Json<Value>, ApiError>;
+type Shared = State<Arc<Agent>>;
+
+/// JSON bodies: a malformed one is a 400 with serde's words, not axum's default text.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| bad(400, e.to_string()))?;
+        let text = if bytes.is_empty() {
+            &b"{}"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(text)
+            .map(Body)
+            .map_err(|e| bad(400, format!("bad request body: {e}")))
+    }
+}
+
+/// The API's routes.
+pub fn router(agent: Arc<Agent>) -> Router {
+    let authed = Router::new()
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/hosts", get(hosts))
+        .route("/v1/hosts/{host}", get(host))
+        .route("/v1/hosts/{host}/drain", post(drain))
+        .route("/v1/hosts/{host}/resume", post(resume))
+        .route("/v1/vms", get(vms).post(create_vm))
+        .route("/v1/vms/{name}", get(vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/migrations", get(migrations))
+        .route("/v1/migrations/{id}", get(migration))
+        .route("/v1/migrations/{id}/cancel", post(cancel_migration))
+        .route("/v1/internal/receive", post(internal_receive))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(|| async { Json(json!({"ok": true})) }))
+        .route("/metrics", get(metrics))
+        .merge(authed)
+        .with_state(agent)
+}
+
+async fn auth(State(a): Shared, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), a.token.as_bytes()) => next.run(req).await,
+        Some(_) => bad(401, "wrong API token").into_response(),
+        None => bad(401, "missing API token (Authorization: Bearer ...)").into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// A VM as the API shows it: its record, where it runs, and its active migration.
+async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterError> {
+    let running: Vec<RunningRecord> = a
+        .list::<RunningRecord>(&format!("{PREFIX}running/{}/", v.config.name))
+        .await?
+        .into_iter()
+        .map(|(_, _, r)| r)
+        .collect();
+    let state = match running.iter().find(|r| Some(&r.host) == v.owner.as_ref()) {
+        Some(r) => r.state.clone(),
+        None if v.desired == Desired::Stopped => "stopped".into(),
+        None => "pending".into(),
+    };
+    Ok(json!({
+        "name": v.config.name,
+        "state": state,
+        "desired": v.desired,
+        "host": v.owner,
+        "epoch": v.epoch,
+        "ha": v.ha,
+        "vcpus": v.config.vcpus,
+        "memory_mib": v.config.memory_mib,
+        "cpu_model": v.config.cpu.name(),
+        "running_on": running,
+        "note": v.note,
+        "migration": view.active_migration(&v.config.name).map(to_json),
+        "console_log": a.console_log(&v.config.name),
+    }))
+}
+
+async fn cluster(State(a): Shared) -> ApiResult {
+    let view = View::read(&a).await?;
+    let coord = a
+        .get::<CoordinatorRecord>(&coordinator_key())
+        .await?
+        .map(|(_, c)| c.host);
+    let count = |s: MigrationState| view.migrations.iter().filter(|m| m.state == s).count();
+    Ok(Json(json!({
+        "coordinator": coord,
+        "hosts": view.hosts.len(),
+        "hosts_up": view.hosts.keys().collect::<std::collections::BTreeSet<_>>(),
+        "vms": view.vms.len(),
+        "vms_running": view.vms.values().filter(|v| v.desired == Desired::Running).count(),
+        "migrations_running": count(MigrationState::Running),
+        "migrations_queued": count(MigrationState::Queued),
+        "max_migrations": view.max_migrations(a.cfg.limits.max_migrations),
+        "per_host_migrations": a.cfg.limits.per_host,
+    })))
+}
+
+fn host_json(h: &HostRecord, adm: Option<&HostAdmin>, view: &View) -> Value {
+    let adm = adm.cloned().unwrap_or_default();
+    let state = if h.fenced {
+        "fenced"
+    } else if adm.draining {
+        "draining"
+    } else if adm.paused {
+        "paused"
+    } else {
+        "up"
+    };
+    let mut v = to_json(h);
+    if let Some(o) = v.as_object_mut() {
+        o.insert("state".into(), json!(state));
+        o.insert("committed_mib".into(), json!(view.committed_mib(&h.name)));
+    }
+    v
+}
+
+async fn hosts(State(a): Shared) -> ApiResult {
+    let view = View::read(&a).await?;
+    let mut names: Vec<String> = view.hosts.keys().cloned().collect();
+    // Hosts with an admin record but no lease are down; list them too.
+    for h in view.admin.keys() {
+        if !view.hosts.contains_key(h) {
+            names.push(h.clone());
+        }
+    }
+    names.sort();
+    names.dedup();
+    let list: Vec<Value> = names
+        .iter()
+        .map(|n| match view.hosts.get(n) {
+            Some(h) => host_json(h, view.admin.get(n), &view),
+            None => json!({"name": n, "state": "down"}),
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+async fn host(State(a): Shared, Path(h): Path<String>) -> ApiResult {
+    let view = View::read(&a).await?;
+    match view.hosts.get(&h) {
+        Some(r) => Ok(Json(host_json(r, view.admin.get(&h), &view))),
+        None if view.admin.contains_key(&h) => Ok(Json(json!({"name": h, "state": "down"}))),
+        None => Err(bad(404, format!("no host named {h:?} in the cluster"))),
+    }
+}
+
+async fn drain(State(a): Shared, Path(h): Path<String>) -> ApiResult {
+    let view = View::read(&a).await?;
+    if !view.hosts.contains_key(&h) {
+        return Err(bad(404, format!("no live host named {h:?} in the cluster")));
+    }
+    let others = view
+        .hosts
+        .keys()
+        .filter(|n| **n != h && view.accepts(n))
+        .count();
+    let has_vms = view
+        .vms
+        .values()
+        .any(|v| v.owner.as_deref() == Some(h.as_str()) && v.desired == Desired::Running);
+    if others == 0 && has_vms {
+        return Err(bad(
+            409,
+            format!("{h} is the last host that takes VMs: its VMs would have nowhere to go"),
+        ));
+    }
+    let key = admin_key(&h);
+    let rec = HostAdmin {
+        paused: true,
+        draining: true,
+    };
+    a.store.put(&key, encode(&rec)?, None).await?;
+    Ok(Json(json!({"host": h, "state": "draining"})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResumeReq {
+    #[serde(default)]
+    failback: bool,
+}
+
+async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeReq>) -> ApiResult {
+    let view = View::read(&a).await?;
+    if !view.hosts.contains_key(&h) && !view.admin.contains_key(&h) {
+        return Err(bad(404, format!("no host named {h:?} in the cluster")));
+    }
+    a.store
+        .put(&admin_key(&h), encode(&HostAdmin::default())?, None)
+        .await?;
+    let mut queued = Vec::new();
+    if req.failback {
+        // The VMs its last drain moved away that still run where the drain put them.
+        let mut seen = std::collections::HashSet::new();
+        for m in view.migrations.iter().rev() {
+            if m.from != h || m.reason != "drain" || m.state != MigrationState::Succeeded {
+                continue;
+            }
+            if !seen.insert(m.vm.clone()) {
+                continue;
+            }
+            let Some(v) = view.vms.get(&m.vm) else {
+                continue;
+            };
+            if v.owner.as_deref() != Some(m.to.as_str())
+                || v.desired != Desired::Running
+                || view.active_migration(&m.vm).is_some()
+            {
+                continue;
+            }
+            queued.push(to_json(
+                &queue_migration(&a, &m.vm, &m.to, &h, "failback").await?,
+            ));
+        }
+    }
+    Ok(Json(json!({"host": h, "state": "up", "failback": queued})))
+}
+
+async fn vms(State(a): Shared) -> ApiResult {
+    let view = View::read(&a).await?;
+    let mut names: Vec<&String> = view.vms.keys().collect();
+    names.sort();
+    let mut out = Vec::new();
+    for n in names {
+        out.push(vm_view(&a, &view.vms[n], &view).await?);
+    }
+    Ok(Json(json!(out)))
+}
+
+async fn vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
+    let view = View::read(&a).await?;
+    let v = view
+        .vms
+        .get(&n)
+        .ok_or_else(|| bad(404, format!("no VM named {n:?} in the cluster")))?;
+    Ok(Json(vm_view(&a, v, &view).await?))
+}
+
+/// `POST /v1/vms`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVm {
+    name: String,
+    kernel: std::path::PathBuf,
+    #[serde(default)]
+    initrd: Option<std::path::PathBuf>,
+    #[serde(default)]
+    cmdline: String,
+    #[serde(default = "default_memory")]
+    memory: String,
+    #[serde(default = "default_vcpus")]
+    vcpus: u8,
+    #[serde(default)]
+    cpu: Option<String>,
+    #[serde(default = "yes")]
+    ha: bool,
+    #[serde(default = "yes")]
+    start: bool,
+}
+
+fn default_memory() -> String {
+    "256M".into()
+}
+fn default_vcpus() -> u8 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+async fn create_vm(
+    State(a): Shared,
+    Body(req): Body<CreateVm>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    validate_name(&req.name).map_err(|e| bad(400, e.to_string()))?;
+    for p in std::iter::once(&req.kernel).chain(req.initrd.as_ref()) {
+        if !p.is_absolute() {
+            return Err(bad(
+                400,
+                format!(
+                    "{} must be an absolute path (on the shared storage)",
+                    p.display()
+                ),
+            ));
+        }
+        std::fs::metadata(p).map_err(|e| bad(400, format!("cannot read {}: {e}", p.display())))?;
+    }
+    let cpu = match &req.cpu {
+        Some(c) => vmm::cpuid::CpuModel::parse(c).map_err(|e| bad(400, e.to_string()))?,
+        None => vmm::cpuid::CpuModel::default(),
+    };
+    let config = VmConfig {
+        name: req.name.clone(),
+        vcpus: req.vcpus,
+        memory_mib: parse_mib(&req.memory).map_err(|e| bad(400, e.to_string()))?,
+        kernel: req.kernel.clone(),
+        initrd: req.initrd.clone(),
+        cmdline: req.cmdline.clone(),
+        cpu,
+    };
+    config.validate().map_err(|e| bad(400, e.to_string()))?;
+    vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;
+    let rec = VmRecord {
+        config,
+        ha: req.ha,
+        desired: if req.start {
+            Desired::Running
+        } else {
+            Desired::Stopped
+        },
+        owner: None,
+        epoch: 0,
+        note: None,
+    };
+    if !a
+        .store
+        .compare_and_put(&vm_key(&req.name), 0, encode(&rec)?, None)
+        .await?
+    {
+        return Err(bad(
+            409,
+            format!("a VM named {:?} already exists", req.name),
+        ));
+    }
+    let view = View::read(&a).await?;
+    Ok((StatusCode::CREATED, Json(vm_view(&a, &rec, &view).await?)))
+}
+
+async fn set_desired(a: &Agent, n: &str, d: Desired) -> ApiResult {
+    let view = View::read(a).await?;
+    if !view.vms.contains_key(n) {
+        return Err(bad(404, format!("no VM named {n:?} in the cluster")));
+    }
+    if d == Desired::Stopped
+        && view
+            .active_migration(n)
+            .is_some_and(|m| m.state == MigrationState::Running)
+    {
+        return Err(bad(
+            409,
+            format!("{n} is migrating; cancel the migration first"),
+        ));
+    }
+    a.update::<VmRecord, _>(&vm_key(n), |r| {
+        let ch = r.desired != d;
+        r.desired = d;
+        ch
+    })
+    .await?;
+    Ok(Json(json!({"name": n, "desired": d})))
+}
+
+async fn start_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
+    set_desired(&a, &n, Desired::Running).await
+}
+
+async fn stop_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
+    set_desired(&a, &n, Desired::Stopped).await
+}
+
+async fn delete_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
+    let Some((rev, v)) = a.get::<VmRecord>(&vm_key(&n)).await? else {
+        return Err(bad(404, format!("no VM named {n:?} in the cluster")));
+    };
+    if v.desired == Desired::Running {
+        return Err(bad(409, format!("{n} should be running; stop it first")));
+    }
+    let running = a.store.list(&format!("{PREFIX}running/{n}/")).await?;
+    if !running.is_empty() {
+        return Err(bad(409, format!("{n} is still stopping")));
+    }
+    if !a.store.compare_and_delete(&vm_key(&n), rev).await? {
+        return Err(bad(409, format!("{n} changed meanwhile; try again")));
+    }
+    Ok(Json(json!({"name": n, "deleted": true})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MigrateReq {
+    #[serde(default)]
+    to: Option<String>,
+}
+
+async fn migrate_vm(
+    State(a): Shared,
+    Path(n): Path<String>,
+    Body(req): Body<MigrateReq>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let view = View::read(&a).await?;
+    let v = view
+        .vms
+        .get(&n)
+        .ok_or_else(|| bad(404, format!("no VM named {n:?} in the cluster")))?;
+    let Some(from) = v.owner.clone() else {
+        return Err(bad(409, format!("{n} is not placed on any host yet")));
+    };
+    if v.desired != Desired::Running || !view.hosts.contains_key(&from) {
+        return Err(bad(
+            409,
+            format!("{n} is not running (live migration moves running VMs)"),
+        ));
+    }
+    if let Some(m) = view.active_migration(&n) {
+        return Err(bad(
+            409,
+            format!("{n} already has migration {} ({:?})", m.id, m.state),
+        ));
+    }
+    let to = match req.to {
+        Some(to) => {
+            if to == from {
+                return Err(bad(409, format!("{n} is already on {to}")));
+            }
+            if !view.hosts.contains_key(&to) {
+                return Err(bad(
+                    404,
+                    format!("no live host named {to:?} in the cluster"),
+                ));
+            }
+            if let Some(why) = view.unfit(&to, v, 0) {
+                return Err(bad(409, why));
+            }
+            to
+        }
+        None => view
+            .best_host(v, Some(&from), &Default::default())
+            .map_err(|e| bad(409, e))?,
+    };
+    let m = queue_migration(&a, &n, &from, &to, "user").await?;
+    Ok((StatusCode::ACCEPTED, Json(to_json(&m))))
+}
+
+async fn migrations(State(a): Shared) -> ApiResult {
+    let view = View::read(&a).await?;
+    Ok(Json(to_json(&view.migrations)))
+}
+
+fn parse_id(id: &str) -> Result<u64, ApiError> {
+    id.parse()
+        .map_err(|_| bad(400, format!("bad migration id {id:?}")))
+}
+
+async fn migration(State(a): Shared, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    match a.get::<MigrationRecord>(&migration_key(id)).await? {
+        Some((_, m)) => Ok(Json(to_json(&m))),
+        None => Err(bad(404, format!("no migration {id}"))),
+    }
+}
+
+async fn cancel_migration(State(a): Shared, Path(id): Path<String>) -> ApiResult {
+    let id = parse_id(&id)?;
+    let Some((_, m)) = a.get::<MigrationRecord>(&migration_key(id)).await? else {
+        return Err(bad(404, format!("no migration {id}")));
+    };
+    if m.state.done() {
+        return Err(bad(
+            409,
+            format!("migration {id} has already ended ({:?})", m.state),
+        ));
+    }
+    a.update::<MigrationRecord, _>(&migration_key(id), |r| {
+        if r.state.done() {
+            return false;
+        }
+        r.cancel = true;
+        if r.state == MigrationState::Queued {
+            r.state = MigrationState::Cancelled;
+            r.finished = Some(now());
+        }
+        true
+    })
+    .await?;
+    Ok(Json(json!({"id": id, "cancel": true})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveReq {
+    id: u64,
+}
+
+async fn internal_receive(State(a): Shared, Body(req): Body<ReceiveReq>) -> ApiResult {
+    let listen = a.receive(req.id).await?;
+    Ok(Json(json!({"listen": listen})))
+}
+
+async fn metrics(State(a): Shared) -> Response {
+    let Ok(view) = View::read(&a).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
+    };
+    let mut s = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+        s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (labels, v) in samples {
+            s.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    let me = a.host().to_string();
+    gauge(
+        "ferry_cluster_hosts_up",
+        "Hosts holding a lease.",
+        vec![(String::new(), view.hosts.len() as f64)],
+    );
+    gauge(
+        "ferry_cluster_vms",
+        "VMs defined in the cluster.",
+        vec![(String::new(), view.vms.len() as f64)],
+    );
+    let states = ["queued", "running", "succeeded", "failed", "cancelled"];
+    gauge(
+        "ferry_cluster_migrations",
+        "Migrations by state.",
+        states
+            .iter()
+            .map(|st| {
+                let n = view
+                    .migrations
+                    .iter()
+                    .filter(|m| to_json(&m.state).as_str() == Some(st))
+                    .count();
+                (format!("{{state=\"{st}\"}}"), n as f64)
+            })
+            .collect(),
+    );
+    gauge(
+        "ferry_host_is_coordinator",
+        "1 on the coordinator.",
+        vec![(
+            format!("{{host=\"{me}\"}}"),
+            f64::from(u8::from(a.is_coordinator())),
+        )],
+    );
+    gauge(
+        "ferry_host_fenced",
+        "1 while this host has fenced itself.",
+        vec![(
+            format!("{{host=\"{me}\"}}"),
+            f64::from(u8::from(a.is_fenced())),
+        )],
+    );
+    if let Some(h) = view.hosts.get(&me) {
+        gauge(
+            "ferry_host_vms",
+            "VMs running on this host.",
+            vec![(format!("{{host=\"{me}\"}}"), h.vms.len() as f64)],
+        );
+        gauge(
+            "ferry_host_memory_free_mib",
+            "Available memory.",
+            vec![(format!("{{host=\"{me}\"}}"), h.free_mib as f64)],
+        );
+        gauge(
+            "ferry_host_load1",
+            "One-minute load average.",
+            vec![(format!("{{host=\"{me}\"}}"), h.load)],
+        );
+    }
+    ([("content-type", "text/plain; version=0.0.4")], s).into_response()
+}
+
+/// Calls another host's API (blocking): the JSON answer, or the error it gave.
+pub fn call(url: &str, token: &str, method: &str, body: Option<Value>) -> Result<Value, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let auth = format!("Bearer {token}");
+    let resp = match method {
+        "GET" => agent.get(url).header("Authorization", &auth).call(),
+        "DELETE" => agent.delete(url).header("Authorization", &auth).call(),
+        _ => {
+            let req = agent.post(url).header("Authorization", &auth);
+            match body {
+                Some(b) => req.send_json(b),
+                None => req.send_empty(),
+            }
+        }
+    };
+    let mut resp = resp.map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status();
+    let v: Value = resp
+        .body_mut()
+        .read_json()
+        .map_err(|e| format!("bad answer from {url} ({status}): {e}"))?;
+    if status.is_success() {
+        Ok(v)
+    } else {
+        Err(v["error"]
+            .as_str()
+            .map_or_else(|| format!("{status}"), String::from))
+    }
+}

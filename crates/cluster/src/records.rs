@@ -1,0 +1,239 @@
+//! What the cluster keeps in the store: one JSON record per key under [`PREFIX`], each with
+//! a format version (`docs/cluster.md`). A record of another version is refused, never guessed.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use vmm::VmConfig;
+
+use crate::ClusterError;
+
+/// Every key of this format version starts with this.
+pub const PREFIX: &str = "/ferry/v1/";
+/// Version of every record.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Key of host `h`'s live record (leased: gone when the host stops renewing).
+pub fn host_key(h: &str) -> String {
+    format!("{PREFIX}hosts/{h}")
+}
+/// Key of host `h`'s administrative state (persistent).
+pub fn admin_key(h: &str) -> String {
+    format!("{PREFIX}admin/{h}")
+}
+/// Key of VM `n`'s definition and ownership.
+pub fn vm_key(n: &str) -> String {
+    format!("{PREFIX}vms/{n}")
+}
+/// Key of the report that VM `n` runs on host `h` (leased by `h`).
+pub fn running_key(n: &str, h: &str) -> String {
+    format!("{PREFIX}running/{n}/{h}")
+}
+/// Key of migration `id` (zero-padded so that keys sort by id).
+pub fn migration_key(id: u64) -> String {
+    format!("{PREFIX}migrations/{id:010}")
+}
+/// The coordinator's key (leased by the coordinator).
+pub fn coordinator_key() -> String {
+    format!("{PREFIX}coordinator")
+}
+/// The migration id counter.
+pub fn migration_seq_key() -> String {
+    format!("{PREFIX}seq/migration")
+}
+
+/// A record with its version, as stored.
+#[derive(Serialize, Deserialize)]
+struct Versioned<T> {
+    v: u32,
+    #[serde(flatten)]
+    body: T,
+}
+
+/// Encodes a record.
+pub fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, ClusterError> {
+    serde_json::to_vec(&Versioned {
+        v: RECORD_VERSION,
+        body,
+    })
+    .map_err(|e| ClusterError::Record(e.to_string()))
+}
+
+/// Decodes a record, refusing other versions.
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, ClusterError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| ClusterError::Record(format!("{key}: {e}")))?;
+    match v.get("v").and_then(|v| v.as_u64()) {
+        Some(n) if n == u64::from(RECORD_VERSION) => {}
+        other => {
+            return Err(ClusterError::Record(format!(
+                "{key}: record version {other:?}, this Ferry reads {RECORD_VERSION}"
+            )))
+        }
+    }
+    let r: Versioned<T> =
+        serde_json::from_value(v).map_err(|e| ClusterError::Record(format!("{key}: {e}")))?;
+    Ok(r.body)
+}
+
+/// A host as it reports itself (renewed with its lease).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Host name.
+    pub name: String,
+    /// Its REST API (`http://ADDR:PORT`).
+    pub api: String,
+    /// Address its receiving workers listen on.
+    pub migration_ip: String,
+    /// CPU vendor.
+    pub cpu_vendor: String,
+    /// CPU model name.
+    pub cpu_model: String,
+    /// The CPU features it offers guests.
+    pub cpu_features: Vec<String>,
+    /// The CPU models it can run.
+    pub cpu_models: Vec<String>,
+    /// Logical CPUs.
+    pub cores: u32,
+    /// Memory.
+    pub memory_mib: u64,
+    /// Memory available.
+    pub free_mib: u64,
+    /// One-minute load average.
+    pub load: f64,
+    /// Memory given to the VMs it runs.
+    pub vm_memory_mib: u64,
+    /// The VMs it runs.
+    pub vms: Vec<String>,
+    /// Unix time it last reported.
+    pub updated: u64,
+    /// Whether it has fenced itself (lost the store) and not yet re-joined.
+    #[serde(default)]
+    pub fenced: bool,
+}
+
+/// A host's administrative state, kept across its restarts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostAdmin {
+    /// No new VMs are placed on it.
+    pub paused: bool,
+    /// Its VMs are being moved away.
+    pub draining: bool,
+}
+
+/// Whether a VM should run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    /// Run it (somewhere).
+    Running,
+    /// Keep it stopped.
+    Stopped,
+}
+
+/// A VM of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Its configuration.
+    pub config: VmConfig,
+    /// Restart it on another host when its host dies.
+    pub ha: bool,
+    /// Whether it should run.
+    pub desired: Desired,
+    /// The host that may run it (and open its disks); none until placed.
+    pub owner: Option<String>,
+    /// Fencing epoch: raised on every change of owner. A host runs the VM only with the
+    /// epoch it was given; a host holding an older one must not touch its disks.
+    pub epoch: u64,
+    /// Why it is not running where it should, if it is not.
+    #[serde(default)]
+    pub note: Option<String>,
+}
+
+/// A host's report that it runs a VM (leased by that host).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunningRecord {
+    /// The host.
+    pub host: String,
+    /// The VM's fencing epoch the host runs it under.
+    pub epoch: u64,
+    /// The worker's state.
+    pub state: String,
+    /// The worker's pid on that host.
+    pub pid: u32,
+}
+
+/// A migration's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationState {
+    /// Waiting for the coordinator to admit it.
+    Queued,
+    /// Admitted; moving.
+    Running,
+    /// The VM runs on the destination.
+    Succeeded,
+    /// The VM stayed on the source.
+    Failed,
+    /// Cancelled before it finished; the VM stayed on the source.
+    Cancelled,
+}
+
+impl MigrationState {
+    /// Whether it has ended.
+    pub fn done(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Succeeded | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+/// A live migration requested of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// Id (increasing).
+    pub id: u64,
+    /// The VM.
+    pub vm: String,
+    /// Source host.
+    pub from: String,
+    /// Destination host.
+    pub to: String,
+    /// State.
+    pub state: MigrationState,
+    /// Why: `user`, `drain`, `failback`, `balance`.
+    pub reason: String,
+    /// Unix times.
+    pub requested: u64,
+    /// When the coordinator admitted it.
+    pub started: Option<u64>,
+    /// When it ended.
+    pub finished: Option<u64>,
+    /// Cancellation requested.
+    #[serde(default)]
+    pub cancel: bool,
+    /// Last progress, in words.
+    #[serde(default)]
+    pub progress: Option<String>,
+    /// The engine's report, once it succeeded.
+    #[serde(default)]
+    pub report: Option<serde_json::Value>,
+    /// The error, once it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// The coordinator's record (leased by it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CoordinatorRecord {
+    /// The host that coordinates.
+    pub host: String,
+    /// Since (unix time).
+    pub since: u64,
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

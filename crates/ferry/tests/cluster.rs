@@ -1,0 +1,746 @@
+//! The cluster end to end: a real etcd, several `ferryd` agents on this machine (one per
+//! "host", each with its own run directory and API port, all sharing one directory as the
+//! cluster's shared storage), `ferry --api` as a user would type it, and bare-metal dirtier
+//! guests on this machine's KVM checking their own memory.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_store::local_etcd::LocalEtcd;
+use serde_json::Value;
+
+const TOKEN: &str = "test-token-0123456789abcdef";
+
+struct Host {
+    name: String,
+    api: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: PathBuf,
+    rt: tokio::runtime::Runtime,
+    etcd: Option<LocalEtcd>,
+    hosts: Vec<Host>,
+    /// etcd as each host reaches it: through a proxy the test can cut (a partition).
+    proxies: HashMap<String, Proxy>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A TCP forwarder from a local port to etcd; `cut` drops every connection and refuses new
+/// ones, as a failed link would.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    fn new(target: String) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let c = cut.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(a) = s else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(b) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    let c = c.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        from.set_read_timeout(Some(Duration::from_millis(200))).ok();
+                        loop {
+                            if c.load(Ordering::SeqCst) {
+                                let _ = from.shutdown(std::net::Shutdown::Both);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                                return;
+                            }
+                            match from.read(&mut buf) {
+                                Ok(0) => {
+                                    let _ = to.shutdown(std::net::Shutdown::Write);
+                                    return;
+                                }
+                                Ok(n) => {
+                                    if to.write_all(&buf[..n]).is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) => {}
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Proxy { port, cut }
+    }
+}
+
+impl Cluster {
+    /// `n` hosts h1..hN on one etcd; `limits` is the TOML of the `[limits]` table.
+    fn new(name: &str, n: usize, limits: &str) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("ferry-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let etcd = rt.block_on(LocalEtcd::start(&dir.join("etcd"))).unwrap();
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let pki = dir.join("pki");
+        let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["pki", "init", pki.to_str().unwrap(), "--host", "cluster"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut c = Cluster {
+            dir,
+            rt,
+            etcd: Some(etcd),
+            hosts: Vec::new(),
+            proxies: HashMap::new(),
+        };
+        for i in 1..=n {
+            let h = format!("h{i}");
+            let proxy = Proxy::new(
+                c.etcd
+                    .as_ref()
+                    .unwrap()
+                    .endpoint()
+                    .trim_start_matches("http://")
+                    .to_string(),
+            );
+            let port = free_port();
+            let config = c.dir.join(format!("{h}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"host = "{h}"
+listen = "127.0.0.1:{port}"
+migration_ip = "127.0.0.1"
+shared_dir = "{shared}"
+run_dir = "{run}"
+token_file = "{token}"
+pki_dir = "{pki}"
+lease_ttl_s = 3
+
+[store]
+kind = "etcd"
+endpoints = ["http://127.0.0.1:{proxy}"]
+
+[limits]
+{limits}
+"#,
+                    shared = c.dir.join("shared").display(),
+                    run = c.dir.join(format!("run-{h}")).display(),
+                    token = c.dir.join("token").display(),
+                    pki = pki.display(),
+                    proxy = proxy.port,
+                ),
+            )
+            .unwrap();
+            c.proxies.insert(h.clone(), proxy);
+            c.hosts.push(Host {
+                name: h.clone(),
+                api: format!("http://127.0.0.1:{port}"),
+                log: c.dir.join(format!("{h}.log")),
+                config,
+                child: None,
+            });
+            c.start_host(&h);
+        }
+        c.wait_until(
+            "every host joined and one coordinates",
+            Duration::from_secs(60),
+            |c| {
+                let s = c.api_get("/v1/cluster");
+                s["hosts"] == n && s["coordinator"].is_string()
+            },
+        );
+        c
+    }
+
+    fn host(&mut self, h: &str) -> &mut Host {
+        self.hosts.iter_mut().find(|x| x.name == h).unwrap()
+    }
+
+    fn start_host(&mut self, h: &str) {
+        let host = self.host(h);
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&host.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--config")
+            .arg(&host.config)
+            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        host.child = Some(child);
+    }
+
+    /// SIGKILLs host `h`'s agent (its workers follow it: they watch it).
+    fn kill_host(&mut self, h: &str) {
+        let host = self.host(h);
+        if let Some(mut c) = host.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// An API on a live host.
+    fn api(&self) -> String {
+        self.hosts
+            .iter()
+            .find(|h| h.child.is_some())
+            .map(|h| h.api.clone())
+            .unwrap()
+    }
+
+    fn ferry_at(&self, api: &str, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .env("FERRY_API", api)
+            .env("FERRY_TOKEN_FILE", self.dir.join("token"))
+            .output()
+            .unwrap()
+    }
+
+    /// `ferry ... --output json` against a live host; asserts success.
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let o = self.ferry_at(&self.api(), &a);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    }
+
+    /// `ferry ...` that must fail; its error.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.ferry_at(&self.api(), args);
+        assert!(!o.status.success(), "ferry {args:?} unexpectedly succeeded");
+        let e = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!e.contains("panicked"), "{e}");
+        e
+    }
+
+    fn api_get(&self, path: &str) -> Value {
+        ferry_cluster::api::call(&format!("{}{path}", self.api()), TOKEN, "GET", None)
+            .unwrap_or(Value::Null)
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, cond: impl Fn(&Cluster) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !cond(self) {
+            if Instant::now() > deadline {
+                panic!(
+                    "not within {timeout:?}: {what}\nvms: {}\nmigrations: {}\n{}",
+                    self.api_get("/v1/vms"),
+                    self.api_get("/v1/migrations"),
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for h in &self.hosts {
+            let t = std::fs::read_to_string(&h.log).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            s.push_str(&format!("--- {} (last lines)\n", h.name));
+            for l in &lines[lines.len().saturating_sub(25)..] {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    fn console(&self, vm: &str) -> PathBuf {
+        self.dir.join("shared/consoles").join(format!("{vm}.log"))
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        self.api_get(&format!("/v1/vms/{name}"))
+    }
+
+    /// Creates a dirtier VM and waits until it runs and beats.
+    fn create(&self, name: &str, extra: &[&str]) -> String {
+        let k = ferry_guests::dirtier();
+        let mut args = vec![
+            "vm",
+            "create",
+            name,
+            "--kernel",
+            k.to_str().unwrap(),
+            "--memory",
+            "16M",
+            "--cmdline",
+            "mb=4 rate=2000 beat_ms=100",
+        ];
+        args.extend(extra);
+        self.json(&args);
+        self.wait_until(&format!("{name} running"), Duration::from_secs(60), |c| {
+            c.vm(name)["state"] == "running"
+        });
+        wait_beats(&self.console(name), 3);
+        self.vm(name)["host"].as_str().unwrap().to_string()
+    }
+
+    /// Every worker process of VM `name` on any host: (host, pid).
+    fn workers_of(&self, name: &str) -> Vec<(String, u32)> {
+        let mut out = Vec::new();
+        for h in &self.hosts {
+            let pidfile = self
+                .dir
+                .join(format!("run-{}", h.name))
+                .join("vms")
+                .join(name);
+            if !pidfile.exists() {
+                continue;
+            }
+            // A worker is alive when its control socket answers.
+            let sock = pidfile.join("control.sock");
+            if let Ok(r) = ferry_worker::server::call_socket(&sock, &ferry_worker::Request::Status)
+            {
+                if let Some(pid) = r.result.as_ref().and_then(|v| v["pid"].as_u64()) {
+                    out.push((h.name.clone(), pid as u32));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for h in &mut self.hosts {
+            if let Some(mut c) = h.child.take() {
+                // SIGTERM: the agent stops its VMs and leaves.
+                // SAFETY: signalling a child of this test.
+                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        drop(self.etcd.take());
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn beats(text: &str) -> Vec<(u64, bool)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "beat").then_some(())?;
+            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+fn wait_beats(log: &Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} beats in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The guest kept one beat counter (no restart, no gap) and every self-check passed.
+fn assert_one_run_intact(log: &Path) {
+    let all = beats(&std::fs::read_to_string(log).unwrap());
+    assert!(
+        all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "counter restarted or skipped: {all:?}"
+    );
+    assert!(all.iter().all(|x| x.1), "memory damaged: {all:?}");
+}
+
+fn beats_now(log: &Path) -> usize {
+    beats(&std::fs::read_to_string(log).unwrap_or_default()).len()
+}
+
+#[test]
+fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
+    let c = Cluster::new("ops", 3, "");
+    let h_a = c.create("a", &[]);
+    let h_b = c.create("b", &[]);
+    assert_ne!(h_a, h_b, "placement should spread VMs over the hosts");
+    assert_eq!(c.workers_of("a").len(), 1);
+
+    // A user migration to a named host.
+    let target = ["h1", "h2", "h3"].into_iter().find(|h| *h != h_a).unwrap();
+    let n = beats_now(&c.console("a"));
+    let m = c.json(&["vm", "migrate", "a", "--to", target]);
+    assert_eq!(m["state"], "succeeded", "{m}");
+    assert_eq!(m["report"]["tls"], true, "{m}");
+    assert_eq!(c.vm("a")["host"], target);
+    wait_beats(&c.console("a"), n + 3);
+    assert_one_run_intact(&c.console("a"));
+    assert_eq!(
+        c.workers_of("a"),
+        vec![(target.to_string(), c.workers_of("a")[0].1)]
+    );
+    assert_eq!(
+        c.vm("a")["epoch"],
+        2,
+        "placement and the migration each raise the epoch"
+    );
+
+    // Drain the host now holding "a": everything leaves, the host is paused.
+    let drained = target;
+    let on_drained: Vec<&str> = ["a", "b"]
+        .into_iter()
+        .filter(|v| c.vm(v)["host"] == drained)
+        .collect();
+    let o = c.json(&["host", "drain", drained]);
+    assert_eq!(o["state"], "paused");
+    let hosts = c.json(&["host", "list"]);
+    let h = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == drained)
+        .unwrap();
+    assert_eq!(h["state"], "paused", "{h}");
+    assert_eq!(h["vms"].as_array().unwrap().len(), 0, "{h}");
+    for vm in ["a", "b"] {
+        assert_ne!(c.vm(vm)["host"], drained);
+        assert_eq!(c.workers_of(vm).len(), 1);
+        let n = beats_now(&c.console(vm));
+        wait_beats(&c.console(vm), n + 2);
+        assert_one_run_intact(&c.console(vm));
+    }
+    // A paused host gets no new VMs.
+    let e = c.fails(&["vm", "migrate", "b", "--to", drained]);
+    assert!(e.contains("paused"), "{e}");
+
+    // Return it, moving back what the drain took away.
+    let r = c.json(&["host", "resume", drained, "--failback"]);
+    assert_eq!(
+        r["failback"].as_array().unwrap().len(),
+        on_drained.len(),
+        "{r}"
+    );
+    c.wait_until(
+        "the drained VMs back on the resumed host",
+        Duration::from_secs(60),
+        |c| {
+            on_drained
+                .iter()
+                .all(|v| c.vm(v)["host"] == drained && c.vm(v)["state"] == "running")
+        },
+    );
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 2);
+    assert_one_run_intact(&c.console("a"));
+    let ms = c.json(&["migration", "list"]);
+    let reasons: Vec<&str> = ms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.contains(&"drain") && reasons.contains(&"failback"),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn concurrent_migrations_stay_within_the_cluster_limits() {
+    // 4 hosts: at most 2 migrations at once (half the hosts) and one per host.
+    let c = Cluster::new("limits", 4, "");
+    let names: Vec<String> = (1..=8).map(|i| format!("v{i}")).collect();
+    for n in &names {
+        c.create(n, &[]);
+    }
+    // Every VM to another host, requested at once.
+    let mut ids = Vec::new();
+    for n in &names {
+        let m = c.json(&["vm", "migrate", n, "--no-wait"]);
+        ids.push(m["id"].as_u64().unwrap());
+    }
+    let mut max_seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let ms = c.api_get("/v1/migrations");
+        let list = ms.as_array().unwrap();
+        let running: Vec<&Value> = list.iter().filter(|m| m["state"] == "running").collect();
+        max_seen = max_seen.max(running.len());
+        assert!(
+            running.len() <= 2,
+            "more than ⌊4/2⌋ migrations at once: {running:?}"
+        );
+        let mut per_host: HashMap<&str, usize> = HashMap::new();
+        for m in &running {
+            *per_host.entry(m["from"].as_str().unwrap()).or_default() += 1;
+            *per_host.entry(m["to"].as_str().unwrap()).or_default() += 1;
+        }
+        assert!(
+            per_host.values().all(|n| *n <= 1),
+            "a host in two migrations: {running:?}"
+        );
+        if list.iter().all(|m| m["state"] == "succeeded") {
+            break;
+        }
+        assert!(
+            !list
+                .iter()
+                .any(|m| m["state"] == "failed" || m["state"] == "cancelled"),
+            "{ms}\n{}",
+            c.logs()
+        );
+        assert!(Instant::now() < deadline, "migrations did not finish: {ms}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        max_seen, 2,
+        "the limit was never reached: the test proves nothing"
+    );
+    for n in &names {
+        assert_eq!(c.workers_of(n).len(), 1, "{n}");
+        assert_one_run_intact(&c.console(n));
+    }
+
+    // A queued migration can be cancelled; the VM stays.
+    let many: Vec<u64> = names[..4]
+        .iter()
+        .map(|n| {
+            c.json(&["vm", "migrate", n, "--no-wait"])["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let queued = many
+        .iter()
+        .copied()
+        .find(|id| c.api_get(&format!("/v1/migrations/{id}"))["state"] == "queued");
+    if let Some(id) = queued {
+        c.json(&["migration", "cancel", &id.to_string()]);
+        let m = c.api_get(&format!("/v1/migrations/{id}"));
+        assert_eq!(m["state"], "cancelled", "{m}");
+    }
+    c.wait_until("the other migrations end", Duration::from_secs(120), |c| {
+        c.api_get("/v1/migrations")
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| matches!(m["state"].as_str(), Some("succeeded" | "cancelled")))
+    });
+}
+
+#[test]
+fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
+    let mut c = Cluster::new("ha", 3, "");
+    let host_a = c.create("a", &[]);
+    let host_n = c.create("n", &["--no-ha"]);
+
+    // Kill the host of "a" (agent and, with it, its workers).
+    c.kill_host(&host_a);
+    c.wait_until("a restarted elsewhere", Duration::from_secs(30), |c| {
+        let v = c.vm("a");
+        v["state"] == "running" && v["host"] != host_a.as_str()
+    });
+    let v = c.vm("a");
+    assert!(v["note"].as_str().unwrap_or("").contains("died"), "{v}");
+    assert_eq!(c.workers_of("a").len(), 1, "{:?}", c.workers_of("a"));
+    // A fresh boot on the new host, verifying its memory.
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 3);
+    assert!(beats(&std::fs::read_to_string(c.console("a")).unwrap())
+        .iter()
+        .all(|b| b.1));
+    if host_n == host_a {
+        let v = c.vm("n");
+        assert!(
+            v["note"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not highly available"),
+            "{v}"
+        );
+    }
+
+    // Cut the next host of "a" from the store: it must stop "a" itself before its lease
+    // expires, and only then may "a" run elsewhere — never on two hosts at once.
+    let host_a2 = c.vm("a")["host"].as_str().unwrap().to_string();
+    c.proxies[&host_a2].cut.store(true, Ordering::SeqCst);
+    let t = Instant::now();
+    let mut moved = false;
+    while t.elapsed() < Duration::from_secs(40) {
+        let w = c.workers_of("a");
+        assert!(w.len() <= 1, "the VM runs on two hosts at once: {w:?}");
+        if w.len() == 1 && w[0].0 != host_a2 {
+            moved = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        moved,
+        "a did not move off the partitioned host\n{}",
+        c.logs()
+    );
+    let log = std::fs::read_to_string(&c.host(&host_a2).log).unwrap();
+    assert!(log.contains("fenced"), "{log}");
+}
+
+#[test]
+fn the_coordinator_role_moves_and_an_etcd_restart_loses_nothing() {
+    let mut c = Cluster::new("coord", 3, "");
+    c.create("a", &[]);
+    let coord = c.api_get("/v1/cluster")["coordinator"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    c.kill_host(&coord);
+    c.wait_until("another coordinator", Duration::from_secs(30), |c| {
+        let s = c.api_get("/v1/cluster");
+        s["coordinator"].is_string() && s["coordinator"] != coord.as_str()
+    });
+
+    // Its VMs went with it (HA): wait until "a" runs on a live host again.
+    c.wait_until("a running on a live host", Duration::from_secs(30), |c| {
+        let v = c.vm("a");
+        v["state"] == "running" && v["host"] != coord.as_str()
+    });
+    // Restart etcd on the same data: definitions and ownership are all still there.
+    let before = c.vm("a");
+    let mut etcd = c.etcd.take().unwrap();
+    c.rt.block_on(etcd.restart()).unwrap();
+    c.etcd = Some(etcd);
+    c.wait_until("the cluster back", Duration::from_secs(60), |c| {
+        let s = c.api_get("/v1/cluster");
+        s["hosts"] == 2 && s["coordinator"].is_string()
+    });
+    let after = c.vm("a");
+    assert_eq!(after["host"], before["host"]);
+    assert_eq!(after["epoch"], before["epoch"]);
+    c.wait_until("a running", Duration::from_secs(30), |c| {
+        c.vm("a")["state"] == "running"
+    });
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let c = Cluster::new("bad", 2, "");
+    let h = c.create("a", &[]);
+    let e = c.fails(&["vm", "show", "nope"]);
+    assert!(e.contains("no VM named"), "{e}");
+    let e = c.fails(&["host", "show", "nope"]);
+    assert!(e.contains("no host named"), "{e}");
+    let e = c.fails(&["vm", "migrate", "a", "--to", &h]);
+    assert!(e.contains("already on"), "{e}");
+    let e = c.fails(&["vm", "migrate", "a", "--to", "nope"]);
+    assert!(e.contains("no live host"), "{e}");
+    let k = ferry_guests::dirtier();
+    let e = c.fails(&["vm", "create", "a", "--kernel", k.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    let e = c.fails(&["vm", "create", "x", "--kernel", "/nonexistent"]);
+    assert!(e.contains("cannot read"), "{e}");
+    let e = c.fails(&[
+        "vm",
+        "create",
+        "x",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "0",
+    ]);
+    assert!(!e.is_empty());
+
+    // Draining: fine for one host, refused for the last one that takes VMs.
+    let other = if h == "h1" { "h2" } else { "h1" };
+    c.json(&["host", "drain", other]);
+    let e = c.fails(&["host", "drain", &h]);
+    assert!(e.contains("last host"), "{e}");
+
+    // Raw HTTP: no token, a wrong token, malformed JSON.
+    let api = c.api();
+    let no = ferry_cluster::api::call(&format!("{api}/v1/vms"), "", "GET", None).unwrap_err();
+    assert!(no.contains("token"), "{no}");
+    let wrong = ferry_cluster::api::call(
+        &format!("{api}/v1/vms"),
+        "wrong-token-wrong-token",
+        "GET",
+        None,
+    )
+    .unwrap_err();
+    assert!(wrong.contains("wrong API token"), "{wrong}");
+    let (status, body) = raw_post(&api, "/v1/vms", "{not json");
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = raw_post(&api, "/v1/vms/a/migrate", r#"{"to": 5}"#);
+    assert_eq!(status, 400);
+
+    // Nothing changed: one VM, still on its host, no migration recorded.
+    let vms = c.json(&["vm", "list"]);
+    assert_eq!(vms.as_array().unwrap().len(), 1);
+    assert_eq!(c.vm("a")["host"], h.as_str());
+    assert_eq!(c.json(&["migration", "list"]).as_array().unwrap().len(), 0);
+}
+
+fn raw_post(api: &str, path: &str, body: &str) -> (u16, String) {
+    let addr = api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, out)
+}
