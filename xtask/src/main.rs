@@ -6,6 +6,7 @@
 //! - `lab -- CMD...`: run any command inside a lab host.
 //! - `demo`: start the dirtier, save it, restore it in a new worker process, show it continuing.
 
+mod cluster_demo;
 mod demo;
 mod lab;
 
@@ -53,10 +54,15 @@ enum Task {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// The main job: two hosts (network namespaces), a running VM live-migrated from one to
-    /// the other over mutual TLS, then quick-migrated back.
+    /// The main job: a local cluster (etcd, four hosts in network namespaces, each with its
+    /// ferryd), a running VM live-migrated through the coordinator, a host drained and
+    /// returned with failback, the guest checking its memory throughout; then torn down.
     Demo {
-        /// Use the Linux guest inside a lab host instead of the bare-metal dirtier here.
+        /// Instead: two worker processes in two namespaces, no cluster — live migration over
+        /// mutual TLS, then quick migration back.
+        #[arg(long)]
+        workers: bool,
+        /// With --workers: the Linux guest inside a lab host instead of the bare-metal dirtier.
         #[arg(long)]
         linux: bool,
     },
@@ -188,7 +194,13 @@ fn main() -> Result<()> {
             let rc = lab::run(&workspace(), &opts, &cmd)?;
             std::process::exit(rc);
         }
-        Task::Demo { linux } => demo::run(&workspace(), linux),
+        Task::Demo { workers, linux } => {
+            if workers || linux {
+                demo::run(&workspace(), linux)
+            } else {
+                cluster_demo::run(&workspace())
+            }
+        }
         Task::BenchQemu { sizes } => {
             run({
                 let mut c = cargo();

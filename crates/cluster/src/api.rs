@@ -135,6 +135,7 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
     let state = match running.iter().find(|r| Some(&r.host) == v.owner.as_ref()) {
         Some(r) => r.state.clone(),
         None if v.desired == Desired::Stopped => "stopped".into(),
+        None if v.owner.is_some() => "starting".into(),
         None => "pending".into(),
     };
     Ok(json!({

@@ -90,14 +90,43 @@ fn s(v: &Value) -> String {
 /// `ferry cluster` verbs.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
-    /// Hosts, coordinator, VMs and migrations at a glance.
+    /// Hosts, coordinator, VMs and migrations at a glance (needs --api).
     Status,
+    /// Start a local cluster on this machine: etcd, and HOSTS hosts, each a network
+    /// namespace with its own ferryd on a management and a migration bridge (needs root).
+    Up {
+        /// Number of hosts (1-9).
+        #[arg(long, default_value_t = 4)]
+        hosts: u8,
+        /// Its directory: configs, logs, etcd data, the shared directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Stop the local cluster and remove everything `up` created (VMs, namespaces, bridges,
+    /// etcd, its directory).
+    Down {
+        /// The directory given to `up`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
-/// Runs `ferry cluster status`.
-pub fn run_cluster(cmd: ClusterCmd, api: &Api, out: Output) -> Result<()> {
+/// Runs a `ferry cluster` verb.
+pub fn run_cluster(cmd: ClusterCmd, api: Option<&Api>, out: Output) -> Result<()> {
+    use crate::localcluster;
     match cmd {
+        ClusterCmd::Up { hosts, dir } => {
+            localcluster::up(hosts, &dir.unwrap_or_else(localcluster::default_dir), out)
+        }
+        ClusterCmd::Down { dir } => {
+            localcluster::down(&dir.unwrap_or_else(localcluster::default_dir), out)
+        }
         ClusterCmd::Status => {
+            let Some(api) = api else {
+                bail!(
+                    "`ferry cluster status` needs a cluster API: give --api URL (or set FERRY_API)"
+                );
+            };
             let v = api.get("/v1/cluster")?;
             let rows = [
                 "coordinator",

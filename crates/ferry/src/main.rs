@@ -2,6 +2,7 @@
 
 mod cluster;
 mod host;
+mod localcluster;
 mod migrate;
 mod output;
 mod pki;
@@ -49,24 +50,25 @@ enum Cmd {
     /// The cluster CA and host identities that authenticate migrations.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
-    /// The cluster as a whole (needs --api).
+    /// The cluster as a whole; a local cluster on this machine.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
 }
 
 fn main() {
     let cli = Cli::parse();
-    let res = cli.api.resolve().and_then(|api| match cli.cmd {
+    // `cluster up|down` make a cluster; they must not need one.
+    let local = matches!(
+        cli.cmd,
+        Cmd::Cluster(cluster::ClusterCmd::Up { .. } | cluster::ClusterCmd::Down { .. })
+    );
+    let api = if local { Ok(None) } else { cli.api.resolve() };
+    let res = api.and_then(|api| match cli.cmd {
         Cmd::Vm(c) => vm::run(c, cli.output, api.as_ref()),
         Cmd::Migration(c) => migrate::run_cmd(c, cli.output, api.as_ref()),
         Cmd::Pki(c) => pki::run(c, cli.output),
         Cmd::Host(c) => host::run(c, cli.output, api.as_ref()),
-        Cmd::Cluster(c) => match api {
-            Some(api) => cluster::run_cluster(c, &api, cli.output),
-            None => Err(anyhow::anyhow!(
-                "`ferry cluster` needs a cluster API: give --api URL (or set FERRY_API)"
-            )),
-        },
+        Cmd::Cluster(c) => cluster::run_cluster(c, api.as_ref(), cli.output),
     });
     if let Err(e) = res {
         if cli.output == Output::Json {
