@@ -306,6 +306,16 @@ endpoints = ["http://127.0.0.1:{proxy}"]
 
     /// Creates a dirtier VM and waits until it runs and beats.
     fn create(&self, name: &str, extra: &[&str]) -> String {
+        self.define(name, extra);
+        self.wait_until(&format!("{name} running"), Duration::from_secs(60), |c| {
+            c.vm(name)["state"] == "running"
+        });
+        wait_beats(&self.console(name), 3);
+        self.vm(name)["host"].as_str().unwrap().to_string()
+    }
+
+    /// Defines a dirtier VM (the cluster starts it).
+    fn define(&self, name: &str, extra: &[&str]) {
         let k = ferry_guests::dirtier();
         let mut args = vec![
             "vm",
@@ -320,11 +330,6 @@ endpoints = ["http://127.0.0.1:{proxy}"]
         ];
         args.extend(extra);
         self.json(&args);
-        self.wait_until(&format!("{name} running"), Duration::from_secs(60), |c| {
-            c.vm(name)["state"] == "running"
-        });
-        wait_beats(&self.console(name), 3);
-        self.vm(name)["host"].as_str().unwrap().to_string()
     }
 
     /// Every worker process of VM `name` on any host: (host, pid).
@@ -503,7 +508,13 @@ fn concurrent_migrations_stay_within_the_cluster_limits() {
     let c = Cluster::new("limits", 4, "");
     let names: Vec<String> = (1..=8).map(|i| format!("v{i}")).collect();
     for n in &names {
-        c.create(n, &[]);
+        c.define(n, &[]);
+    }
+    for n in &names {
+        c.wait_until(&format!("{n} running"), Duration::from_secs(60), |c| {
+            c.vm(n)["state"] == "running"
+        });
+        wait_beats(&c.console(n), 2);
     }
     // Every VM to another host, requested at once.
     let mut ids = Vec::new();
