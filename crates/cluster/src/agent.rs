@@ -420,6 +420,7 @@ impl Agent {
                     epoch,
                     state: s.state.to_string(),
                     pid: s.pid,
+                    cpu_features: s.cpu_features.clone(),
                 },
             );
         }
@@ -468,7 +469,26 @@ impl Agent {
         if !matches!(&current, Ok(Some(kv)) if kv.mod_revision == rev) {
             return;
         }
-        let cfg = v.config.clone();
+        let mut cfg = v.config.clone();
+        if v.cluster_cpu {
+            // The `cluster` model: hide what this host has beyond the live hosts' common set.
+            match crate::coordinator::View::read(self).await {
+                Ok(view) => {
+                    let (common, _) = crate::api::baseline(&view);
+                    cfg.cpu_hide = self
+                        .cpu
+                        .features
+                        .iter()
+                        .filter(|f| !common.contains(f))
+                        .cloned()
+                        .collect();
+                }
+                Err(e) => {
+                    warn!("{name}: cannot compute the cluster CPU baseline: {e}");
+                    return;
+                }
+            }
+        }
         let extra: Vec<OsString> = vec![
             "--console-log".into(),
             self.console_log(name).into_os_string(),

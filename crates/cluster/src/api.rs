@@ -92,6 +92,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/vms/{name}/cpu", post(set_cpu))
+        .route("/v1/cpu-baseline", get(cpu_baseline))
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
@@ -147,7 +149,8 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
         "ha": v.ha,
         "vcpus": v.config.vcpus,
         "memory_mib": v.config.memory_mib,
-        "cpu_model": v.config.cpu.name(),
+        "cpu_model": if v.cluster_cpu { "cluster" } else { v.config.cpu.name() },
+        "cpu_features": running.iter().find(|r| Some(&r.host) == v.owner.as_ref()).map(|r| r.cpu_features.clone()),
         "running_on": running,
         "note": v.note,
         "migration": view.active_migration(&v.config.name).map(to_json),
@@ -338,6 +341,17 @@ struct CreateVm {
     start: bool,
 }
 
+/// A CPU model name: one of the VMM's, or `cluster`.
+fn parse_cpu(s: Option<&str>) -> Result<(vmm::cpuid::CpuModel, bool), ApiError> {
+    match s {
+        None => Ok((vmm::cpuid::CpuModel::default(), false)),
+        Some("cluster") => Ok((vmm::cpuid::CpuModel::Host, true)),
+        Some(c) => vmm::cpuid::CpuModel::parse(c)
+            .map(|m| (m, false))
+            .map_err(|e| bad(400, format!("{e} (or cluster)"))),
+    }
+}
+
 fn default_memory() -> String {
     "256M".into()
 }
@@ -365,10 +379,7 @@ async fn create_vm(
         }
         std::fs::metadata(p).map_err(|e| bad(400, format!("cannot read {}: {e}", p.display())))?;
     }
-    let cpu = match &req.cpu {
-        Some(c) => vmm::cpuid::CpuModel::parse(c).map_err(|e| bad(400, e.to_string()))?,
-        None => vmm::cpuid::CpuModel::default(),
-    };
+    let (cpu, cluster_cpu) = parse_cpu(req.cpu.as_deref())?;
     let config = VmConfig {
         name: req.name.clone(),
         vcpus: req.vcpus,
@@ -377,6 +388,7 @@ async fn create_vm(
         initrd: req.initrd.clone(),
         cmdline: req.cmdline.clone(),
         cpu,
+        cpu_hide: Vec::new(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;
@@ -391,6 +403,7 @@ async fn create_vm(
         owner: None,
         epoch: 0,
         note: None,
+        cluster_cpu,
     };
     if !a
         .store
@@ -509,6 +522,86 @@ async fn migrate_vm(
     };
     let m = queue_migration(&a, &n, &from, &to, "user").await?;
     Ok((StatusCode::ACCEPTED, Json(to_json(&m))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetCpu {
+    cpu: String,
+}
+
+/// Changes a VM's CPU model: only while it is off, since a running guest has already seen its
+/// features.
+async fn set_cpu(State(a): Shared, Path(n): Path<String>, Body(req): Body<SetCpu>) -> ApiResult {
+    let (cpu, cluster_cpu) = parse_cpu(Some(&req.cpu))?;
+    let Some((_, v)) = a.get::<VmRecord>(&vm_key(&n)).await? else {
+        return Err(bad(404, format!("no VM named {n:?} in the cluster")));
+    };
+    let running = a.store.list(&format!("{PREFIX}running/{n}/")).await?;
+    if v.desired == Desired::Running || !running.is_empty() {
+        return Err(bad(
+            409,
+            format!("{n} is running: its guest has already seen its CPU; stop it first to change the CPU model"),
+        ));
+    }
+    let changed = a
+        .update::<VmRecord, _>(&vm_key(&n), |r| {
+            if r.desired == Desired::Running {
+                return false;
+            }
+            r.config.cpu = cpu;
+            r.config.cpu_hide.clear();
+            r.cluster_cpu = cluster_cpu;
+            true
+        })
+        .await?;
+    if !changed {
+        return Err(bad(
+            409,
+            format!("{n} was started meanwhile; stop it first"),
+        ));
+    }
+    Ok(Json(json!({"name": n, "cpu_model": req.cpu})))
+}
+
+/// The features every live host offers, and for each feature some host lacks, which hosts
+/// lack it (they limit the `cluster` CPU model).
+async fn cpu_baseline(State(a): Shared) -> ApiResult {
+    let view = View::read(&a).await?;
+    let (common, limits) = baseline(&view);
+    let vendors: std::collections::BTreeSet<&str> =
+        view.hosts.values().map(|h| h.cpu_vendor.as_str()).collect();
+    Ok(Json(json!({
+        "hosts": view.hosts.keys().collect::<std::collections::BTreeSet<_>>(),
+        "vendors": vendors,
+        "common": common,
+        "limited_by": limits,
+    })))
+}
+
+/// The common features of the live hosts, and what each host missing some feature lacks.
+pub fn baseline(view: &View) -> (Vec<String>, std::collections::BTreeMap<String, Vec<String>>) {
+    let mut all: std::collections::BTreeSet<&String> = Default::default();
+    for h in view.hosts.values() {
+        all.extend(h.cpu_features.iter());
+    }
+    let common: Vec<String> = all
+        .iter()
+        .filter(|f| view.hosts.values().all(|h| h.cpu_features.contains(f)))
+        .map(|f| (*f).clone())
+        .collect();
+    let mut limits = std::collections::BTreeMap::new();
+    for h in view.hosts.values() {
+        let lacks: Vec<String> = all
+            .iter()
+            .filter(|f| !h.cpu_features.contains(f))
+            .map(|f| (*f).clone())
+            .collect();
+        if !lacks.is_empty() {
+            limits.insert(h.name.clone(), lacks);
+        }
+    }
+    (common, limits)
 }
 
 async fn migrations(State(a): Shared) -> ApiResult {

@@ -29,6 +29,8 @@ pub struct View {
     pub vms: HashMap<String, VmRecord>,
     /// Every migration, by id.
     pub migrations: Vec<MigrationRecord>,
+    /// Where each VM runs, by VM.
+    pub running: HashMap<String, Vec<RunningRecord>>,
 }
 
 impl View {
@@ -58,11 +60,25 @@ impl View {
             .into_iter()
             .map(|(k, _, v)| (k.rsplit('/').next().unwrap_or_default().to_string(), v))
             .collect();
+        let mut running: HashMap<String, Vec<RunningRecord>> = HashMap::new();
+        for (k, _, r) in a
+            .list::<RunningRecord>(&format!("{PREFIX}running/"))
+            .await?
+        {
+            let vm = k
+                .trim_start_matches(&format!("{PREFIX}running/"))
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            running.entry(vm).or_default().push(r);
+        }
         Ok(View {
             hosts,
             admin,
             vms,
             migrations,
+            running,
         })
     }
 
@@ -113,6 +129,19 @@ impl View {
                 return Some(format!(
                     "host {h} is {} and the VM runs on {}",
                     host.cpu_vendor, owner.cpu_vendor
+                ));
+            }
+        }
+        if let Some(seen) = self.running_features(v) {
+            let lacks: Vec<&str> = seen
+                .iter()
+                .filter(|f| !host.cpu_features.contains(f))
+                .map(String::as_str)
+                .collect();
+            if !lacks.is_empty() {
+                return Some(format!(
+                    "host {h} lacks CPU features the VM sees: {} (a VM of CPU model compat, x86-64-v*, or cluster can move)",
+                    lacks.join(" ")
                 ));
             }
         }
@@ -172,6 +201,17 @@ impl View {
                 format!("no host fits: {}", why.join("; "))
             }
         })
+    }
+
+    /// The CPU features a running VM's guest sees (from its owner's report).
+    pub fn running_features(&self, v: &VmRecord) -> Option<&Vec<String>> {
+        let owner = v.owner.as_ref()?;
+        self.running
+            .get(&v.config.name)?
+            .iter()
+            .find(|r| &r.host == owner)
+            .map(|r| &r.cpu_features)
+            .filter(|f| !f.is_empty())
     }
 
     /// The migration limit: the configured one, or half the live hosts (at least one).

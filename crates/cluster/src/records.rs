@@ -146,6 +146,10 @@ pub struct VmRecord {
     /// Why it is not running where it should, if it is not.
     #[serde(default)]
     pub note: Option<String>,
+    /// CPU model `cluster`: the features every live host has, resolved when the VM starts
+    /// (`config.cpu` is then `host` and `config.cpu_hide` what the starting host has beyond).
+    #[serde(default)]
+    pub cluster_cpu: bool,
 }
 
 /// A host's report that it runs a VM (leased by that host).
@@ -159,6 +163,9 @@ pub struct RunningRecord {
     pub state: String,
     /// The worker's pid on that host.
     pub pid: u32,
+    /// The named CPU features the guest sees.
+    #[serde(default)]
+    pub cpu_features: Vec<String>,
 }
 
 /// A migration's state.

@@ -310,6 +310,40 @@ fn vm_row(v: &Value) -> Vec<String> {
     ]
 }
 
+/// `ferry host cpu-baseline`.
+pub fn cpu_baseline(api: &Api, out: Output) -> Result<()> {
+    let v = api.get("/v1/cpu-baseline")?;
+    let list = |x: &Value| {
+        x.as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    let mut rows = vec![
+        vec!["hosts".to_string(), list(&v["hosts"])],
+        vec!["vendors".to_string(), list(&v["vendors"])],
+        vec!["common features".to_string(), list(&v["common"])],
+    ];
+    if let Some(m) = v["limited_by"].as_object() {
+        for (h, lacks) in m {
+            rows.push(vec![format!("{h} lacks"), list(lacks)]);
+        }
+    }
+    print(out, &v, &["", ""], rows);
+    Ok(())
+}
+
+/// `ferry vm set NAME --cpu MODEL`.
+pub fn vm_set_cpu(api: &Api, name: &str, cpu: &str, out: Output) -> Result<()> {
+    let v = api.post(&format!("/v1/vms/{name}/cpu"), json!({ "cpu": cpu }))?;
+    print(
+        out,
+        &v,
+        &["NAME", "CPU"],
+        vec![vec![name.into(), cpu.into()]],
+    );
+    Ok(())
+}
+
 /// `ferry vm create` options.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -330,7 +364,8 @@ pub struct CreateArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,
-    /// CPU model (docs/cpu-compat.md).
+    /// CPU model: host, compat, x86-64-v1..v4, or cluster (the features every host has;
+    /// docs/cpu-compat.md).
     #[arg(long, default_value = "host")]
     pub cpu: String,
     /// Do not restart it elsewhere when its host dies.

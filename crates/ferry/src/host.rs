@@ -14,6 +14,9 @@ pub enum HostCmd {
     /// This host's processor as guests see it: vendor, model, the features it offers (after
     /// the host config's hide list), and what each CPU model leaves of them.
     Cpu,
+    /// The CPU features every cluster host offers (the `cluster` CPU model) and which hosts
+    /// limit it (needs --api).
+    CpuBaseline,
     /// The cluster's hosts (needs --api).
     List,
     /// One cluster host (needs --api).
@@ -49,6 +52,7 @@ pub fn run(cmd: HostCmd, out: Output, api: Option<&Api>) -> Result<()> {
     match cmd {
         HostCmd::Cpu => cpu(out),
         HostCmd::List => cluster::host_list(need()?, out),
+        HostCmd::CpuBaseline => cluster::cpu_baseline(need()?, out),
         HostCmd::Show { host } => cluster::host_show(need()?, &host, out),
         HostCmd::Drain { host, no_wait } => cluster::host_drain(need()?, &host, no_wait, out),
         HostCmd::Resume { host, failback } => cluster::host_resume(need()?, &host, failback, out),

@@ -63,6 +63,14 @@ pub enum VmCmd {
     },
     /// Define a VM in the cluster (and start it on the best host): needs --api.
     Create(crate::cluster::CreateArgs),
+    /// Change a stopped VM's CPU model (host, compat, x86-64-v1..v4, cluster): needs --api.
+    Set {
+        /// VM name.
+        name: String,
+        /// The new CPU model.
+        #[arg(long)]
+        cpu: String,
+    },
     /// Delete a stopped VM's definition from the cluster: needs --api.
     Delete {
         /// VM name.
@@ -156,6 +164,7 @@ fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
     match cmd {
         VmCmd::Create(a) => cluster::vm_create(api, a, out),
         VmCmd::Delete { name } => cluster::vm_action(api, &name, "delete", out),
+        VmCmd::Set { name, cpu } => cluster::vm_set_cpu(api, &name, &cpu, out),
         VmCmd::List => cluster::vm_list(api, out),
         VmCmd::Status { name } => cluster::vm_show(api, &name, out),
         VmCmd::Start { name, boot, .. } => {
@@ -194,8 +203,8 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
         return run_cluster(cmd, api, out);
     }
     match cmd {
-        VmCmd::Create(_) | VmCmd::Delete { .. } => {
-            bail!("`ferry vm create` and `delete` work on the cluster: give --api URL (or set FERRY_API)")
+        VmCmd::Create(_) | VmCmd::Delete { .. } | VmCmd::Set { .. } => {
+            bail!("`ferry vm create`, `set` and `delete` work on the cluster: give --api URL (or set FERRY_API)")
         }
         VmCmd::Run { name, boot } => {
             let name = name.unwrap_or_else(|| format!("run-{}", std::process::id()));
@@ -380,6 +389,7 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         initrd,
         cmdline: b.cmdline,
         cpu: vmm::cpuid::CpuModel::parse(&b.cpu)?,
+        cpu_hide: Vec::new(),
     };
     cfg.validate()?;
     vmm::boot::detect(&cfg.kernel)?;

@@ -23,6 +23,8 @@ struct Host {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// Extra environment of its ferryd (and so of its workers).
+    env: Vec<(String, String)>,
 }
 
 struct Cluster {
@@ -106,6 +108,11 @@ impl Proxy {
 impl Cluster {
     /// `n` hosts h1..hN on one etcd; `limits` is the TOML of the `[limits]` table.
     fn new(name: &str, n: usize, limits: &str) -> Cluster {
+        Cluster::with_env(name, n, limits, &[])
+    }
+
+    /// [`Cluster::new`] with extra environment variables for some hosts' agents.
+    fn with_env(name: &str, n: usize, limits: &str, env: &[(&str, &str, &str)]) -> Cluster {
         let dir = std::env::temp_dir().join(format!("ferry-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("shared")).unwrap();
@@ -175,6 +182,11 @@ endpoints = ["http://127.0.0.1:{proxy}"]
                 log: c.dir.join(format!("{h}.log")),
                 config,
                 child: None,
+                env: env
+                    .iter()
+                    .filter(|(host, _, _)| *host == h)
+                    .map(|(_, k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             });
             c.start_host(&h);
         }
@@ -205,6 +217,7 @@ endpoints = ["http://127.0.0.1:{proxy}"]
             .arg(&host.config)
             .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
             .env("FERRY_LOG", "info")
+            .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -754,4 +767,87 @@ fn raw_post(api: &str, path: &str, body: &str) -> (u16, String) {
     s.read_to_string(&mut out).unwrap();
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, out)
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn cpu_models_decide_where_a_vm_may_move_and_change_only_while_off() {
+    // h2 pretends to lack a feature this machine has beyond x86-64-v1.
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["host", "cpu", "--output", "json"])
+        .output()
+        .unwrap();
+    let host: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v1 = names(&host["models"]["x86-64-v1"]["features"]);
+    let Some(extra) = names(&host["features"])
+        .into_iter()
+        .find(|f| !v1.contains(f))
+    else {
+        eprintln!("this host offers nothing beyond x86-64-v1; nothing to hide");
+        return;
+    };
+    let cfg = std::env::temp_dir().join(format!("ferry-cluster-cpu-{}.toml", std::process::id()));
+    std::fs::write(&cfg, format!("[cpu]\nhide = [{extra:?}]\n")).unwrap();
+    let c = Cluster::with_env(
+        "cpu",
+        2,
+        "",
+        &[("h2", "FERRY_HOST_CONFIG", cfg.to_str().unwrap())],
+    );
+
+    // The baseline: without the hidden feature, and h2 named as the host that limits it.
+    let b = c.json(&["host", "cpu-baseline"]);
+    assert!(!names(&b["common"]).contains(&extra), "{b}");
+    assert!(names(&b["limited_by"]["h2"]).contains(&extra), "{b}");
+
+    // A `host`-model VM on the richer host cannot move to the poorer one; the refusal names
+    // the feature, and nothing is queued.
+    assert_eq!(
+        c.create("rich", &[]),
+        "h1",
+        "equal hosts: the first by name"
+    );
+    let e = c.fails(&["vm", "migrate", "rich", "--to", "h2"]);
+    assert!(e.contains(&extra) && e.contains("lacks"), "{e}");
+    assert_eq!(c.json(&["migration", "list"]).as_array().unwrap().len(), 0);
+
+    // A `cluster`-model VM sees only the common set and moves both ways.
+    let first = c.create("portable", &["--cpu", "cluster"]);
+    let v = c.vm("portable");
+    assert_eq!(v["cpu_model"], "cluster");
+    let seen = names(&v["cpu_features"]);
+    assert!(!seen.is_empty() && !seen.contains(&extra), "{v}");
+    let other = if first == "h1" { "h2" } else { "h1" };
+    for to in [other, first.as_str()] {
+        let n = beats_now(&c.console("portable"));
+        let m = c.json(&["vm", "migrate", "portable", "--to", to]);
+        assert_eq!(m["state"], "succeeded", "{m}");
+        wait_beats(&c.console("portable"), n + 2);
+    }
+    assert_one_run_intact(&c.console("portable"));
+
+    // The model changes only while the VM is off.
+    let e = c.fails(&["vm", "set", "portable", "--cpu", "x86-64-v1"]);
+    assert!(e.contains("stop it first"), "{e}");
+    c.json(&["vm", "stop", "portable"]);
+    c.wait_until("portable stopped", Duration::from_secs(30), |c| {
+        c.vm("portable")["state"] == "stopped"
+            && c.vm("portable")["running_on"]
+                .as_array()
+                .is_some_and(Vec::is_empty)
+    });
+    c.json(&["vm", "set", "portable", "--cpu", "x86-64-v1"]);
+    assert_eq!(c.vm("portable")["cpu_model"], "x86-64-v1");
+    let e = c.fails(&["vm", "set", "portable", "--cpu", "pentium"]);
+    assert!(e.contains("pentium"), "{e}");
+    let _ = std::fs::remove_file(&cfg);
 }

@@ -61,6 +61,7 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
         initrd: None,
         cmdline: cmdline.into(),
         cpu: Default::default(),
+        cpu_hide: Vec::new(),
     }
 }
 

@@ -24,6 +24,9 @@ pub enum ConfigError {
     /// Unparsable size string.
     #[error("invalid size {0:?}: expected a number with an optional K, M or G suffix")]
     BadSize(String),
+    /// A feature name Ferry does not know.
+    #[error("unknown CPU feature {0:?} in cpu_hide (docs/cpu-compat.md lists them)")]
+    UnknownFeature(String),
     /// Config JSON did not parse (unknown keys included).
     #[error("invalid VM config: {0}")]
     Parse(#[from] serde_json::Error),
@@ -50,12 +53,19 @@ pub struct VmConfig {
     /// What the guest is told about its processor (docs/cpu-compat.md).
     #[serde(default)]
     pub cpu: crate::cpuid::CpuModel,
+    /// Features hidden on top of the model (named as in docs/cpu-compat.md): what the
+    /// cluster's `cluster` model resolves to on the host that starts the VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_hide: Vec<String>,
 }
 
 impl VmConfig {
     /// Checks the values a user can get wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
+        if let Some(f) = self.cpu_hide.iter().find(|f| !crate::cpuid::is_feature(f)) {
+            return Err(ConfigError::UnknownFeature(f.clone()));
+        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::BadVcpus(self.vcpus));
         }
@@ -125,6 +135,7 @@ mod tests {
             initrd: None,
             cmdline: String::new(),
             cpu: Default::default(),
+            cpu_hide: Vec::new(),
         }
     }
 

@@ -195,6 +195,11 @@ fn matches(e: &kvm_cpuid_entry2, function: u32, index: u32) -> bool {
     e.function == function && (e.index == index || e.flags & 1 == 0)
 }
 
+/// Whether `name` is a feature Ferry knows.
+pub fn is_feature(name: &str) -> bool {
+    FEATURES.iter().any(|f| f.4 == name)
+}
+
 /// Hides the named features in `entries` (a host's hide list).
 pub fn hide(entries: &mut [kvm_cpuid_entry2], names: &[String]) -> Result<(), CpuidError> {
     for n in names {

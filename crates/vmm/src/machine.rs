@@ -235,6 +235,7 @@ impl Machine {
         }
         let mut entries = host.as_slice().to_vec();
         cpuid::apply_model(&mut entries, config.cpu);
+        cpuid::hide(&mut entries, &config.cpu_hide)?;
         let supported = kvm_bindings::CpuId::from_entries(&entries)
             .map_err(|_| cpuid::CpuidError::TooMany(entries.len()))?;
         let mut fds = Vec::new();

@@ -39,6 +39,7 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
         initrd: None,
         cmdline: "mb=2 rate=2000 beat_ms=100".into(),
         cpu: Default::default(),
+        cpu_hide: Vec::new(),
     }
 }
 
