@@ -44,6 +44,9 @@ pub struct Agent {
 #[derive(Default)]
 struct State {
     lease: Option<LeaseId>,
+    /// When the last successful renewal (or grant) of the lease was *sent*: etcd counted it no
+    /// earlier, so the lease lives at least until this plus the TTL.
+    last_renewal: Option<Instant>,
     /// The epoch each local VM was started (or received) under.
     epochs: HashMap<String, u64>,
     /// Migrations this host is driving as the source.
@@ -199,7 +202,6 @@ impl Agent {
     /// Keeps the lease and the host record alive; fences the host when the store is lost.
     pub async fn heartbeat_loop(self: Arc<Self>) {
         let every = (self.cfg.ttl() / 5).max(Duration::from_millis(300));
-        let mut last_ok = Instant::now();
         loop {
             let sent = Instant::now();
             let lease = self.lease();
@@ -209,7 +211,9 @@ impl Agent {
             };
             match r {
                 Ok(l) => {
-                    last_ok = sent;
+                    if lease.is_none() || self.lease() == Some(l) {
+                        self.st().last_renewal = Some(sent);
+                    }
                     if lease.is_none() {
                         self.st().lease = Some(l);
                         self.st().published.clear();
@@ -228,17 +232,28 @@ impl Agent {
                     self.fence("its lease expired").await;
                     self.st().lease = None;
                 }
-                Err(e) => {
-                    warn!("cannot renew the lease: {e}");
-                    if sent.duration_since(last_ok) + every
-                        >= self.cfg.ttl().saturating_sub(FENCE_MARGIN)
-                    {
-                        self.fence("it lost the cluster store").await;
-                        self.st().lease = None;
-                    }
-                }
+                // The fence watchdog acts if this goes on for too long.
+                Err(e) => warn!("cannot renew the lease: {e}"),
             }
             tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
+        }
+    }
+
+    /// Fences the host when its lease has not been renewed for `TTL - FENCE_MARGIN`. Runs on
+    /// its own, so that a store call hanging on a dead link cannot delay it.
+    pub async fn fence_watchdog(self: Arc<Self>) {
+        let limit = self.cfg.ttl().saturating_sub(FENCE_MARGIN);
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let late = {
+                let st = self.st();
+                st.lease.is_some() && st.last_renewal.is_some_and(|t| t.elapsed() >= limit)
+            };
+            if late {
+                self.fence("it could not renew its lease in time (cut off from the cluster store)")
+                    .await;
+                self.st().lease = None;
+            }
         }
     }
 
@@ -495,8 +510,17 @@ impl Agent {
             "--stop-with".into(),
             std::process::id().to_string().into(),
         ];
+        if self.is_fenced() {
+            return;
+        }
         info!("{name}: starting (epoch {})", v.epoch);
         match self.run_blocking(move |w| w.start(&cfg, &extra)).await {
+            Ok(Ok(ready)) if self.is_fenced() => {
+                // Fenced while it started: it must not run here.
+                if let Some(pid) = ready["pid"].as_u64() {
+                    self.kill(name, u32::try_from(pid).unwrap_or(0)).await;
+                }
+            }
             Ok(Ok(_)) => {
                 {
                     let mut st = self.st();
@@ -536,6 +560,12 @@ impl Agent {
     /// Destination side: starts a receiving worker for migration `id` and returns the
     /// address it listens on.
     pub async fn receive(&self, id: u64) -> Result<String, ClusterError> {
+        if self.is_fenced() || self.lease().is_none() {
+            return Err(ClusterError::Request(
+                503,
+                format!("{} is not in the cluster right now (fenced)", self.cfg.host),
+            ));
+        }
         let Some((_, m)) = self.get::<MigrationRecord>(&migration_key(id)).await? else {
             return Err(ClusterError::Request(404, format!("no migration {id}")));
         };

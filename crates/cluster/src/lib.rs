@@ -66,6 +66,7 @@ pub async fn serve(cfg: AgentConfig, worker_bin: std::path::PathBuf) -> Result<(
         agent.cfg.api_url()
     );
     tokio::spawn(Arc::clone(&agent).heartbeat_loop());
+    tokio::spawn(Arc::clone(&agent).fence_watchdog());
     tokio::spawn(Arc::clone(&agent).reconcile_loop());
     tokio::spawn(coordinator::coordinator_loop(Arc::clone(&agent)));
     let app = api::router(Arc::clone(&agent));

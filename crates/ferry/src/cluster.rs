@@ -101,6 +101,9 @@ pub enum ClusterCmd {
         /// Its directory: configs, logs, etcd data, the shared directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Which local cluster (0-9; several can run side by side on their own subnets).
+        #[arg(long, default_value_t = 0)]
+        id: u8,
     },
     /// Stop the local cluster and remove everything `up` created (VMs, namespaces, bridges,
     /// etcd, its directory).
@@ -108,6 +111,9 @@ pub enum ClusterCmd {
         /// The directory given to `up`.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// The id given to `up`.
+        #[arg(long, default_value_t = 0)]
+        id: u8,
     },
 }
 
@@ -115,12 +121,17 @@ pub enum ClusterCmd {
 pub fn run_cluster(cmd: ClusterCmd, api: Option<&Api>, out: Output) -> Result<()> {
     use crate::localcluster;
     match cmd {
-        ClusterCmd::Up { hosts, dir } => {
-            localcluster::up(hosts, &dir.unwrap_or_else(localcluster::default_dir), out)
-        }
-        ClusterCmd::Down { dir } => {
-            localcluster::down(&dir.unwrap_or_else(localcluster::default_dir), out)
-        }
+        ClusterCmd::Up { hosts, dir, id } => localcluster::up(
+            hosts,
+            &dir.unwrap_or_else(|| localcluster::default_dir(id)),
+            localcluster::Net::new(id)?,
+            out,
+        ),
+        ClusterCmd::Down { dir, id } => localcluster::down(
+            &dir.unwrap_or_else(|| localcluster::default_dir(id)),
+            localcluster::Net::new(id)?,
+            out,
+        ),
         ClusterCmd::Status => {
             let Some(api) = api else {
                 bail!(

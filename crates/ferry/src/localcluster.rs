@@ -14,17 +14,59 @@ use serde::{Deserialize, Serialize};
 use crate::output::print;
 use crate::Output;
 
-const MGMT_BRIDGE: &str = "ferry-mgmt";
-const MIG_BRIDGE: &str = "ferry-mig";
-const MGMT_NET: &str = "10.88.0";
-const MIG_NET: &str = "10.88.1";
 const API_PORT: u16 = 7400;
 const ETCD_PORT: u16 = 2379;
 const ETCD_PEER_PORT: u16 = 2380;
 
+/// The names and addresses of local cluster number `id` (0-9), so that several can coexist:
+/// cluster 0 is `ferry-mgmt`, `ferry-mig`, `ferry-h1`… on 10.88.0.0/24 and 10.88.1.0/24;
+/// cluster N is `ferryN-…` on 10.(88+N).0.0/24 and 10.(88+N).1.0/24.
+#[derive(Clone, Copy)]
+pub struct Net {
+    id: u8,
+}
+
+impl Net {
+    /// Local cluster `id`.
+    pub fn new(id: u8) -> Result<Net> {
+        if id > 9 {
+            bail!("--id must be 0 to 9");
+        }
+        Ok(Net { id })
+    }
+    fn tag(self) -> String {
+        if self.id == 0 {
+            String::new()
+        } else {
+            self.id.to_string()
+        }
+    }
+    fn mgmt_bridge(self) -> String {
+        format!("ferry{}-mgmt", self.tag())
+    }
+    fn mig_bridge(self) -> String {
+        format!("ferry{}-mig", self.tag())
+    }
+    fn mgmt_net(self) -> String {
+        format!("10.{}.0", 88 + u16::from(self.id))
+    }
+    fn mig_net(self) -> String {
+        format!("10.{}.1", 88 + u16::from(self.id))
+    }
+    /// The network namespace of host `h`.
+    pub fn netns(self, h: &str) -> String {
+        format!("ferry{}-{h}", self.tag())
+    }
+    /// The API URL of host number `i` (from 1).
+    pub fn api(self, i: u8) -> String {
+        format!("http://{}.{}:{API_PORT}", self.mgmt_net(), 10 + i)
+    }
+}
+
 /// What `up` started, for `down`.
 #[derive(Serialize, Deserialize)]
 struct State {
+    id: u8,
     hosts: Vec<LocalHost>,
     etcd_pid: u32,
 }
@@ -38,8 +80,12 @@ struct LocalHost {
 }
 
 /// The default directory of the local cluster.
-pub fn default_dir() -> PathBuf {
-    PathBuf::from("/var/tmp/ferry-local-cluster")
+pub fn default_dir(id: u8) -> PathBuf {
+    if id == 0 {
+        PathBuf::from("/var/tmp/ferry-local-cluster")
+    } else {
+        PathBuf::from(format!("/var/tmp/ferry-local-cluster-{id}"))
+    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -88,7 +134,7 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<u32> {
 }
 
 /// `ferry cluster up`.
-pub fn up(hosts: u8, dir: &Path, out: Output) -> Result<()> {
+pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
     if !(1..=9).contains(&hosts) {
         bail!("--hosts must be 1 to 9");
     }
@@ -98,23 +144,26 @@ pub fn up(hosts: u8, dir: &Path, out: Output) -> Result<()> {
             dir.display()
         );
     }
-    down_quietly(dir);
+    down_quietly(dir, net);
     std::fs::create_dir_all(dir.join("shared/images"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let s = |p: PathBuf| p.display().to_string();
 
     // The two networks.
-    for (br, net) in [(MGMT_BRIDGE, MGMT_NET), (MIG_BRIDGE, MIG_NET)] {
-        ip(&["link", "add", br, "type", "bridge"])?;
-        ip(&["addr", "add", &format!("{net}.1/24"), "dev", br])?;
-        ip(&["link", "set", br, "up"])?;
+    for (br, sub) in [
+        (net.mgmt_bridge(), net.mgmt_net()),
+        (net.mig_bridge(), net.mig_net()),
+    ] {
+        ip(&["link", "add", &br, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{sub}.1/24"), "dev", &br])?;
+        ip(&["link", "set", &br, "up"])?;
     }
 
     // etcd on the management network.
     let etcd_dir = dir.join("etcd");
     std::fs::create_dir_all(&etcd_dir)?;
-    let client = format!("http://{MGMT_NET}.1:{ETCD_PORT}");
-    let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
+    let client = format!("http://{}.1:{ETCD_PORT}", net.mgmt_net());
+    let peer = format!("http://{}.1:{ETCD_PEER_PORT}", net.mgmt_net());
     let etcd_pid = spawn_logged(
         Command::new(std::env::var_os("FERRY_ETCD_BIN").unwrap_or_else(|| "etcd".into()))
             .args(["--name", "ferry-local", "--data-dir"])
@@ -162,26 +211,37 @@ pub fn up(hosts: u8, dir: &Path, out: Output) -> Result<()> {
 
     let ferryd = sibling("ferryd")?;
     let mut state = State {
+        id: net.id,
         hosts: Vec::new(),
         etcd_pid,
     };
     for i in 1..=hosts {
         let h = format!("h{i}");
-        let ns = format!("ferry-{h}");
+        let ns = net.netns(&h);
         let (mgmt_ip, mig_ip) = (
-            format!("{MGMT_NET}.{}", 10 + i),
-            format!("{MIG_NET}.{}", 10 + i),
+            format!("{}.{}", net.mgmt_net(), 10 + i),
+            format!("{}.{}", net.mig_net(), 10 + i),
         );
         ip(&["netns", "add", &ns])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         for (br, veth, inner, addr) in [
-            (MGMT_BRIDGE, format!("fm-{h}"), "eth0", &mgmt_ip),
-            (MIG_BRIDGE, format!("fg-{h}"), "eth1", &mig_ip),
+            (
+                net.mgmt_bridge(),
+                format!("fm{}-{h}", net.tag()),
+                "eth0",
+                &mgmt_ip,
+            ),
+            (
+                net.mig_bridge(),
+                format!("fg{}-{h}", net.tag()),
+                "eth1",
+                &mig_ip,
+            ),
         ] {
             ip(&[
                 "link", "add", &veth, "type", "veth", "peer", "name", inner, "netns", &ns,
             ])?;
-            ip(&["link", "set", &veth, "master", br, "up"])?;
+            ip(&["link", "set", &veth, "master", &br, "up"])?;
             ip(&[
                 "-n",
                 &ns,
@@ -218,7 +278,7 @@ pub fn up(hosts: u8, dir: &Path, out: Output) -> Result<()> {
         state.hosts.push(LocalHost {
             name: h,
             netns: ns,
-            api: format!("http://{mgmt_ip}:{API_PORT}"),
+            api: net.api(i),
             pid,
         });
     }
@@ -270,9 +330,9 @@ pub fn up(hosts: u8, dir: &Path, out: Output) -> Result<()> {
 }
 
 /// `ferry cluster down`.
-pub fn down(dir: &Path, out: Output) -> Result<()> {
+pub fn down(dir: &Path, net: Net, out: Output) -> Result<()> {
     let had = dir.join("cluster.json").exists();
-    down_quietly(dir);
+    down_quietly(dir, net);
     print(
         out,
         &serde_json::json!({"stopped": had, "dir": dir}),
@@ -304,10 +364,11 @@ fn wait_gone(pid: u32, timeout: Duration) {
 }
 
 /// Stops everything `up` may have started, whatever state it is in.
-fn down_quietly(dir: &Path) {
+fn down_quietly(dir: &Path, net: Net) {
     let state: Option<State> = std::fs::read(dir.join("cluster.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
+    let net = state.as_ref().map_or(net, |s| Net { id: s.id });
     if let Some(st) = &state {
         // The agents first: each stops its VMs as it leaves.
         for h in &st.hosts {
@@ -322,11 +383,11 @@ fn down_quietly(dir: &Path) {
         signal(st.etcd_pid, libc::SIGKILL);
     }
     for i in 1..=9 {
-        quiet_ip(&["netns", "del", &format!("ferry-h{i}")]);
-        quiet_ip(&["link", "del", &format!("fm-h{i}")]);
-        quiet_ip(&["link", "del", &format!("fg-h{i}")]);
+        quiet_ip(&["netns", "del", &net.netns(&format!("h{i}"))]);
+        quiet_ip(&["link", "del", &format!("fm{}-h{i}", net.tag())]);
+        quiet_ip(&["link", "del", &format!("fg{}-h{i}", net.tag())]);
     }
-    quiet_ip(&["link", "del", MGMT_BRIDGE]);
-    quiet_ip(&["link", "del", MIG_BRIDGE]);
+    quiet_ip(&["link", "del", &net.mgmt_bridge()]);
+    quiet_ip(&["link", "del", &net.mig_bridge()]);
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -851,3 +851,102 @@ fn cpu_models_decide_where_a_vm_may_move_and_change_only_while_off() {
     assert!(e.contains("pentium"), "{e}");
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// `ferry cluster up` as a user runs it: each host a network namespace with its own ferryd on a
+/// management and a migration bridge. A migration crosses the migration network; then a host's
+/// management link goes down (a partition): it fences itself and its VM restarts elsewhere,
+/// never running on two hosts at once.
+#[test]
+fn a_local_cluster_in_network_namespaces_migrates_and_survives_a_link_going_down() {
+    let dir = std::env::temp_dir().join(format!("ferry-cluster-netns-{}", std::process::id()));
+    let ferry = env!("CARGO_BIN_EXE_ferry");
+    let d = dir.to_str().unwrap();
+    let run = |args: &[&str]| -> Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let o = Command::new(ferry)
+            .args(&a)
+            .env("FERRY_API", "http://10.95.0.11:7400")
+            .env("FERRY_TOKEN_FILE", dir.join("token"))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = Command::new(env!("CARGO_BIN_EXE_ferry"))
+                .args(["cluster", "down", "--id", "7", "--dir", &self.0])
+                .output();
+        }
+    }
+    let up = run(&["cluster", "up", "--hosts", "3", "--id", "7", "--dir", d]);
+    let _down = Down(d.to_string());
+    assert_eq!(up["hosts"].as_array().unwrap().len(), 3, "{up}");
+    let workers = |vm: &str| -> Vec<String> {
+        (1..=3)
+            .map(|i| format!("h{i}"))
+            .filter(|h| {
+                let sock = dir.join(format!("run-{h}/vms/{vm}/control.sock"));
+                ferry_worker::server::call_socket(&sock, &ferry_worker::Request::Status).is_ok()
+            })
+            .collect()
+    };
+    let console = dir.join("shared/consoles/a.log");
+    let k = ferry_guests::dirtier();
+    run(&[
+        "vm",
+        "create",
+        "a",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "16M",
+        "--cmdline",
+        "mb=4 rate=2000 beat_ms=100",
+    ]);
+    wait_beats(&console, 3);
+    let m = run(&["vm", "migrate", "a"]);
+    assert_eq!(m["state"], "succeeded", "{m}");
+    let n = beats_now(&console);
+    wait_beats(&console, n + 3);
+    assert_one_run_intact(&console);
+    let host = run(&["vm", "show", "a"])["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(workers("a"), vec![host.clone()]);
+
+    // Take the host's management link down: no etcd, no API.
+    let ns = format!("ferry7-{host}");
+    let st = Command::new("ip")
+        .args(["-n", &ns, "link", "set", "eth0", "down"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    loop {
+        let w = workers("a");
+        assert!(w.len() <= 1, "the VM runs on two hosts at once: {w:?}");
+        if w.len() == 1 && w[0] != host {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "a did not move off the cut host: {w:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dir.join(format!("{host}.log"))).unwrap();
+    assert!(log.contains("fenced"), "{log}");
+    let n = beats_now(&console);
+    wait_beats(&console, n + 3);
+    assert!(beats(&std::fs::read_to_string(&console).unwrap())
+        .iter()
+        .all(|b| b.1));
+}
