@@ -310,6 +310,17 @@ impl Agent {
             load: inventory::load(),
             vm_memory_mib: local.iter().map(|s| s.memory_mib).sum(),
             vms: local.iter().map(|s| s.name.clone()).collect(),
+            vm_usage: local
+                .iter()
+                .filter_map(|s| {
+                    let (cpu_seconds, rss_mib) = inventory::process_usage(s.pid)?;
+                    Some(VmUsage {
+                        name: s.name.clone(),
+                        cpu_seconds,
+                        rss_mib,
+                    })
+                })
+                .collect(),
             updated: now(),
             fenced: self.is_fenced(),
         };

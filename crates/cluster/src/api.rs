@@ -729,6 +729,22 @@ async fn metrics(State(a): Shared) -> Response {
             "One-minute load average.",
             vec![(format!("{{host=\"{me}\"}}"), h.load)],
         );
+        let per_vm = |f: &dyn Fn(&VmUsage) -> f64| -> Vec<(String, f64)> {
+            h.vm_usage
+                .iter()
+                .map(|u| (format!("{{host=\"{me}\",vm=\"{}\"}}", u.name), f(u)))
+                .collect()
+        };
+        gauge(
+            "ferry_vm_cpu_seconds",
+            "CPU time used by each VM's worker on this host.",
+            per_vm(&|u| u.cpu_seconds),
+        );
+        gauge(
+            "ferry_vm_rss_mib",
+            "Resident memory of each VM's worker on this host.",
+            per_vm(&|u| u.rss_mib as f64),
+        );
     }
     ([("content-type", "text/plain; version=0.0.4")], s).into_response()
 }

@@ -103,11 +103,25 @@ pub struct HostRecord {
     pub vm_memory_mib: u64,
     /// The VMs it runs.
     pub vms: Vec<String>,
+    /// What each of its VMs' workers uses.
+    #[serde(default)]
+    pub vm_usage: Vec<VmUsage>,
     /// Unix time it last reported.
     pub updated: u64,
     /// Whether it has fenced itself (lost the store) and not yet re-joined.
     #[serde(default)]
     pub fenced: bool,
+}
+
+/// One VM worker's use of its host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmUsage {
+    /// The VM.
+    pub name: String,
+    /// CPU time its worker used (user + system), seconds.
+    pub cpu_seconds: f64,
+    /// Its worker's resident memory (guest RAM it touched included), MiB.
+    pub rss_mib: u64,
 }
 
 /// A host's administrative state, kept across its restarts.

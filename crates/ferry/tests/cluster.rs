@@ -436,6 +436,23 @@ fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
     assert_ne!(h_a, h_b, "placement should spread VMs over the hosts");
     assert_eq!(c.workers_of("a").len(), 1);
 
+    // Inventory and metrics: each host reports its VMs' use of it; /metrics needs no token.
+    c.wait_until("usage reported", Duration::from_secs(10), |c| {
+        c.api_get(&format!("/v1/hosts/{h_a}"))["vm_usage"]
+            .as_array()
+            .is_some_and(|u| {
+                u.iter()
+                    .any(|x| x["name"] == "a" && x["rss_mib"].as_u64() > Some(0))
+            })
+    });
+    let host_of_a = c.hosts.iter().find(|h| h.name == h_a).unwrap().api.clone();
+    let metrics = raw_get(&host_of_a, "/metrics");
+    assert!(metrics.contains("ferry_cluster_hosts_up 3"), "{metrics}");
+    assert!(
+        metrics.contains(&format!("ferry_vm_rss_mib{{host=\"{h_a}\",vm=\"a\"}}")),
+        "{metrics}"
+    );
+
     // A user migration to a named host.
     let target = ["h1", "h2", "h3"].into_iter().find(|h| *h != h_a).unwrap();
     let n = beats_now(&c.console("a"));
@@ -752,6 +769,20 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(vms.as_array().unwrap().len(), 1);
     assert_eq!(c.vm("a")["host"], h.as_str());
     assert_eq!(c.json(&["migration", "list"]).as_array().unwrap().len(), 0);
+}
+
+fn raw_get(api: &str, path: &str) -> String {
+    let addr = api.trim_start_matches("http://");
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }
 
 fn raw_post(api: &str, path: &str, body: &str) -> (u16, String) {
