@@ -981,3 +981,74 @@ fn a_local_cluster_in_network_namespaces_migrates_and_survives_a_link_going_down
         .iter()
         .all(|b| b.1));
 }
+
+/// One host without a cluster: the embedded store. Its VMs are defined in a file that outlives
+/// the agent; a restarted agent starts them again.
+#[test]
+fn a_single_host_on_the_embedded_store_keeps_its_vms_across_an_agent_restart() {
+    let dir = std::env::temp_dir().join(format!("ferry-embedded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("token"), TOKEN).unwrap();
+    let port = free_port();
+    let cfg = dir.join("ferryd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "host = \"solo\"\nlisten = \"127.0.0.1:{port}\"\nmigration_ip = \"127.0.0.1\"\n\
+             shared_dir = \"{d}/shared\"\nrun_dir = \"{d}/run\"\ntoken_file = \"{d}/token\"\n\
+             lease_ttl_s = 3\n[store]\nkind = \"embedded\"\npath = \"{d}/store.json\"\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_ferryd"))
+            .arg("--config")
+            .arg(&cfg)
+            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
+            .stderr(std::fs::File::create(dir.join("ferryd.log")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let api = format!("http://127.0.0.1:{port}");
+    let get = |path: &str| ferry_cluster::api::call(&format!("{api}{path}"), TOKEN, "GET", None);
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(Instant::now() < deadline, "not within 60 s: {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let running = || get("/v1/vms/a").is_ok_and(|v| v["state"] == "running" && v["host"] == "solo");
+    let mut agent = start();
+    wait("the agent answers", &|| {
+        get("/v1/cluster").is_ok_and(|v| v["coordinator"] == "solo")
+    });
+    let k = ferry_guests::dirtier();
+    let created = ferry_cluster::api::call(
+        &format!("{api}/v1/vms"),
+        TOKEN,
+        "POST",
+        Some(serde_json::json!({"name": "a", "kernel": k, "memory": "16M", "cmdline": "mb=4 rate=2000 beat_ms=100"})),
+    )
+    .unwrap();
+    assert_eq!(created["name"], "a");
+    wait("a running", &running);
+    let console = dir.join("shared/consoles/a.log");
+    wait_beats(&console, 3);
+
+    // SIGTERM: the agent stops its VM and leaves; the definition stays in the file.
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    agent.wait().unwrap();
+    let store = std::fs::read_to_string(dir.join("store.json")).unwrap();
+    assert!(store.contains("/ferry/v1/vms/a"), "{store}");
+    let mut agent = start();
+    wait("a running again after the restart", &running);
+    let n = beats_now(&console);
+    wait_beats(&console, n + 2);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
