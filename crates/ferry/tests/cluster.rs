@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{beats, wait_beats};
 use ferry_store::local_etcd::LocalEtcd;
 use serde_json::Value;
 
@@ -389,28 +392,6 @@ impl Drop for Cluster {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-fn beats(text: &str) -> Vec<(u64, bool)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next()? == "beat").then_some(())?;
-            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-        })
-        .collect()
-}
-
-fn wait_beats(log: &Path, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {count} beats in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

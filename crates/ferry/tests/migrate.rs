@@ -9,29 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Env;
-
-fn beats(text: &str) -> Vec<(u64, bool)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next()? == "beat").then_some(())?;
-            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-        })
-        .collect()
-}
-
-fn wait_beats(log: &Path, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {count} beats in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{beats, wait_beats, Env};
 
 fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
     start_env(env, vm, vcpus, cmdline, &[]);

@@ -134,9 +134,9 @@ fn describe(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Entry point of the `ferry-vm` binary; returns the process exit code.
-pub fn main() -> i32 {
-    let args = Args::parse();
+/// Logs to standard error at the level `$FERRY_LOG` asks for (default `info`): the setup of
+/// every Ferry daemon binary.
+pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -144,6 +144,12 @@ pub fn main() -> i32 {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .try_init();
+}
+
+/// Entry point of the `ferry-vm` binary; returns the process exit code.
+pub fn main() -> i32 {
+    let args = Args::parse();
+    init_logging();
     let foreground = args.foreground;
     if let Some(pid) = args.stop_with {
         if let Err(e) = stop_with(pid) {

@@ -17,13 +17,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .try_init();
+    ferry_worker::server::init_logging();
     let cfg = ferry_cluster::AgentConfig::load(&args.config)?;
     let worker = match std::env::var_os("FERRY_VM_BIN") {
         Some(p) => PathBuf::from(p),

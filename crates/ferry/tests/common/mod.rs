@@ -120,3 +120,27 @@ impl Drop for Env {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The dirtier's `beat <n> ok|BAD` lines: (counter, memory intact).
+pub fn beats(text: &str) -> Vec<(u64, bool)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "beat").then_some(())?;
+            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+/// Waits (up to 120 s) until `log` holds `count` beats.
+pub fn wait_beats(log: &std::path::Path, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "fewer than {count} beats in {}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
