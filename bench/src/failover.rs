@@ -101,7 +101,7 @@ fn main() -> Result<()> {
     if !up.status.success() {
         bail!("{}", String::from_utf8_lossy(&up.stderr));
     }
-    let result = (|| -> Result<(Duration, Duration)> {
+    let result = (|| -> Result<(Duration, Duration, Duration)> {
         // Baseline: define to first beat.
         let t = Instant::now();
         b.create("boot")?;
@@ -130,21 +130,35 @@ fn main() -> Result<()> {
         let pid = i32::try_from(pid).context("bad pid")?;
         // SAFETY: kill sends SIGKILL to the agent `ferry cluster up` started.
         unsafe { libc::kill(pid, libc::SIGKILL) };
+        // Running again: a worker with running vCPUs on a live host, as the API reports it.
+        let running = loop {
+            let v = b.json(&["vm", "show", "ha"])?;
+            if v["state"] == "running" && v["host"] != host.as_str() {
+                break t.elapsed();
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                bail!("ha did not run again within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let back = b.wait_beats("ha", before + 1)?.duration_since(t);
         let now_on = b.json(&["vm", "show", "ha"])?["host"].clone();
         println!("ha: {host} killed; running again on {now_on}");
-        Ok((back, boot))
+        Ok((running, back, boot))
     })();
     let _ = Command::new(&b.ferry)
         .args(["cluster", "down", "--dir", &dir])
         .output();
-    let (failover, boot) = result?;
+    let (running, failover, boot) = result?;
+    let ttl = Duration::from_secs(5);
     println!(
-        "\nHA failover (3 hosts, lease TTL 5 s, host agent SIGKILLed):\n  kill → first beat elsewhere: {:>6} ms\n  baseline create → first beat: {:>6} ms\n  ratio failover / baseline:    {:>6.1}×\n  target 10 s: {}",
+        "\nHA failover (3 hosts, lease TTL 5 s, host agent SIGKILLed):\n  kill → running on another host: {:>6} ms ({:.2}× the lease TTL; target 10 s: {})\n  kill → guest's first beat there: {:>6} ms\n  baseline create → first beat:    {:>6} ms (a cold start of the same VM)\n  ratio (kill → first beat) / baseline: {:.1}×",
+        running.as_millis(),
+        running.as_secs_f64() / ttl.as_secs_f64(),
+        if running <= Duration::from_secs(10) { "met" } else { "MISSED" },
         failover.as_millis(),
         boot.as_millis(),
         failover.as_secs_f64() / boot.as_secs_f64().max(1e-3),
-        if failover <= Duration::from_secs(10) { "met" } else { "MISSED" }
     );
     Ok(())
 }
