@@ -392,12 +392,14 @@ impl Agent {
                 self.kill(&s.name, s.pid).await;
             } else if owned && !wanted && !outgoing.contains(&s.name) {
                 info!("{}: stopping (desired state: stopped)", s.name);
+                self.st().epochs.remove(&s.name);
                 let n = s.name.clone();
                 let _ = self
                     .run_blocking(move |w| w.stop(&n, Duration::from_secs(20)))
                     .await?;
             } else if owned && s.state == WorkerState::Stopped && !outgoing.contains(&s.name) {
                 // The guest powered off: the worker is done.
+                self.st().epochs.remove(&s.name);
                 let n = s.name.clone();
                 let _ = self
                     .run_blocking(move |w| w.request(&n, &Request::Shutdown))
@@ -429,6 +431,17 @@ impl Agent {
                 .get(name)
                 .is_some_and(|t| t.elapsed() < RETRY_START)
             {
+                continue;
+            }
+            // Started here under this epoch and gone without being asked: the agent does not
+            // restart it by itself; it hands the VM back to the cluster.
+            let started_here = self.st().epochs.get(name) == Some(&v.epoch);
+            if started_here {
+                let pid = self.st().published.get(name).map(|r| r.pid);
+                if pid.is_some_and(ferry_worker::client::process_alive) {
+                    continue; // alive but not answering: look again next pass
+                }
+                self.worker_lost(name, v.epoch).await?;
                 continue;
             }
             self.start_owned(name, *rev, v).await;
@@ -477,6 +490,34 @@ impl Agent {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// VM `name`'s worker exited without being asked (crash, killed): an HA VM goes back to
+    /// the coordinator for placement (next epoch); another stays stopped.
+    async fn worker_lost(&self, name: &str, epoch: u64) -> Result<(), ClusterError> {
+        self.st().epochs.remove(name);
+        let me = self.cfg.host.clone();
+        warn!("{name}: its worker exited unexpectedly; handing the VM back to the cluster");
+        self.update::<VmRecord, _>(&vm_key(name), |r| {
+            if r.owner.as_deref() != Some(me.as_str()) || r.epoch != epoch {
+                return false;
+            }
+            if r.ha {
+                r.owner = None;
+                r.epoch += 1;
+                r.note = Some(format!(
+                    "its worker on {me} exited unexpectedly; placed again by the cluster"
+                ));
+            } else {
+                r.desired = Desired::Stopped;
+                r.note = Some(format!(
+                    "its worker on {me} exited unexpectedly; not highly available, so it stays stopped"
+                ));
+            }
+            true
+        })
+        .await?;
         Ok(())
     }
 

@@ -509,7 +509,11 @@ async fn place(a: &Agent, v: &View) -> Result<(), ClusterError> {
                         }
                         r.owner = Some(h.clone());
                         r.epoch += 1;
-                        r.note = note.clone();
+                        if note.is_some() {
+                            r.note = note.clone();
+                        } else if r.note.as_deref().is_some_and(|n| n.starts_with("cannot")) {
+                            r.note = None;
+                        }
                         true
                     })
                     .await?;

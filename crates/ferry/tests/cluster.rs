@@ -608,6 +608,39 @@ fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
     let host_a = c.create("a", &[]);
     let host_n = c.create("n", &["--no-ha"]);
 
+    // A worker that dies on its own is not restarted by its agent: the cluster decides. An HA
+    // VM is placed again (next epoch); another stays stopped, saying why.
+    let epoch = c.vm("a")["epoch"].as_u64().unwrap();
+    for vm in ["a", "n"] {
+        let (_, pid) = c.workers_of(vm)[0].clone();
+        // SAFETY: signalling a worker of this test's cluster.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    c.wait_until("n stopped, a running again", Duration::from_secs(30), |c| {
+        let (a, n) = (c.vm("a"), c.vm("n"));
+        n["desired"] == "stopped"
+            && n["state"] == "stopped"
+            && a["state"] == "running"
+            && a["epoch"].as_u64() > Some(epoch)
+    });
+    assert!(c.vm("n")["note"]
+        .as_str()
+        .unwrap_or("")
+        .contains("exited unexpectedly"));
+    assert!(c.vm("a")["note"]
+        .as_str()
+        .unwrap_or("")
+        .contains("exited unexpectedly"));
+    assert!(c.workers_of("n").is_empty());
+    c.json(&["vm", "start", "n"]);
+    c.wait_until("n running again on request", Duration::from_secs(30), |c| {
+        c.vm("n")["state"] == "running"
+    });
+    let host_a = c.vm("a")["host"].as_str().unwrap().to_string();
+    let host_n = c.vm("n")["host"].as_str().unwrap().to_string();
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 2);
+
     // Kill the host of "a" (agent and, with it, its workers).
     c.kill_host(&host_a);
     c.wait_until("a restarted elsewhere", Duration::from_secs(30), |c| {
