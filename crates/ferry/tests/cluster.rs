@@ -605,8 +605,8 @@ fn concurrent_migrations_stay_within_the_cluster_limits() {
 #[test]
 fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
     let mut c = Cluster::new("ha", 3, "");
-    let host_a = c.create("a", &[]);
-    let host_n = c.create("n", &["--no-ha"]);
+    c.create("a", &[]);
+    c.create("n", &["--no-ha"]);
 
     // A worker that dies on its own is not restarted by its agent: the cluster decides. An HA
     // VM is placed again (next epoch); another stays stopped, saying why.
