@@ -169,6 +169,18 @@ const MONITOR: &str = r#"echo 60 > /proc/sys/kernel/hung_task_timeout_secs 2>/de
 done ) >/dev/ttyS1 2>&1 &
 "#;
 
+/// Whether the lab kernel reports a CPU stuck for a minute or more.
+fn wedged(log: &Path) -> bool {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().any(|l| {
+        l.split("stuck for ")
+            .nth(1)
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| n >= 60)
+    })
+}
+
 /// Prints the last `n` lines of the lab's kernel and monitor log.
 fn print_tail(log: &Path, n: usize) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
@@ -249,7 +261,7 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     } else {
         append.push_str(" console=ttyS1 loglevel=6");
     }
-    let status = Command::new("timeout")
+    let mut child = Command::new("timeout")
         .arg(opts.timeout_s.to_string())
         .arg("qemu-system-x86_64")
         .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"])
@@ -289,8 +301,23 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
             "local,path={ws},mount_tag=rwshare,security_model=none"
         ))
         .stdin(std::process::Stdio::null())
-        .status()
+        .spawn()
         .context("cannot start qemu-system-x86_64")?;
+    // The lab's emulated CPUs can wedge (both stuck in the scheduler, the kernel's soft-lockup
+    // watchdog firing; seen in CI): once a CPU has been stuck for a minute the run is lost, so
+    // end it then instead of at the timeout.
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st.to_string();
+        }
+        if !opts.verbose && wedged(&kernel_log) {
+            eprintln!("lab: the lab host's CPUs are wedged (soft lockup over 60 s); stopping it");
+            let _ = child.kill();
+            let _ = child.wait();
+            break "killed after a soft lockup".to_string();
+        }
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    };
     let rc = std::fs::read_to_string(rundir.join("rc"))
         .ok()
         .and_then(|s| s.trim().parse().ok());

@@ -784,25 +784,20 @@ impl Agent {
             })
         };
         let vm = m.vm.clone();
+        let options = m.options.clone();
         let pki = self.cfg.pki_dir.clone();
         let p2 = Arc::clone(&progress);
         let r = self
             .run_blocking(move |w| {
-                w.migrate(
-                    &vm,
-                    &listen,
-                    migration::MigrateOptions::default(),
-                    pki,
-                    |st| {
-                        *p2.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
-                            "{:?} round {} sent {} MiB, {} MiB remaining",
-                            st.phase,
-                            st.round,
-                            st.bytes_sent >> 20,
-                            (st.pages_remaining * 4096) >> 20
-                        ));
-                    },
-                )
+                w.migrate(&vm, &listen, options, pki, |st| {
+                    *p2.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                        "{:?} round {} sent {} MiB, {} MiB remaining",
+                        st.phase,
+                        st.round,
+                        st.bytes_sent >> 20,
+                        (st.pages_remaining * 4096) >> 20
+                    ));
+                })
             })
             .await;
         done.store(true, Ordering::SeqCst);

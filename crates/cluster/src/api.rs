@@ -473,6 +473,8 @@ async fn delete_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
 struct MigrateReq {
     #[serde(default)]
     to: Option<String>,
+    #[serde(default)]
+    options: migration::MigrateOptions,
 }
 
 async fn migrate_vm(
@@ -520,7 +522,12 @@ async fn migrate_vm(
             .best_host(v, Some(&from), &Default::default())
             .map_err(|e| bad(409, e))?,
     };
-    let m = queue_migration(&a, &n, &from, &to, "user").await?;
+    let max = migration::protocol::MAX_CONNECTIONS;
+    if !(1..=max).contains(&req.options.connections) {
+        return Err(bad(400, format!("options.connections must be 1 to {max}")));
+    }
+    let m =
+        crate::coordinator::queue_migration_with(&a, &n, &from, &to, "user", req.options).await?;
     Ok((StatusCode::ACCEPTED, Json(to_json(&m))))
 }
 

@@ -311,13 +311,33 @@ pub async fn next_migration_id(a: &Agent) -> Result<u64, ClusterError> {
     ))
 }
 
-/// Queues a migration of `vm` from `from` to `to`.
+/// Queues a migration of `vm` from `from` to `to` with the engine's default options.
 pub async fn queue_migration(
     a: &Agent,
     vm: &str,
     from: &str,
     to: &str,
     reason: &str,
+) -> Result<MigrationRecord, ClusterError> {
+    queue_migration_with(
+        a,
+        vm,
+        from,
+        to,
+        reason,
+        migration::MigrateOptions::default(),
+    )
+    .await
+}
+
+/// [`queue_migration`] with `options`.
+pub async fn queue_migration_with(
+    a: &Agent,
+    vm: &str,
+    from: &str,
+    to: &str,
+    reason: &str,
+    options: migration::MigrateOptions,
 ) -> Result<MigrationRecord, ClusterError> {
     let id = next_migration_id(a).await?;
     let m = MigrationRecord {
@@ -327,6 +347,7 @@ pub async fn queue_migration(
         to: to.to_string(),
         state: MigrationState::Queued,
         reason: reason.to_string(),
+        options,
         requested: now(),
         started: None,
         finished: None,

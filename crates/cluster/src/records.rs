@@ -221,8 +221,11 @@ pub struct MigrationRecord {
     pub to: String,
     /// State.
     pub state: MigrationState,
-    /// Why: `user`, `drain`, `failback`, `balance`.
+    /// Why: `user`, `drain`, `failback`.
     pub reason: String,
+    /// The engine's tunables (downtime target, compression, connections, quick, ...).
+    #[serde(default)]
+    pub options: migration::MigrateOptions,
     /// Unix times.
     pub requested: u64,
     /// When the coordinator admitted it.

@@ -508,9 +508,13 @@ pub fn vm_migrate(
     name: &str,
     to: Option<String>,
     no_wait: bool,
+    options: migration::MigrateOptions,
     out: Output,
 ) -> Result<()> {
-    let m = api.post(&format!("/v1/vms/{name}/migrate"), json!({ "to": to }))?;
+    let m = api.post(
+        &format!("/v1/vms/{name}/migrate"),
+        json!({ "to": to, "options": options }),
+    )?;
     let id = m["id"]
         .as_u64()
         .ok_or_else(|| anyhow!("the API returned no migration id"))?;

@@ -164,10 +164,9 @@ pub fn progress_line(st: &MigrationStatus) -> String {
     )
 }
 
-/// `ferry vm migrate NAME --to ADDR`.
-pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
-    let pid = status(name)?.pid;
-    let options = MigrateOptions {
+/// The engine's options from the command line.
+pub fn options(a: &MigrateArgs) -> MigrateOptions {
+    MigrateOptions {
         downtime_ms: a.downtime_ms,
         max_rounds: a.max_rounds,
         timeout_s: a.timeout,
@@ -184,7 +183,13 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             Compress::Zstd => Compression::Zstd,
         },
         connections: a.connections,
-    };
+    }
+}
+
+/// `ferry vm migrate NAME --to ADDR`.
+pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
+    let pid = status(name)?.pid;
+    let options = options(&a);
     let pki = a.security.resolve()?;
     let bar = if out == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = ProgressBar::new_spinner();

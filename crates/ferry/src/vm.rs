@@ -175,8 +175,11 @@ fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
         }
         VmCmd::Stop { name } => cluster::vm_action(api, &name, "stop", out),
         VmCmd::Migrate {
-            name, to, no_wait, ..
-        } => cluster::vm_migrate(api, &name, to, no_wait, out),
+            name,
+            to,
+            no_wait,
+            opts,
+        } => cluster::vm_migrate(api, &name, to, no_wait, crate::migrate::options(&opts), out),
         other => bail!(
             "`ferry vm {}` works on one host's VMs: run it on that host without --api/FERRY_API",
             verb(&other)

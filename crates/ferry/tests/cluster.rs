@@ -437,9 +437,22 @@ fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
     // A user migration to a named host.
     let target = ["h1", "h2", "h3"].into_iter().find(|h| *h != h_a).unwrap();
     let n = beats_now(&c.console("a"));
-    let m = c.json(&["vm", "migrate", "a", "--to", target]);
+    let m = c.json(&[
+        "vm",
+        "migrate",
+        "a",
+        "--to",
+        target,
+        "--compress",
+        "zstd",
+        "--connections",
+        "3",
+    ]);
     assert_eq!(m["state"], "succeeded", "{m}");
     assert_eq!(m["report"]["tls"], true, "{m}");
+    // The engine's options travel with the request.
+    assert_eq!(m["report"]["compression"], "zstd", "{m}");
+    assert_eq!(m["report"]["connections"], 3, "{m}");
     assert_eq!(c.vm("a")["host"], target);
     wait_beats(&c.console("a"), n + 3);
     assert_one_run_intact(&c.console("a"));
@@ -1065,4 +1078,47 @@ fn a_single_host_on_the_embedded_store_keeps_its_vms_across_an_agent_restart() {
     let _ = agent.kill();
     let _ = agent.wait();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Cancel reaches a running cluster migration through the source agent: held in pre-copy (a
+/// test fault point of the source's worker), cancelled, the VM stays on the source, intact,
+/// and nothing is left on the destination.
+#[test]
+fn a_running_cluster_migration_is_cancelled_and_the_vm_stays() {
+    let mark =
+        std::env::temp_dir().join(format!("ferry-cluster-cancel-{}.mark", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let m = mark.to_str().unwrap();
+    let c = Cluster::with_env(
+        "cancel",
+        2,
+        "",
+        &[
+            ("h1", "FERRY_FAULT", "hold:precopy"),
+            ("h1", "FERRY_FAULT_MARK", m),
+        ],
+    );
+    assert_eq!(c.create("a", &[]), "h1", "equal hosts: the first by name");
+    let id = c.json(&["vm", "migrate", "a", "--no-wait"])["id"]
+        .as_u64()
+        .unwrap();
+    c.wait_until(
+        "the migration held in pre-copy",
+        Duration::from_secs(60),
+        |c| mark.exists() && c.api_get(&format!("/v1/migrations/{id}"))["state"] == "running",
+    );
+    c.json(&["migration", "cancel", &id.to_string()]);
+    c.wait_until("the migration cancelled", Duration::from_secs(60), |c| {
+        c.api_get(&format!("/v1/migrations/{id}"))["state"] == "cancelled"
+    });
+    let _ = std::fs::remove_file(&mark);
+    assert_eq!(c.vm("a")["host"], "h1");
+    c.wait_until("nothing left on h2", Duration::from_secs(30), |c| {
+        c.workers_of("a").iter().all(|(h, _)| h == "h1") && c.workers_of("a").len() == 1
+    });
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 3);
+    assert_one_run_intact(&c.console("a"));
+    let e = c.fails(&["migration", "cancel", &id.to_string()]);
+    assert!(e.contains("already ended"), "{e}");
 }
