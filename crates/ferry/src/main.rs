@@ -1,6 +1,7 @@
 //! `ferry`: the command line.
 
 mod cluster;
+mod disk;
 mod host;
 mod localcluster;
 mod migrate;
@@ -50,6 +51,9 @@ enum Cmd {
     /// The cluster CA and host identities that authenticate migrations.
     #[command(subcommand)]
     Pki(pki::PkiCmd),
+    /// Raw disk images.
+    #[command(subcommand)]
+    Disk(disk::DiskCmd),
     /// The cluster as a whole; a local cluster on this machine.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
@@ -67,6 +71,7 @@ fn main() {
         Cmd::Vm(c) => vm::run(c, cli.output, api.as_ref()),
         Cmd::Migration(c) => migrate::run_cmd(c, cli.output, api.as_ref()),
         Cmd::Pki(c) => pki::run(c, cli.output),
+        Cmd::Disk(c) => disk::run(c, cli.output),
         Cmd::Host(c) => host::run(c, cli.output, api.as_ref()),
         Cmd::Cluster(c) => cluster::run_cluster(c, api.as_ref(), cli.output),
     });

@@ -362,3 +362,31 @@ fn elf_with_segment_at(paddr: u64) -> Vec<u8> {
     ph[40..48].copy_from_slice(&16u64.to_le_bytes());
     f
 }
+
+#[test]
+fn disk_images_are_created_sparse_inspected_and_never_overwritten() {
+    let env = Env::new("disk");
+    let p = env.dir.join("d.img");
+    let v = env.json(&["disk", "create", p.to_str().unwrap(), "--size", "2G"]);
+    assert_eq!(v["size"], 2u64 << 30, "{v}");
+    assert!(v["allocated"].as_u64().unwrap() < 1 << 20, "{v}");
+    assert_eq!(v["lock"], "free");
+    let v = env.json(&["disk", "inspect", p.to_str().unwrap()]);
+    assert_eq!(v["size"], 2u64 << 30, "{v}");
+    let e = env.fails(&["disk", "create", p.to_str().unwrap(), "--size", "1G"]);
+    assert!(e.contains("exists already"), "{e}");
+    let e = env.fails(&[
+        "disk",
+        "create",
+        env.dir.join("z.img").to_str().unwrap(),
+        "--size",
+        "0",
+    ]);
+    assert!(e.contains("invalid disk size"), "{e}");
+    let e = env.fails(&[
+        "disk",
+        "inspect",
+        env.dir.join("none.img").to_str().unwrap(),
+    ]);
+    assert!(e.contains("none.img"), "{e}");
+}

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
+pub mod disk;
 pub mod host;
 pub mod machine;
 pub mod memory;
