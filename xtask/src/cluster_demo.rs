@@ -106,6 +106,13 @@ impl Demo {
 
 /// Runs the cluster demo.
 pub fn run(ws: &Path) -> Result<()> {
+    // etcd for the cluster, protoc to build its client, ip for the namespaces.
+    crate::lab::ensure_commands(&[
+        ("etcd", "etcd-server"),
+        ("protoc", "protobuf-compiler"),
+        ("ip", "iproute2"),
+        ("gcc", "gcc"),
+    ])?;
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(ws)
         .args(["build", "--release", "-p", "ferry", "-p", "ferry-guests"])

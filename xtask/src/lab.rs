@@ -51,32 +51,29 @@ fn newest(dir: &str, prefix: &str) -> Option<String> {
     v.pop()
 }
 
-/// Installs what is missing (needs root and Debian's package index).
-pub fn ensure_packages() -> Result<()> {
-    let have = |c: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {c}"))
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let mut missing = Vec::new();
-    if !have("qemu-system-x86_64") {
-        missing.push("qemu-system-x86");
-    }
-    if newest("/boot", "vmlinuz-").is_none() {
-        missing.push("linux-image-amd64");
-    }
-    if !Path::new("/bin/busybox").exists() {
-        missing.push("busybox-static");
-    }
-    if !have("cpio") {
-        missing.push("cpio");
-    }
+fn have(c: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {c}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Installs the Debian packages of `needs` (command, package) whose command is missing.
+pub fn ensure_commands(needs: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|(c, _)| !have(c))
+        .map(|(_, p)| *p)
+        .collect();
+    install(&missing)
+}
+
+fn install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("lab: installing {}", missing.join(" "));
+    eprintln!("installing {}", missing.join(" "));
     let ok = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -92,6 +89,24 @@ pub fn ensure_packages() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Installs what the lab host needs and is missing (needs root and Debian's package index).
+pub fn ensure_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    if !have("qemu-system-x86_64") {
+        missing.push("qemu-system-x86");
+    }
+    if newest("/boot", "vmlinuz-").is_none() {
+        missing.push("linux-image-amd64");
+    }
+    if !Path::new("/bin/busybox").exists() {
+        missing.push("busybox-static");
+    }
+    if !have("cpio") {
+        missing.push("cpio");
+    }
+    install(&missing)
 }
 
 /// Builds (or reuses) the lab initramfs for `kver` under `cache`.

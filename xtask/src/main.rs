@@ -167,6 +167,13 @@ fn lab_tests(filter: Option<String>) -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { no_lab } => {
+            // etcd for the cluster tests, protoc to build its client, ip for the namespaces.
+            lab::ensure_commands(&[
+                ("etcd", "etcd-server"),
+                ("protoc", "protobuf-compiler"),
+                ("ip", "iproute2"),
+                ("gcc", "gcc"),
+            ])?;
             run({
                 let mut c = cargo();
                 c.args(["nextest", "run", "--workspace", "--no-fail-fast"]);
