@@ -318,18 +318,38 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
         .stdin(std::process::Stdio::null())
         .spawn()
         .context("cannot start qemu-system-x86_64")?;
-    // The lab's emulated CPUs can wedge (both stuck in the scheduler, the kernel's soft-lockup
-    // watchdog firing; seen in CI): once a CPU has been stuck for a minute the run is lost, so
-    // end it then instead of at the timeout.
+    // The lab's emulated CPUs can wedge (seen in CI: both stuck in the scheduler with the
+    // soft-lockup watchdog firing, or the whole lab kernel silent). Once a CPU has been stuck
+    // for a minute, or the monitor (which writes every 20 s) has been silent for two, the run
+    // is lost: end it then instead of at the timeout.
+    let mut last_len = 0u64;
+    let mut last_growth = std::time::Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait()? {
             break st.to_string();
         }
-        if !opts.verbose && wedged(&kernel_log) {
-            eprintln!("lab: the lab host's CPUs are wedged (soft lockup over 60 s); stopping it");
-            let _ = child.kill();
-            let _ = child.wait();
-            break "killed after a soft lockup".to_string();
+        if !opts.verbose {
+            let len = std::fs::metadata(&kernel_log).map_or(0, |m| m.len());
+            if len != last_len {
+                last_len = len;
+                last_growth = std::time::Instant::now();
+            }
+            let silent =
+                last_len > 0 && last_growth.elapsed() > std::time::Duration::from_secs(120);
+            if silent || wedged(&kernel_log) {
+                eprintln!(
+                    "lab: the lab host is wedged ({}); stopping it",
+                    if silent {
+                        "its kernel and monitor silent for 2 minutes"
+                    } else {
+                        "a CPU stuck for over 60 s"
+                    }
+                );
+                // SIGTERM to `timeout`, which passes it on to QEMU.
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+                let _ = child.wait();
+                break "stopped: wedged".to_string();
+            }
         }
         std::thread::sleep(std::time::Duration::from_secs(2));
     };
