@@ -67,10 +67,12 @@ impl Env {
     /// Runs ferry, asserts success, returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.ferry(args);
+        // With `--output json` the error is a JSON object on stdout: show both.
         assert!(
             o.status.success(),
-            "ferry {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
+            "ferry {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&o.stdout)
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
