@@ -7,7 +7,8 @@
  * (sum over pages of byte0 * (page + 1)) in guest memory. vCPU 0 prints, every `beat_ms`:
  *     beat <n> ok
  * after re-verifying the checksum of every vCPU's share and the full pattern of a rotating
- * window of pages, or `beat <n> BAD <reason>` on any mismatch or a stalled vCPU.
+ * window of pages, or `beat <n> BAD <reason> [page=<p> byte0=<v> shadow=<v> word=<i> zero|garbled]`
+ * on any mismatch or a stalled vCPU (the details say which page and which copy is stale).
  *
  * At start vCPU 0 prints the CPUID feature registers it sees:
  *     cpuid 1.ecx=<hex> 1.edx=<hex> 7.ebx=<hex> 7.ecx=<hex> 7.edx=<hex> d.eax=<hex> x1.ecx=<hex> x1.edx=<hex>
@@ -143,6 +144,12 @@ static inline uint64_t pattern(uint64_t page, uint64_t word)
 
 static uint8_t *buffer;
 
+/* A second record of every page's byte 0 (for buffers up to 1 GiB), so that a checksum failure
+ * can name the page and say which copy is stale: memory one step behind the shadow means a
+ * write to the buffer was lost, the shadow one step behind means a write to this array was. */
+#define SHADOW_PAGES (1UL << 18)
+static uint8_t shadow[SHADOW_PAGES];
+
 static void fill_share(struct cpu_slot *s)
 {
 	uint64_t csum = 0;
@@ -151,6 +158,8 @@ static void fill_share(struct cpu_slot *s)
 		for (uint64_t i = 0; i < WORDS; i++)
 			w[i] = pattern(p, i);
 		csum += (uint64_t)buffer[p * PAGE] * (p + 1);
+		if (p < SHADOW_PAGES)
+			shadow[p] = buffer[p * PAGE];
 	}
 	s->csum = csum;
 }
@@ -162,6 +171,8 @@ static void dirty_pages(struct cpu_slot *s, uint64_t todo)
 		uint8_t *b = buffer + p * PAGE;
 		uint8_t o = *b, n = (uint8_t)(o * 5 + 1);
 		*b = n;
+		if (p < SHADOW_PAGES)
+			shadow[p] = n;
 		s->csum += ((uint64_t)n - (uint64_t)o) * (p + 1);
 		if (++s->pos == s->npages)
 			s->pos = 0;
@@ -176,6 +187,27 @@ static int verify_csum(struct cpu_slot *s)
 	for (uint64_t p = s->first_page; p < s->first_page + s->npages; p++)
 		sum += (uint64_t)buffer[p * PAGE] * (p + 1);
 	return sum != s->csum;
+}
+
+/* The first page of a share whose byte 0 differs from its shadow, or UINT64_MAX. */
+static uint64_t shadow_mismatch(struct cpu_slot *s)
+{
+	for (uint64_t p = s->first_page; p < s->first_page + s->npages && p < SHADOW_PAGES; p++)
+		if (buffer[p * PAGE] != shadow[p])
+			return p;
+	return UINT64_MAX;
+}
+
+/* The first word of page `p` that differs from the pattern (byte 0 excluded). */
+static uint64_t first_bad_word(uint64_t p)
+{
+	const uint64_t *w = (const uint64_t *)(buffer + p * PAGE);
+	if ((w[0] ^ pattern(p, 0)) & ~0xffULL)
+		return 0;
+	for (uint64_t i = 1; i < WORDS; i++)
+		if (w[i] != pattern(p, i))
+			return i;
+	return WORDS;
 }
 
 /* Returns the first bad page of the window, or UINT64_MAX when all are intact. */
@@ -289,8 +321,10 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 		 * the pattern check covers every share (byte 0 excluded). */
 		const char *bad = 0;
 		uint64_t bad_page = UINT64_MAX;
-		if (verify_csum(me))
+		if (verify_csum(me)) {
 			bad = "checksum";
+			bad_page = shadow_mismatch(me);
+		}
 		if (!bad) {
 			bad_page = verify_window(window, VERIFY_WINDOW, npages);
 			if (bad_page != UINT64_MAX)
@@ -312,8 +346,21 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 			puts_serial(" BAD ");
 			puts_serial(bad);
 			if (bad_page != UINT64_MAX) {
+				const uint64_t *w = (const uint64_t *)(buffer + bad_page * PAGE);
+				uint64_t word = first_bad_word(bad_page);
 				puts_serial(" page=");
 				put_u64(bad_page);
+				puts_serial(" byte0=");
+				put_u64(buffer[bad_page * PAGE]);
+				if (bad_page < SHADOW_PAGES) {
+					puts_serial(" shadow=");
+					put_u64(shadow[bad_page]);
+				}
+				if (word < WORDS) {
+					puts_serial(" word=");
+					put_u64(word);
+					puts_serial(word < WORDS && w[word] == 0 ? " zero" : " garbled");
+				}
 			}
 			putc_serial('\n');
 			/* resynchronise so that one fault is reported once */

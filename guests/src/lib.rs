@@ -13,3 +13,40 @@ use std::path::PathBuf;
 pub fn dirtier() -> PathBuf {
     PathBuf::from(env!("FERRY_GUEST_DIRTIER"))
 }
+
+/// The complete lines of a console log: a guest still printing leaves a partial last line
+/// (`beat 4 o`), which must not be read as a line of its own.
+pub fn whole_lines(text: &str) -> std::str::Lines<'_> {
+    text[..text.rfind('\n').map_or(0, |i| i + 1)].lines()
+}
+
+/// The dirtier's beats in a console log, in order: (counter, whether the guest found its memory
+/// intact). Complete lines only.
+pub fn beats(text: &str) -> Vec<(u64, bool)> {
+    whole_lines(text)
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next()? == "beat").then_some(())?;
+            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
+        })
+        .collect()
+}
+
+/// The dirtier's complaints (`beat <n> BAD <reason> …`), for failure messages.
+pub fn bad_lines(text: &str) -> Vec<&str> {
+    whole_lines(text)
+        .filter(|l| l.starts_with("beat ") && l.contains(" BAD"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_partial_last_line_is_not_a_beat() {
+        let text = "dirtier: start\nbeat 0 ok\nbeat 1 BAD checksum page=3\nbeat 2 o";
+        assert_eq!(super::beats(text), vec![(0, true), (1, false)]);
+        assert_eq!(super::bad_lines(text), vec!["beat 1 BAD checksum page=3"]);
+        assert_eq!(super::beats("beat 2 ok\n"), vec![(2, true)]);
+        assert!(super::beats("").is_empty());
+    }
+}

@@ -62,7 +62,7 @@ impl Demo {
         let mut seen = 0;
         loop {
             let text = std::fs::read_to_string(&self.console).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = whole_lines(&text).collect();
             for l in lines.iter().skip(self.shown.get()) {
                 println!("    | {l}");
                 if l.starts_with("beat") {
@@ -86,8 +86,7 @@ impl Demo {
     /// Every beat of the guest's life, across all its hosts: one counter, all `ok`.
     fn check(&self) -> Result<usize> {
         let text = std::fs::read_to_string(&self.console)?;
-        let beats: Vec<(u64, bool)> = text
-            .lines()
+        let beats: Vec<(u64, bool)> = whole_lines(&text)
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
                 (w.next()? == "beat").then_some(())?;
@@ -102,6 +101,11 @@ impl Demo {
         }
         Ok(beats.len())
     }
+}
+
+/// The complete lines of a console log (a guest still printing leaves a partial last one).
+pub(crate) fn whole_lines(text: &str) -> std::str::Lines<'_> {
+    text[..text.rfind('\n').map_or(0, |i| i + 1)].lines()
 }
 
 /// Runs the cluster demo.

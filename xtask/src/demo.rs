@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::cluster_demo::whole_lines;
+
 struct Demo {
     ferry: PathBuf,
 }
@@ -116,7 +118,7 @@ impl Demo {
         let mut shown = 0;
         loop {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
+            let lines: Vec<&str> = whole_lines(&text).collect();
             for l in lines.iter().skip(shown) {
                 println!("    | {l}");
             }
@@ -160,11 +162,10 @@ fn check_continuous(marker: &str, consoles: &[&Path]) -> Result<(u64, u64)> {
     for (i, c) in consoles.iter().enumerate() {
         text.push_str(&std::fs::read_to_string(c).unwrap_or_default());
         if i == 0 {
-            boundary = text.lines().filter(|l| l.starts_with(marker)).count();
+            boundary = whole_lines(&text).filter(|l| l.starts_with(marker)).count();
         }
     }
-    let counters: Vec<u64> = text
-        .lines()
+    let counters: Vec<u64> = whole_lines(&text)
         .filter(|l| l.starts_with(marker))
         .filter_map(counter)
         .collect();

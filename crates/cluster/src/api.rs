@@ -389,6 +389,7 @@ async fn create_vm(
         cmdline: req.cmdline.clone(),
         cpu,
         cpu_hide: Vec::new(),
+        disks: Vec::new(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;

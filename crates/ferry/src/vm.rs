@@ -38,6 +38,10 @@ pub struct BootOpts {
     /// (docs/cpu-compat.md).
     #[arg(long, default_value = "host")]
     cpu: String,
+    /// A disk: a raw image (`ferry disk create`) attached as virtio-blk; `PATH,readonly` for
+    /// read-only. Repeat for more (Linux names them /dev/vda, /dev/vdb, …).
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    disks: Vec<String>,
 }
 
 /// `ferry vm` verbs.
@@ -384,6 +388,14 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         }
         None => None,
     };
+    let mut disks = Vec::new();
+    for d in &b.disks {
+        let mut spec: vmm::config::DiskSpec = d.parse()?;
+        spec.path = absolute(&spec.path)?;
+        vmm::disk::inspect(&spec.path)
+            .with_context(|| format!("cannot use disk {}", spec.path.display()))?;
+        disks.push(spec);
+    }
     let cfg = VmConfig {
         name: name.to_string(),
         vcpus: b.vcpus,
@@ -393,6 +405,7 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         cmdline: b.cmdline,
         cpu: vmm::cpuid::CpuModel::parse(&b.cpu)?,
         cpu_hide: Vec::new(),
+        disks,
     };
     cfg.validate()?;
     vmm::boot::detect(&cfg.kernel)?;

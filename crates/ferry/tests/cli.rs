@@ -90,15 +90,7 @@ fn save_then_restore_in_a_new_process_continues_the_guest() {
     assert!(env.names().is_empty(), "save must stop the worker");
     let last = beats(&env.console("a")).last().unwrap().0;
 
-    env.ok(&[
-        "vm",
-        "restore",
-        state.to_str().unwrap(),
-        "--name",
-        "b",
-        "--console-log",
-        env.console("b").to_str().unwrap(),
-    ]);
+    env.restore_as(&state, "b");
     let st = env.json(&["vm", "status", "b"]);
     assert_ne!(
         st["pid"].as_u64().unwrap(),
@@ -389,4 +381,65 @@ fn disk_images_are_created_sparse_inspected_and_never_overwritten() {
         env.dir.join("none.img").to_str().unwrap(),
     ]);
     assert!(e.contains("none.img"), "{e}");
+}
+
+#[test]
+fn a_disk_is_attached_to_one_running_vm_at_a_time_and_bad_disks_are_refused() {
+    let env = Env::new("disk-attach");
+    let k = dirtier();
+    let k = k.to_str().unwrap();
+    let p = env.dir.join("d.img");
+    let p = p.to_str().unwrap();
+    env.ok(&["disk", "create", p, "--size", "16M"]);
+    let start = |name: &str, disk: &str| {
+        let mut args = vec![
+            "vm",
+            "start",
+            name,
+            "--kernel",
+            k,
+            "--memory",
+            "32M",
+            "--cmdline",
+            "mb=1",
+        ];
+        args.extend(["--disk", disk]);
+        env.ferry(&args)
+    };
+    let o = start("a", p);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(env.json(&["disk", "inspect", p])["lock"], "read-write");
+    // A second VM cannot open it for writing, nor read it while it is written.
+    for spec in [p.to_string(), format!("{p},readonly")] {
+        let o = start("b", &spec);
+        assert!(!o.status.success());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("in use"), "{e}");
+    }
+    assert_eq!(env.names(), vec!["a".to_string()], "nothing half-started");
+    // The VM carries its disk in its config; live migration refuses it with the reason.
+    let e = env.fails(&["vm", "migrate", "a", "--to", "127.0.0.1:9"]);
+    assert!(e.contains("disk hand-over"), "{e}");
+    env.ok(&["vm", "stop", "a"]);
+    // Stopped: the lock is gone, and two read-only users may share it.
+    assert_eq!(env.json(&["disk", "inspect", p])["lock"], "free");
+    for name in ["r1", "r2"] {
+        let o = start(name, &format!("{p},readonly"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    env.ok(&["vm", "stop", "r1"]);
+    env.ok(&["vm", "stop", "r2"]);
+    // Missing or relative-but-missing images are refused before a worker starts.
+    let e = env.fails(&[
+        "vm",
+        "start",
+        "c",
+        "--kernel",
+        k,
+        "--memory",
+        "32M",
+        "--disk",
+        "/nonexistent.img",
+    ]);
+    assert!(e.contains("nonexistent.img"), "{e}");
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{beats, wait_beats};
+use common::{bad_lines, beats, wait_beats};
 use ferry_store::local_etcd::LocalEtcd;
 use serde_json::Value;
 
@@ -387,12 +387,17 @@ impl Drop for Cluster {
 
 /// The guest kept one beat counter (no restart, no gap) and every self-check passed.
 fn assert_one_run_intact(log: &Path) {
-    let all = beats(&std::fs::read_to_string(log).unwrap());
+    let text = std::fs::read_to_string(log).unwrap();
+    let all = beats(&text);
     assert!(
         all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
         "counter restarted or skipped: {all:?}"
     );
-    assert!(all.iter().all(|x| x.1), "memory damaged: {all:?}");
+    assert!(
+        all.iter().all(|x| x.1),
+        "memory damaged: {:?} in {all:?}",
+        bad_lines(&text)
+    );
 }
 
 /// `ferry vm create NAME` for a small dirtier VM (16 MiB, 4 MiB rewritten, a beat every 100 ms).

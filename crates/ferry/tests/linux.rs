@@ -88,15 +88,7 @@ fn boot_save_restore(kernel: &str, vcpus: u8) {
     let state = env.dir.join("a.state");
     env.ok(&["vm", "save", "a", "--to", state.to_str().unwrap()]);
     let before = ticks(&std::fs::read_to_string(env.console("a")).unwrap());
-    env.ok(&[
-        "vm",
-        "restore",
-        state.to_str().unwrap(),
-        "--name",
-        "b",
-        "--console-log",
-        env.console("b").to_str().unwrap(),
-    ]);
+    env.restore_as(&state, "b");
     wait_for(&env.console("b"), "3 ticks after restore", |t| {
         ticks(t).len() >= 3
     });
@@ -322,4 +314,189 @@ fn linux_under_x86_64_v2_gets_no_avx_state() {
     env.ok(&["vm", "stop", "v2"]);
     // (The positive side — the guest's leaf 0xD offers AVX state under models with AVX — is
     // checked on the guest's own CPUID in guests_see_exactly_the_features_of_their_cpu_model.)
+}
+
+/// A newc cpio archive holding `files` (path without the leading '/', mode, contents).
+fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(&mut out, i as u32 + 1, name, *mode, data);
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// The guest's disk workload: reads the host's mark from /dev/vda, writes a 1 MiB pattern at
+/// 1 MiB and reads it back past the page cache, finds it cannot write the read-only /dev/vdb,
+/// then every second re-reads and re-checks the pattern and records its counter in sector 4096.
+const DISK_INIT: &str = r#"#!/bin/busybox sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "GUEST-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "disk-mark=$(head -c 15 /dev/vda)"
+echo "disk-ro-mark=$(head -c 15 /dev/vdb)"
+yes FERRY-BLOCK-TEST | head -c 1048576 > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && echo disk-written
+if dd if=/tmp/p of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro-write-accepted; else echo ro-write-refused; fi
+n=0
+while true; do
+	blockdev --flushbufs /dev/vda
+	if dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | cmp -s - /tmp/p; then
+		echo "$n" | dd of=/dev/vda bs=512 seek=4096 conv=fsync 2>/dev/null
+		echo "disk-tick $n ok"
+	else
+		echo "DISK-ERROR at tick $n"
+	fi
+	n=$((n + 1))
+	sleep 1
+done
+"#;
+
+fn disk_ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| {
+            l.strip_prefix("disk-tick ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_reads_and_writes_virtio_disks_across_save_restore() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new("vblk");
+    let g = guest_dir();
+    // The shared initramfs with this test's /init appended (a later archive's file wins).
+    let mut initrd = std::fs::read(g.join("initramfs.cpio.gz")).unwrap();
+    while !initrd.len().is_multiple_of(4) {
+        initrd.push(0);
+    }
+    initrd.extend(cpio(&[("init", 0o100755, DISK_INIT.as_bytes())]));
+    let initrd_path = env.dir.join("initrd-disk");
+    std::fs::write(&initrd_path, &initrd).unwrap();
+    let (rw, ro) = (env.dir.join("rw.img"), env.dir.join("ro.img"));
+    for (p, mark) in [(&rw, "FERRY-DISK-MARK"), (&ro, "FERRY-RO-MARKER")] {
+        env.ok(&["disk", "create", p.to_str().unwrap(), "--size", "8M"]);
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(mark.as_bytes(), 0).unwrap();
+    }
+    let ro_arg = format!("{},readonly", ro.display());
+    env.ok(&[
+        "vm",
+        "start",
+        "a",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        initrd_path.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "128M",
+        "--disk",
+        rw.to_str().unwrap(),
+        "--disk",
+        &ro_arg,
+        "--console-log",
+        env.console("a").to_str().unwrap(),
+    ]);
+    let no_error = |t: &str| {
+        assert!(!t.contains("DISK-ERROR"), "{t}");
+    };
+    let text = wait_for(&env.console("a"), "2 disk ticks", |t| {
+        no_error(t);
+        disk_ticks(t).len() >= 2
+    });
+    assert!(text.contains("disk-mark=FERRY-DISK-MARK"), "{text}");
+    assert!(text.contains("disk-ro-mark=FERRY-RO-MARKER"), "{text}");
+    assert!(text.contains("disk-written"), "{text}");
+    assert!(text.contains("ro-write-refused"), "{text}");
+    // What the guest wrote is in the image file.
+    let f = std::fs::File::open(&rw).unwrap();
+    let mut got = vec![0u8; 1 << 20];
+    f.read_exact_at(&mut got, 1 << 20).unwrap();
+    let want: Vec<u8> = b"FERRY-BLOCK-TEST\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    assert!(got == want, "the image does not hold what the guest wrote");
+    // A running VM holds its disk: nobody else can open it for writing.
+    let busy = env.fails(&[
+        "vm",
+        "start",
+        "c",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--disk",
+        rw.to_str().unwrap(),
+    ]);
+    assert!(busy.contains("in use") || busy.contains("locked"), "{busy}");
+
+    let state = env.dir.join("a.state");
+    env.ok(&["vm", "save", "a", "--to", state.to_str().unwrap()]);
+    let before = disk_ticks(&std::fs::read_to_string(env.console("a")).unwrap());
+    env.restore_as(&state, "b");
+    let after = wait_for(&env.console("b"), "3 disk ticks after restore", |t| {
+        no_error(t);
+        disk_ticks(t).len() >= 3
+    });
+    env.ok(&["vm", "stop", "b"]);
+    let all = disk_ticks(&env.joined_consoles("a", "b"));
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "disk counter restarted or skipped: {all:?} ({before:?} before the save)"
+    );
+    // The restored VM's writes reached the image too.
+    let last = disk_ticks(&after).last().copied().unwrap();
+    let mut sector = [0u8; 512];
+    f.read_exact_at(&mut sector, 4096 * 512).unwrap();
+    let on_disk: u64 = String::from_utf8_lossy(&sector)
+        .trim_end_matches('\0')
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        on_disk >= last,
+        "image says {on_disk}, guest printed {last}"
+    );
 }

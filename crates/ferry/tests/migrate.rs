@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{beats, wait_beats, Env};
+use common::{bad_lines, beats, wait_beats, Env};
 
 fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
     start_env(env, vm, vcpus, cmdline, &[]);
@@ -58,13 +58,18 @@ fn receive(env: &Env, vm: &str, listen: &str) -> String {
 fn assert_continued(env: &Env, a: &str, b: &str, after: usize) {
     let before = beats(&std::fs::read_to_string(env.console(a)).unwrap()).len();
     wait_beats(&env.console(b), after);
-    let all = beats(&env.joined_consoles(a, b));
+    let text = env.joined_consoles(a, b);
+    let all = beats(&text);
     assert!(all.len() >= before + after);
     assert!(
         all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
         "counter restarted or skipped: {all:?}"
     );
-    assert!(all.iter().all(|x| x.1), "memory damaged: {all:?}");
+    assert!(
+        all.iter().all(|x| x.1),
+        "memory damaged: {:?} in {all:?}",
+        bad_lines(&text)
+    );
 }
 
 /// The VM still runs on the source, intact, and nothing is left on the destination.

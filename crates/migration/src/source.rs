@@ -455,6 +455,11 @@ pub fn migrate(
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let t0 = Instant::now();
+    if !m.config().disks.is_empty() {
+        return Err(MigrationError::Protocol(
+            "the VM has disks, and moving them with a running VM (the disk hand-over) is not built yet; stop it and use vm save + vm restore".into(),
+        ));
+    }
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(MigrationError::Protocol(format!(
             "connections must be 1 to {MAX_CONNECTIONS}, not {}",

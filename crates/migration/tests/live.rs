@@ -62,18 +62,11 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
         cmdline: cmdline.into(),
         cpu: Default::default(),
         cpu_hide: Vec::new(),
+        disks: Vec::new(),
     }
 }
 
-fn beats(text: &str) -> Vec<(u64, bool)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next()? == "beat").then_some(())?;
-            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-        })
-        .collect()
-}
+use ferry_guests::{bad_lines, beats};
 
 fn wait_beats(log: &Path, count: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -123,7 +116,8 @@ fn check_continues(a: &Path, b: &Path, min_after: usize) {
     );
     assert!(
         all.iter().all(|b| b.1),
-        "the guest found its memory damaged: {all:?}"
+        "the guest found its memory damaged: {:?} in {all:?}",
+        bad_lines(&joined)
     );
 }
 
@@ -443,8 +437,9 @@ fn a_destination_of_another_protocol_version_is_refused_before_anything_is_sent(
         let id = identity(false);
         let mut ch = migration::tls::Channel::accept(tcp, Some(&id)).unwrap();
         let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&3u16.to_le_bytes());
-        hello.extend_from_slice(&3u16.to_le_bytes());
+        let other = migration::protocol::VERSION + 1;
+        hello.extend_from_slice(&other.to_le_bytes());
+        hello.extend_from_slice(&other.to_le_bytes());
         write_frame(&mut ch, Kind::Hello, &hello).unwrap();
         std::io::Write::flush(&mut ch).unwrap();
         // Whatever comes after the peer's HELLO: the source must send nothing more.
@@ -467,9 +462,10 @@ fn a_destination_of_another_protocol_version_is_refused_before_anything_is_sent(
         &status,
         &AtomicBool::new(false),
     )
-    .expect_err("a version-3 peer was accepted");
+    .expect_err("a peer of a newer protocol version was accepted");
+    let other = format!("version {}", migration::protocol::VERSION + 1);
     assert!(
-        matches!(&e, MigrationError::Protocol(m) if m.contains("version 3")),
+        matches!(&e, MigrationError::Protocol(m) if m.contains(&other)),
         "{e:?}"
     );
     peer.join().unwrap();

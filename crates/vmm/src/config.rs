@@ -27,6 +27,9 @@ pub enum ConfigError {
     /// A feature name Ferry does not know.
     #[error("unknown CPU feature {0:?} in cpu_hide (docs/cpu-compat.md lists them)")]
     UnknownFeature(String),
+    /// A disk given wrongly.
+    #[error("invalid disk {0:?}: expected an absolute PATH or PATH,readonly (at most {max} disks)", max = crate::devices::virtio::MAX_DEVICES)]
+    BadDisk(String),
     /// Config JSON did not parse (unknown keys included).
     #[error("invalid VM config: {0}")]
     Parse(#[from] serde_json::Error),
@@ -57,14 +60,52 @@ pub struct VmConfig {
     /// cluster's `cluster` model resolves to on the host that starts the VM.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_hide: Vec<String>,
+    /// Disks, as virtio-blk devices in this order (Linux: `/dev/vda`, `/dev/vdb`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
 }
 
+/// A disk of a VM: a raw image file (docs/disks.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The image (absolute path; on shared storage for VMs that move).
+    pub path: PathBuf,
+    /// Attach read-only (the guest cannot write; other VMs may read it too).
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = ConfigError;
+
+    /// `PATH` or `PATH,readonly` (also `ro`).
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let (path, opts) = match s.rsplit_once(',') {
+            Some((p, o @ ("readonly" | "ro" | "rw"))) => (p, o),
+            _ => (s, "rw"),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::BadDisk(s.to_string()));
+        }
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            readonly: opts != "rw",
+        })
+    }
+}
 impl VmConfig {
     /// Checks the values a user can get wrong.
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_name(&self.name)?;
         if let Some(f) = self.cpu_hide.iter().find(|f| !crate::cpuid::is_feature(f)) {
             return Err(ConfigError::UnknownFeature(f.clone()));
+        }
+        if self.disks.len() > crate::devices::virtio::MAX_DEVICES {
+            return Err(ConfigError::BadDisk(format!("{} disks", self.disks.len())));
+        }
+        if let Some(d) = self.disks.iter().find(|d| !d.path.is_absolute()) {
+            return Err(ConfigError::BadDisk(d.path.display().to_string()));
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::BadVcpus(self.vcpus));
@@ -136,6 +177,7 @@ mod tests {
             cmdline: String::new(),
             cpu: Default::default(),
             cpu_hide: Vec::new(),
+            disks: Vec::new(),
         }
     }
 

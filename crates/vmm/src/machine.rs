@@ -25,6 +25,7 @@ use crate::boot::{self, KernelKind};
 use crate::config::VmConfig;
 use crate::cpuid;
 use crate::devices::serial::{ConsoleOut, SerialDevice, SerialDeviceState, COM1_BASE, COM1_IRQ};
+use crate::devices::virtio::{self, block::Block, mmio::MmioState, mmio::MmioTransport};
 use crate::memory::{GuestRam, PAGE_SIZE};
 use crate::snapshot::{self, SnapshotReader, SnapshotWriter};
 use crate::vcpu::{self, VcpuState};
@@ -80,6 +81,18 @@ pub enum MachineError {
     /// vCPUs did not stop in time.
     #[error("vCPUs did not pause within {0:?}")]
     PauseTimeout(Duration),
+    /// A disk could not be attached.
+    #[error("disk {path}: {source}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: crate::disk::DiskError,
+    },
+    /// Saved virtio device state that does not fit the VM.
+    #[error(transparent)]
+    Virtio(#[from] virtio::mmio::MmioError),
     /// The state file's VM does not match what it says.
     #[error("state file is corrupted: {0}")]
     Inconsistent(String),
@@ -124,6 +137,8 @@ pub enum StopReason {
 pub struct DeviceStates {
     /// COM1.
     pub serial: SerialDeviceState,
+    /// virtio-mmio devices, in the config's order (disks).
+    pub virtio: Vec<MmioState>,
 }
 
 #[derive(Debug)]
@@ -140,6 +155,8 @@ struct Shared {
     ctl: Mutex<Control>,
     cv: Condvar,
     serial: Mutex<SerialDevice>,
+    /// virtio-mmio devices: (guest address of the window, transport).
+    mmio: Vec<(u64, Mutex<MmioTransport>)>,
     nvcpus: usize,
 }
 
@@ -251,6 +268,8 @@ impl Machine {
             fds.push(fd);
         }
         let tsc_khz = fds[0].get_tsc_khz().unwrap_or(0);
+        let ram = Arc::new(ram);
+        let mmio = attach_devices(&config, &vmfd, &ram)?;
         boot::long_mode::write_tables(&ram)?;
         let entry = match kind {
             KernelKind::BareMetal => boot::bare_metal::load(
@@ -262,12 +281,20 @@ impl Machine {
             )?,
             _ => {
                 boot::mptable::write(&ram, config.vcpus)?;
+                // Linux learns of the virtio-mmio devices from its command line.
+                let mut cmdline = config.cmdline.clone();
+                for i in 0..mmio.len() {
+                    if let Some(dev) = virtio::linux_cmdline(i) {
+                        cmdline.push(' ');
+                        cmdline.push_str(&dev);
+                    }
+                }
                 boot::linux::load(
                     &ram,
                     kind,
                     &config.kernel,
                     config.initrd.as_deref(),
-                    &config.cmdline,
+                    cmdline.trim_start(),
                 )?
             }
         };
@@ -305,7 +332,7 @@ impl Machine {
         vmfd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
         let serial = SerialDevice::new(serial_irq, console);
-        let m = Machine::assemble(config, kind, kvm, vmfd, fds, cpuids, serial, ram)?;
+        let m = Machine::assemble(config, kind, kvm, vmfd, fds, cpuids, serial, mmio, ram)?;
         m.start_threads(RunState::Running)?;
         Ok(m)
     }
@@ -319,7 +346,8 @@ impl Machine {
         fds: Vec<VcpuFd>,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         serial: SerialDevice,
-        ram: GuestRam,
+        mmio: Vec<(u64, Mutex<MmioTransport>)>,
+        ram: Arc<GuestRam>,
     ) -> Result<Machine, MachineError> {
         let msr_list = vcpu::saveable_msrs(&kvm, &fds[0])?;
         let nvcpus = fds.len();
@@ -340,11 +368,12 @@ impl Machine {
                 }),
                 cv: Condvar::new(),
                 serial: Mutex::new(serial),
+                mmio,
                 nvcpus,
             }),
             msr_list,
             cpuids,
-            ram: Arc::new(ram),
+            ram,
         })
     }
 
@@ -425,6 +454,20 @@ impl Machine {
         vmfd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
         let serial = SerialDevice::restore(serial_irq, console, &snap.devices.serial)?;
+        let ram = Arc::new(ram);
+        let mmio = attach_devices(&saved.config, &vmfd, &ram)?;
+        if snap.devices.virtio.len() != mmio.len() {
+            return Err(MachineError::Inconsistent(format!(
+                "{} virtio device states for {} devices",
+                snap.devices.virtio.len(),
+                mmio.len()
+            )));
+        }
+        for ((_, dev), state) in mmio.iter().zip(&snap.devices.virtio) {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(state)?;
+        }
         let cpuids = snap.vcpus.iter().map(|s| s.cpuid.clone()).collect();
         let m = Machine::assemble(
             saved.config,
@@ -434,6 +477,7 @@ impl Machine {
             fds,
             cpuids,
             serial,
+            mmio,
             ram,
         )?;
         m.start_threads(if paused {
@@ -487,6 +531,8 @@ impl Machine {
             unsafe { self.vm.set_user_memory_region(region) }
                 .map_err(|e| vm::VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))
         })?;
+        // What devices write (disk reads, used rings) is logged by the VMM itself.
+        self.ram.set_device_logging(on);
         Ok(())
     }
 
@@ -510,6 +556,12 @@ impl Machine {
             }
             Ok::<(), MachineError>(())
         })?;
+        let by_devices = self.ram.take_device_dirty();
+        if !by_devices.is_empty() {
+            pages.extend(by_devices);
+            pages.sort_unstable();
+            pages.dedup();
+        }
         Ok(pages)
     }
 
@@ -644,10 +696,16 @@ impl Machine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .save();
+        let virtio = self
+            .shared
+            .mmio
+            .iter()
+            .map(|(_, d)| d.lock().unwrap_or_else(|p| p.into_inner()).save())
+            .collect();
         Ok(VmSnapshot {
             vcpus: states,
             vm: vm_state,
-            devices: DeviceStates { serial },
+            devices: DeviceStates { serial, virtio },
         })
     }
 
@@ -894,6 +952,47 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
     }
 }
 
+/// The virtio-mmio device whose window holds `addr`, and the offset in it.
+fn mmio_device(shared: &Shared, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {
+    shared.mmio.iter().find_map(|(base, dev)| {
+        let off = addr.checked_sub(*base)?;
+        (off < virtio::MMIO_SIZE).then_some((off, dev))
+    })
+}
+
+/// Opens the VM's disks and puts each behind a virtio-mmio transport with its interrupt line.
+fn attach_devices(
+    config: &VmConfig,
+    vmfd: &VmFd,
+    ram: &Arc<GuestRam>,
+) -> Result<Vec<(u64, Mutex<MmioTransport>)>, MachineError> {
+    let mut devices = Vec::new();
+    for (i, d) in config.disks.iter().enumerate() {
+        let (base, irq) = virtio::slot(i).ok_or_else(|| {
+            MachineError::Config(crate::config::ConfigError::BadDisk(format!(
+                "{} disks",
+                config.disks.len()
+            )))
+        })?;
+        let disk =
+            crate::disk::Disk::open(&d.path, d.readonly).map_err(|source| MachineError::Disk {
+                path: d.path.clone(),
+                source,
+            })?;
+        let id = d
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
+        vmfd.register_irqfd(&evt, irq)
+            .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+        let dev = MmioTransport::new(Box::new(Block::new(disk, &id)), Arc::clone(ram), evt);
+        devices.push((base, Mutex::new(dev)));
+    }
+    Ok(devices)
+}
+
 fn handle_exit(id: usize, exit: VcpuExit<'_>, shared: &Shared) -> Option<StopReason> {
     match exit {
         VcpuExit::IoOut(port, data) => {
@@ -928,11 +1027,25 @@ fn handle_exit(id: usize, exit: VcpuExit<'_>, shared: &Shared) -> Option<StopRea
             }
             None
         }
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xff);
+        VcpuExit::MmioRead(addr, data) => {
+            match mmio_device(shared, addr) {
+                Some((off, dev)) => dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(off, data),
+                None => data.fill(0xff),
+            }
             None
         }
-        VcpuExit::MmioWrite(..) | VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
+        VcpuExit::MmioWrite(addr, data) => {
+            if let Some((off, dev)) = mmio_device(shared, addr) {
+                dev.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(off, data);
+            }
+            None
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
         VcpuExit::Shutdown => Some(StopReason::GuestShutdown),
         VcpuExit::SystemEvent(t, _) => {
             tracing::info!(vcpu = id, "guest system event {t}");

@@ -55,6 +55,17 @@ pub struct GuestRam {
     memfd: File,
     size: u64,
     mem: GuestMemoryMmap,
+    device_log: DeviceLog,
+}
+
+/// Pages the VMM itself wrote into guest RAM (device emulation: data read from a disk, used
+/// rings) while logging is on. KVM's dirty log sees only what vCPUs write; a migration needs
+/// both.
+#[derive(Debug, Default)]
+struct DeviceLog {
+    on: std::sync::atomic::AtomicBool,
+    /// One bit per page of guest-physical space up to the end of RAM.
+    bits: std::sync::RwLock<Vec<std::sync::atomic::AtomicU64>>,
 }
 
 /// Whether the page-aligned 4 KiB at `page` are all zero. Pages with data are usually told by
@@ -145,7 +156,12 @@ impl GuestRam {
         }
         let mem =
             GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
-        Ok(GuestRam { memfd, size, mem })
+        Ok(GuestRam {
+            memfd,
+            size,
+            mem,
+            device_log: DeviceLog::default(),
+        })
     }
 
     /// Total RAM size in bytes.
@@ -217,6 +233,69 @@ impl GuestRam {
                 addr,
                 len: buf.len(),
             })
+    }
+
+    /// Starts (clean) or stops logging the pages the VMM writes for devices
+    /// ([`GuestRam::mark_dirty`]).
+    pub fn set_device_logging(&self, on: bool) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let mut bits = self
+            .device_log
+            .bits
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if on {
+            let end = ram_ranges(self.size)
+                .last()
+                .map(|&(s, l)| s + l)
+                .unwrap_or(0);
+            let words = usize::try_from(end / PAGE_SIZE as u64 / 64 + 1).unwrap_or(0);
+            *bits = (0..words).map(|_| AtomicU64::new(0)).collect();
+        } else {
+            bits.clear();
+        }
+        self.device_log.on.store(on, Ordering::SeqCst);
+    }
+
+    /// Records that the VMM wrote `[addr, addr + len)` (when device logging is on).
+    pub fn mark_dirty(&self, addr: u64, len: u64) {
+        use std::sync::atomic::Ordering;
+        if len == 0 || !self.device_log.on.load(Ordering::SeqCst) {
+            return;
+        }
+        let bits = self
+            .device_log
+            .bits
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let first = addr / PAGE_SIZE as u64;
+        let last = addr.saturating_add(len - 1) / PAGE_SIZE as u64;
+        for page in first..=last {
+            let Some(word) = usize::try_from(page / 64).ok().and_then(|w| bits.get(w)) else {
+                break;
+            };
+            word.fetch_or(1 << (page % 64), Ordering::SeqCst);
+        }
+    }
+
+    /// Pages marked by [`GuestRam::mark_dirty`] since the last call (ascending); clears them.
+    pub fn take_device_dirty(&self) -> Vec<u64> {
+        use std::sync::atomic::Ordering;
+        let bits = self
+            .device_log
+            .bits
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut pages = Vec::new();
+        for (w, word) in bits.iter().enumerate() {
+            let mut v = word.swap(0, Ordering::SeqCst);
+            while v != 0 {
+                let b = u64::from(v.trailing_zeros());
+                pages.push(w as u64 * 64 + b);
+                v &= v - 1;
+            }
+        }
+        pages
     }
 
     /// Whether `[addr, addr + len)` lies entirely in RAM.

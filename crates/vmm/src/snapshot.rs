@@ -20,7 +20,7 @@ use crate::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"FERRYST\0";
 /// Format major version: a reader refuses any other.
-pub const MAJOR: u16 = 1;
+pub const MAJOR: u16 = 2;
 /// Format minor version: a reader refuses a newer one.
 pub const MINOR: u16 = 0;
 /// Size limit of the CONF section.
@@ -474,17 +474,20 @@ mod tests {
             );
         }
         let mut newer = good.clone();
-        newer[10] = 1; // minor 1
+        newer[10] = (MINOR + 1) as u8;
         assert!(matches!(
             read_all(&newer, &fresh()),
-            Err(SnapshotError::Version { major: 1, minor: 1 })
+            Err(SnapshotError::Version { major: MAJOR, minor }) if minor == MINOR + 1
         ));
-        let mut other = good.clone();
-        other[8] = 2;
-        assert!(matches!(
-            read_all(&other, &fresh()),
-            Err(SnapshotError::Version { major: 2, .. })
-        ));
+        // Another major: the one before (files of an older Ferry) and the one after.
+        for major in [MAJOR - 1, MAJOR + 1] {
+            let mut other = good.clone();
+            other[8..10].copy_from_slice(&major.to_le_bytes());
+            assert!(matches!(
+                read_all(&other, &fresh()),
+                Err(SnapshotError::Version { major: m, .. }) if m == major
+            ));
+        }
         // Wrong RAM size is named.
         let big = GuestRam::new("c", 32 << 20).unwrap();
         assert!(matches!(

@@ -40,20 +40,13 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
         cmdline: "mb=2 rate=2000 beat_ms=100".into(),
         cpu: Default::default(),
         cpu_hide: Vec::new(),
+        disks: Vec::new(),
     }
 }
 
 /// Beat lines in a console log: (counter, ok).
 fn beats(log: &Path) -> Vec<(u64, bool)> {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next()? == "beat").then_some(())?;
-            let n = w.next()?.parse().ok()?;
-            Some((n, w.next()? == "ok"))
-        })
-        .collect()
+    ferry_guests::beats(&std::fs::read_to_string(log).unwrap_or_default())
 }
 
 fn wait_beats(log: &Path, count: usize) -> Vec<(u64, bool)> {

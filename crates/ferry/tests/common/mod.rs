@@ -104,6 +104,20 @@ impl Env {
         text
     }
 
+    /// `ferry vm restore STATE --name NAME`, its console in this environment.
+    #[allow(dead_code)] // not every test binary restores
+    pub fn restore_as(&self, state: &std::path::Path, name: &str) {
+        self.ok(&[
+            "vm",
+            "restore",
+            state.to_str().unwrap(),
+            "--name",
+            name,
+            "--console-log",
+            self.console(name).to_str().unwrap(),
+        ]);
+    }
+
     pub fn names(&self) -> Vec<String> {
         let v = self.json(&["vm", "list"]);
         v.as_array()
@@ -124,15 +138,8 @@ impl Drop for Env {
 }
 
 /// The dirtier's `beat <n> ok|BAD` lines: (counter, memory intact).
-pub fn beats(text: &str) -> Vec<(u64, bool)> {
-    text.lines()
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            (w.next()? == "beat").then_some(())?;
-            Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-        })
-        .collect()
-}
+#[allow(unused_imports)] // not every test binary reports bad lines
+pub use ferry_guests::{bad_lines, beats};
 
 /// Waits (up to 120 s) until `log` holds `count` beats.
 pub fn wait_beats(log: &std::path::Path, count: usize) {

@@ -1,0 +1,403 @@
+//! The virtio-mmio transport (virtio 1.x, register layout version 2): feature negotiation,
+//! queue setup, notifications and the interrupt status, in front of a [`VirtioDevice`].
+//!
+//! Guest accesses of the wrong width, to unknown registers or to queue registers of a live
+//! queue are ignored (reads return zero) and logged once, as the spec lets a device do; a
+//! driver that breaks the protocol gets `DEVICE_NEEDS_RESET` set in the status.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{QueueSnapshot, VirtioDevice, F_VERSION_1};
+use crate::memory::GuestRam;
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const VERSION: u32 = 2;
+/// Vendor ID reported to the guest ("FRRY").
+const VENDOR: u32 = 0x5952_5246;
+
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+const STATUS_NEEDS_RESET: u32 = 64;
+const STATUS_FAILED: u32 = 128;
+
+/// Interrupt status bit: a used buffer was added.
+const INT_VRING: u32 = 1;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// A saved queue that `virtio-queue` does not accept.
+    #[error("invalid saved virtqueue {index}: {reason}")]
+    BadQueue {
+        /// Queue index.
+        index: usize,
+        /// Why.
+        reason: String,
+    },
+    /// Saved state for another device or layout.
+    #[error("saved virtio state does not match the device: {0}")]
+    Mismatch(String),
+}
+
+/// Saved state of a transport and its queues.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// virtio device ID, checked on restore.
+    pub device_type: u32,
+    /// Device status register.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Feature word selectors.
+    pub device_features_sel: u32,
+    /// Driver feature word selector.
+    pub driver_features_sel: u32,
+    /// Selected queue.
+    pub queue_sel: u32,
+    /// Interrupt status register.
+    pub interrupt_status: u32,
+    /// Config generation.
+    pub config_generation: u32,
+    /// Every queue.
+    pub queues: Vec<QueueSnapshot>,
+}
+
+/// One virtio-mmio device: registers at `base`, interrupts through `irq` (an irqfd).
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    ram: Arc<GuestRam>,
+    irq: EventFd,
+    queues: Vec<Queue>,
+    status: u32,
+    driver_features: u64,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    queue_sel: u32,
+    interrupt_status: u32,
+    config_generation: u32,
+    warned: bool,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a transport.
+    pub fn new(device: Box<dyn VirtioDevice>, ram: Arc<GuestRam>, irq: EventFd) -> Self {
+        let queues = device
+            .queue_max_sizes()
+            .iter()
+            .filter_map(|&n| Queue::new(n).ok())
+            .collect();
+        MmioTransport {
+            device,
+            ram,
+            irq,
+            queues,
+            status: 0,
+            driver_features: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            queue_sel: 0,
+            interrupt_status: 0,
+            config_generation: 0,
+            warned: false,
+        }
+    }
+
+    fn warn(&mut self, what: &str) {
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(
+                device = self.device.device_type(),
+                "virtio-mmio: {what} (ignored; further ones not logged)"
+            );
+        }
+    }
+
+    fn reset(&mut self) {
+        self.status = 0;
+        self.driver_features = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.queue_sel = 0;
+        self.interrupt_status = 0;
+        for q in &mut self.queues {
+            q.reset();
+        }
+    }
+
+    fn selected(&mut self) -> Option<&mut Queue> {
+        let i = usize::try_from(self.queue_sel).ok()?;
+        self.queues.get_mut(i)
+    }
+
+    /// A guest read of `data.len()` bytes at `offset` into the device's window.
+    pub fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= 0x100 {
+            self.device.read_config(offset - 0x100, data);
+            return;
+        }
+        if data.len() != 4 {
+            self.warn("register read that is not 32 bits wide");
+            data.fill(0);
+            return;
+        }
+        let v: u32 = match offset {
+            0x00 => MAGIC,
+            0x04 => VERSION,
+            0x08 => self.device.device_type(),
+            0x0c => VENDOR,
+            0x10 => {
+                let f = self.device.features() | F_VERSION_1;
+                match self.device_features_sel {
+                    0 => f as u32,
+                    1 => (f >> 32) as u32,
+                    _ => 0,
+                }
+            }
+            0x34 => self.selected().map_or(0, |q| u32::from(q.max_size())),
+            0x44 => self.selected().map_or(0, |q| u32::from(q.ready())),
+            0x60 => self.interrupt_status,
+            0x70 => self.status,
+            0xfc => self.config_generation,
+            _ => {
+                self.warn("read of an unknown register");
+                0
+            }
+        };
+        data.copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// A guest write of `data` at `offset` into the device's window.
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= 0x100 {
+            self.warn("write to the read-only config space");
+            return;
+        }
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.warn("register write that is not 32 bits wide");
+            return;
+        };
+        let v = u32::from_le_bytes(bytes);
+        let configuring = self.status & STATUS_FEATURES_OK != 0
+            && self.status & STATUS_DRIVER_OK == 0
+            && self.status & STATUS_FAILED == 0;
+        match offset {
+            0x14 => self.device_features_sel = v,
+            0x20 => {
+                if self.status & STATUS_FEATURES_OK != 0 {
+                    self.warn("feature change after FEATURES_OK");
+                    return;
+                }
+                match self.driver_features_sel {
+                    0 => {
+                        self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v)
+                    }
+                    1 => {
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                    }
+                    _ => {}
+                }
+            }
+            0x24 => self.driver_features_sel = v,
+            0x30 => self.queue_sel = v,
+            0x38 | 0x44 | 0x80 | 0x84 | 0x90 | 0x94 | 0xa0 | 0xa4 => {
+                if !configuring {
+                    self.warn("queue setup outside the driver's configuration phase");
+                    return;
+                }
+                self.write_queue_register(offset, v);
+            }
+            0x50 => self.notify(v),
+            0x64 => self.interrupt_status &= !v,
+            0x70 => self.write_status(v),
+            _ => self.warn("write to an unknown register"),
+        }
+    }
+
+    fn write_queue_register(&mut self, offset: u64, v: u32) {
+        let ram = Arc::clone(&self.ram);
+        let Some(q) = self.selected() else {
+            self.warn("setup of a queue the device does not have");
+            return;
+        };
+        if q.ready() && offset != 0x44 {
+            self.warn("setup of a queue that is live");
+            return;
+        }
+        match offset {
+            0x38 => q.set_size(u16::try_from(v).unwrap_or(0)),
+            0x44 => {
+                q.set_ready(v == 1);
+                // (`is_valid` also requires the queue to be ready.)
+                if v == 1 && !q.is_valid(ram.memory()) {
+                    q.set_ready(false);
+                    self.status |= STATUS_NEEDS_RESET;
+                    self.warn("queue enabled with an invalid size or ring address");
+                }
+            }
+            0x80 => q.set_desc_table_address(Some(v), None),
+            0x84 => q.set_desc_table_address(None, Some(v)),
+            0x90 => q.set_avail_ring_address(Some(v), None),
+            0x94 => q.set_avail_ring_address(None, Some(v)),
+            0xa0 => q.set_used_ring_address(Some(v), None),
+            0xa4 => q.set_used_ring_address(None, Some(v)),
+            _ => {}
+        }
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        let set = v & !self.status;
+        if v & self.status != self.status {
+            self.warn("status bits cleared without a reset");
+            return;
+        }
+        if set & STATUS_FEATURES_OK != 0 {
+            let offered = self.device.features() | F_VERSION_1;
+            if self.driver_features & !offered != 0 || self.driver_features & F_VERSION_1 == 0 {
+                // Leaving FEATURES_OK unset tells the driver the features were not accepted.
+                self.status = v & !STATUS_FEATURES_OK;
+                return;
+            }
+        }
+        if set & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
+            self.warn("DRIVER_OK before FEATURES_OK");
+            self.status |= STATUS_NEEDS_RESET;
+            return;
+        }
+        self.status = v;
+    }
+
+    fn notify(&mut self, index: u32) {
+        if self.status & STATUS_DRIVER_OK == 0 || self.status & STATUS_NEEDS_RESET != 0 {
+            self.warn("notify before DRIVER_OK");
+            return;
+        }
+        let Some(i) = usize::try_from(index)
+            .ok()
+            .filter(|&i| i < self.queues.len())
+        else {
+            self.warn("notify of a queue the device does not have");
+            return;
+        };
+        if !self.queues[i].ready() {
+            return;
+        }
+        let used = self
+            .device
+            .process_queue(i, &mut self.queues[i], self.ram.as_ref());
+        if used {
+            let q = &mut self.queues[i];
+            // The used ring was written by the VMM: the dirty log must hear of it.
+            let ring_len = 6 + 8 * u64::from(q.size());
+            self.ram.mark_dirty(q.used_ring(), ring_len);
+            if q.needs_notification(self.ram.memory()).unwrap_or(true) {
+                self.signal();
+            }
+        }
+    }
+
+    fn signal(&mut self) {
+        self.interrupt_status |= INT_VRING;
+        if let Err(e) = self.irq.write(1) {
+            tracing::warn!("virtio interrupt not delivered: {e}");
+        }
+    }
+
+    /// The transport's state (the VM must be paused).
+    pub fn save(&self) -> MmioState {
+        MmioState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSnapshot {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                    event_idx: q.event_idx_enabled(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes over saved state (before the vCPUs run). A pending interrupt is raised again.
+    pub fn restore(&mut self, s: &MmioState) -> Result<(), MmioError> {
+        if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
+            return Err(MmioError::Mismatch(format!(
+                "device type {} with {} queues saved, {} with {} here",
+                s.device_type,
+                s.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            )));
+        }
+        let mut queues = Vec::new();
+        for (index, (q, max)) in s
+            .queues
+            .iter()
+            .zip(self.device.queue_max_sizes())
+            .enumerate()
+        {
+            if q.max_size != *max {
+                return Err(MmioError::Mismatch(format!(
+                    "queue {index} holds {} entries, here {max}",
+                    q.max_size
+                )));
+            }
+            let state = virtio_queue::QueueState {
+                max_size: q.max_size,
+                next_avail: q.next_avail,
+                next_used: q.next_used,
+                event_idx_enabled: q.event_idx,
+                size: q.size,
+                ready: q.ready,
+                desc_table: q.desc_table,
+                avail_ring: q.avail_ring,
+                used_ring: q.used_ring,
+            };
+            let queue = Queue::try_from(state).map_err(|e| MmioError::BadQueue {
+                index,
+                reason: e.to_string(),
+            })?;
+            if queue.ready() && !queue.is_valid(self.ram.memory()) {
+                return Err(MmioError::BadQueue {
+                    index,
+                    reason: "rings outside guest memory".into(),
+                });
+            }
+            queues.push(queue);
+        }
+        self.queues = queues;
+        self.status = s.status;
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.interrupt_status = s.interrupt_status;
+        self.config_generation = s.config_generation;
+        if self.interrupt_status != 0 {
+            let _ = self.irq.write(1);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! virtio devices on the virtio-mmio transport (virtio 1.x, "modern" only).
+//!
+//! The rings are `virtio-queue`'s: it walks descriptor chains with every address, length,
+//! loop and indirect table checked against guest memory, so a device here only decides what a
+//! well-formed chain means and answers anything else with an error status. Devices run their
+//! queues on the vCPU thread that wrote the queue's notify register.
+
+pub mod block;
+pub mod mmio;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::Queue;
+
+use crate::memory::GuestRam;
+
+/// `VIRTIO_F_VERSION_1`: the device is virtio 1.x.
+pub const F_VERSION_1: u64 = 1 << 32;
+
+/// Where the first virtio-mmio device sits (inside the MMIO gap below 4 GiB).
+pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Bytes of MMIO space per device (registers + config space).
+pub const MMIO_SIZE: u64 = 0x1000;
+/// The ISA interrupt lines given to virtio devices, in order (edge-triggered through the
+/// IOAPIC; the MP table routes 0 to 15). 4 is COM1.
+pub const IRQS: [u32; 10] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15];
+/// Most virtio devices a VM can have.
+pub const MAX_DEVICES: usize = IRQS.len();
+
+/// Guest address and interrupt line of virtio device `index`.
+pub fn slot(index: usize) -> Option<(u64, u32)> {
+    let irq = *IRQS.get(index)?;
+    Some((MMIO_BASE + index as u64 * MMIO_SIZE, irq))
+}
+
+/// The kernel command-line fragment that tells Linux about a virtio-mmio device.
+pub fn linux_cmdline(index: usize) -> Option<String> {
+    let (base, irq) = slot(index)?;
+    Some(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// virtio device ID (2: block, 1: network).
+    fn device_type(&self) -> u32;
+    /// Largest size of each of its queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits offered (`F_VERSION_1` included).
+    fn features(&self) -> u64;
+    /// Reads `data.len()` bytes of the device's config space at `offset` (beyond it: zeros).
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Takes the available buffers of queue `index`; returns whether any were used.
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool;
+}
+
+/// Reads `data.len()` bytes at `offset` of `config` (zeros past its end).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// Saved state of one virtqueue (the ring addresses and positions; the rings themselves are
+/// in guest memory).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    /// Largest size the device offers.
+    pub max_size: u16,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Whether the driver enabled it.
+    pub ready: bool,
+    /// Descriptor table, available ring, used ring (guest-physical).
+    pub desc_table: u64,
+    /// Available ring.
+    pub avail_ring: u64,
+    /// Used ring.
+    pub used_ring: u64,
+    /// Next available entry the device will take.
+    pub next_avail: u16,
+    /// Next used entry the device will fill.
+    pub next_used: u16,
+    /// Whether `VIRTIO_F_RING_EVENT_IDX` is in use.
+    pub event_idx: bool,
+}
