@@ -141,12 +141,19 @@ pub fn run(ws: &Path) -> Result<()> {
             .context("copy the guest image to the shared directory")?;
         d.ferry(&["host", "list"])?;
         println!(
-            "\n== 2. a highly available VM whose guest keeps rewriting its memory and checks it =="
+            "\n== 2. a highly available VM whose guest keeps rewriting its memory and checks it, with a disk on the shared storage =="
         );
+        let disk = dir.join("shared/disks/demo.img").display().to_string();
+        if let Some(parent) = Path::new(&disk).parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        d.ferry(&["disk", "create", &disk, "--size", "64M"])?;
         d.ferry(&[
             "vm",
             "create",
             "demo",
+            "--disk",
+            &disk,
             "--kernel",
             &image.display().to_string(),
             "--memory",
@@ -181,8 +188,9 @@ pub fn run(ws: &Path) -> Result<()> {
         d.ferry(&["vm", "list"])?;
         d.ferry(&["cluster", "status"])?;
         let n = d.check()?;
+        d.ferry(&["disk", "inspect", &disk])?;
         println!(
-            "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed."
+            "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed; its disk moved with it (held read-write by one worker at a time)."
         );
         Ok(())
     })();

@@ -149,6 +149,7 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
         "ha": v.ha,
         "vcpus": v.config.vcpus,
         "memory_mib": v.config.memory_mib,
+        "disks": v.config.disks,
         "cpu_model": if v.cluster_cpu { "cluster" } else { v.config.cpu.name() },
         "cpu_features": running.iter().find(|r| Some(&r.host) == v.owner.as_ref()).map(|r| r.cpu_features.clone()),
         "running_on": running,
@@ -339,6 +340,9 @@ struct CreateVm {
     ha: bool,
     #[serde(default = "yes")]
     start: bool,
+    /// Disks on the shared storage (virtio-blk, in order).
+    #[serde(default)]
+    disks: Vec<vmm::config::DiskSpec>,
 }
 
 /// A CPU model name: one of the VMM's, or `cluster`.
@@ -379,6 +383,18 @@ async fn create_vm(
         }
         std::fs::metadata(p).map_err(|e| bad(400, format!("cannot read {}: {e}", p.display())))?;
     }
+    for d in &req.disks {
+        if !d.path.is_absolute() {
+            return Err(bad(
+                400,
+                format!(
+                    "disk {} must be an absolute path (on the shared storage)",
+                    d.path.display()
+                ),
+            ));
+        }
+        vmm::disk::inspect(&d.path).map_err(|e| bad(400, e.to_string()))?;
+    }
     let (cpu, cluster_cpu) = parse_cpu(req.cpu.as_deref())?;
     let config = VmConfig {
         name: req.name.clone(),
@@ -389,7 +405,7 @@ async fn create_vm(
         cmdline: req.cmdline.clone(),
         cpu,
         cpu_hide: Vec::new(),
-        disks: Vec::new(),
+        disks: req.disks.clone(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;

@@ -385,6 +385,10 @@ pub struct CreateArgs {
     /// Define it without starting it.
     #[arg(long)]
     pub no_start: bool,
+    /// A disk image on the shared storage (`ferry disk create`), attached as virtio-blk;
+    /// `PATH,readonly` for read-only. Repeat for more.
+    #[arg(long = "disk", value_name = "PATH[,readonly]")]
+    pub disks: Vec<String>,
 }
 
 /// `ferry vm create`.
@@ -396,7 +400,13 @@ pub fn vm_create(api: &Api, a: CreateArgs, out: Output) -> Result<()> {
             std::env::current_dir()?.join(p)
         })
     };
+    let mut disks = Vec::new();
+    for d in &a.disks {
+        let spec: vmm::config::DiskSpec = d.parse()?;
+        disks.push(json!({"path": abs(spec.path)?, "readonly": spec.readonly}));
+    }
     let body = json!({
+        "disks": disks,
         "name": a.name,
         "kernel": abs(a.kernel)?,
         "initrd": a.initrd.map(abs).transpose()?,

@@ -417,9 +417,11 @@ fn a_disk_is_attached_to_one_running_vm_at_a_time_and_bad_disks_are_refused() {
         assert!(e.contains("in use"), "{e}");
     }
     assert_eq!(env.names(), vec!["a".to_string()], "nothing half-started");
-    // The VM carries its disk in its config; live migration refuses it with the reason.
-    let e = env.fails(&["vm", "migrate", "a", "--to", "127.0.0.1:9"]);
-    assert!(e.contains("disk hand-over"), "{e}");
+    // A failed save gives the disk back to the running VM (the target directory is missing).
+    let e = env.fails(&["vm", "save", "a", "--to", "/nonexistent-dir/a.state"]);
+    assert!(e.contains("save failed"), "{e}");
+    assert_eq!(env.json(&["vm", "status", "a"])["state"], "running");
+    assert_eq!(env.json(&["disk", "inspect", p])["lock"], "read-write");
     env.ok(&["vm", "stop", "a"]);
     // Stopped: the lock is gone, and two read-only users may share it.
     assert_eq!(env.json(&["disk", "inspect", p])["lock"], "free");

@@ -422,7 +422,12 @@ fn beats_now(log: &Path) -> usize {
 #[test]
 fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
     let c = Cluster::new("ops", 3, "");
-    let h_a = c.create("a", &[]);
+    // "a" has a disk on the shared storage: it must follow the VM through every move.
+    let disk = c.dir.join("a.img");
+    let disk = disk.to_str().unwrap();
+    c.json(&["disk", "create", disk, "--size", "16M"]);
+    let h_a = c.create("a", &["--disk", disk]);
+    assert_eq!(c.vm("a")["disks"][0]["path"], disk);
     let h_b = c.create("b", &[]);
     assert_ne!(h_a, h_b, "placement should spread VMs over the hosts");
     assert_eq!(c.workers_of("a").len(), 1);
@@ -534,6 +539,25 @@ fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
         reasons.contains(&"drain") && reasons.contains(&"failback"),
         "{reasons:?}"
     );
+    // After three moves the disk is held by exactly the one worker of "a", and by none once
+    // it stops.
+    assert_eq!(c.json(&["disk", "inspect", disk])["lock"], "read-write");
+    assert_eq!(c.workers_of("a").len(), 1);
+    c.json(&["vm", "stop", "a"]);
+    c.wait_until("a's disk released", Duration::from_secs(30), |c| {
+        c.json(&["disk", "inspect", disk])["lock"] == "free"
+    });
+    // A disk that is not on an absolute path, or not there, is refused at creation.
+    let e = c.fails(&[
+        "vm",
+        "create",
+        "x",
+        "--kernel",
+        "/bin/true",
+        "--disk",
+        "/nonexistent.img",
+    ]);
+    assert!(e.contains("nonexistent.img"), "{e}");
 }
 
 #[test]
@@ -628,7 +652,11 @@ fn concurrent_migrations_stay_within_the_cluster_limits() {
 #[test]
 fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
     let mut c = Cluster::new("ha", 3, "");
-    c.create("a", &[]);
+    // "a" has a disk: an HA restart must get it (the dead worker's lock is gone with it).
+    let disk = c.dir.join("a.img");
+    let disk = disk.to_str().unwrap().to_string();
+    c.json(&["disk", "create", &disk, "--size", "16M"]);
+    c.create("a", &["--disk", &disk]);
     c.create("n", &["--no-ha"]);
 
     // A worker that dies on its own is not restarted by its agent: the cluster decides. An HA
@@ -673,6 +701,7 @@ fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
     let v = c.vm("a");
     assert!(v["note"].as_str().unwrap_or("").contains("died"), "{v}");
     assert_eq!(c.workers_of("a").len(), 1, "{:?}", c.workers_of("a"));
+    assert_eq!(c.json(&["disk", "inspect", &disk])["lock"], "read-write");
     // A fresh boot on the new host, verifying its memory.
     let n = beats_now(&c.console("a"));
     wait_beats(&c.console("a"), n + 3);

@@ -133,19 +133,7 @@ fn live_migrate(tag: &str, vcpus: u8, extra: &[&str]) {
     start_linux(&env, "a", "vmlinux", vcpus);
     wait_for(&env.console("a"), "3 ticks", |t| ticks(t).len() >= 3);
     let cb = env.console("b");
-    let v: serde_json::Value = serde_json::from_str(&env.ok(&[
-        "vm",
-        "receive",
-        "b",
-        "--listen",
-        "127.0.0.1:0",
-        "--console-log",
-        cb.to_str().unwrap(),
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    let addr = v["listen"].as_str().unwrap().to_string();
+    let addr = env.receive("b", "127.0.0.1:0");
     let before = ticks(&std::fs::read_to_string(env.console("a")).unwrap()).len();
     let mut args = vec![
         "vm",
@@ -398,7 +386,7 @@ fn disk_ticks(text: &str) -> Vec<u64> {
 
 #[test]
 #[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
-fn linux_reads_and_writes_virtio_disks_across_save_restore() {
+fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migration() {
     use std::os::unix::fs::FileExt;
     let env = Env::new("vblk");
     let g = guest_dir();
@@ -476,17 +464,27 @@ fn linux_reads_and_writes_virtio_disks_across_save_restore() {
     env.ok(&["vm", "save", "a", "--to", state.to_str().unwrap()]);
     let before = disk_ticks(&std::fs::read_to_string(env.console("a")).unwrap());
     env.restore_as(&state, "b");
-    let after = wait_for(&env.console("b"), "3 disk ticks after restore", |t| {
+    wait_for(&env.console("b"), "3 disk ticks after restore", |t| {
         no_error(t);
         disk_ticks(t).len() >= 3
     });
-    env.ok(&["vm", "stop", "b"]);
-    let all = disk_ticks(&env.joined_consoles("a", "b"));
+    // Live migration with the guest doing disk I/O: the disk is handed over at the switch.
+    let cc = env.console("c");
+    let addr = env.receive("c", "127.0.0.1:0");
+    env.ok(&["vm", "migrate", "b", "--to", &addr]);
+    let after = wait_for(&cc, "3 disk ticks after the live migration", |t| {
+        no_error(t);
+        disk_ticks(t).len() >= 3
+    });
+    env.ok(&["vm", "stop", "c"]);
+    let mut joined = env.joined_consoles("a", "b");
+    joined.push_str(&std::fs::read_to_string(&cc).unwrap());
+    let all = disk_ticks(&joined);
     assert!(
         all.windows(2).all(|w| w[1] == w[0] + 1),
         "disk counter restarted or skipped: {all:?} ({before:?} before the save)"
     );
-    // The restored VM's writes reached the image too.
+    // The last VM's writes reached the image too.
     let last = disk_ticks(&after).last().copied().unwrap();
     let mut sector = [0u8; 512];
     f.read_exact_at(&mut sector, 4096 * 512).unwrap();

@@ -17,41 +17,58 @@ fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
 
 /// [`start`] with extra environment variables for the worker (fault injection).
 fn start_env(env: &Env, vm: &str, vcpus: &str, cmdline: &str, extra: &[(&str, &str)]) {
+    start_args(env, vm, vcpus, cmdline, extra, &[]);
+}
+
+fn start_args(
+    env: &Env,
+    vm: &str,
+    vcpus: &str,
+    cmdline: &str,
+    vars: &[(&str, &str)],
+    more: &[&str],
+) {
     let k = ferry_guests::dirtier();
     let c = env.console(vm);
-    let o = env.ferry_env(
-        &[
-            "vm",
-            "start",
-            vm,
-            "--kernel",
-            k.to_str().unwrap(),
-            "--memory",
-            "64M",
-            "--vcpus",
-            vcpus,
-            "--cmdline",
-            cmdline,
-            "--console-log",
-            c.to_str().unwrap(),
-        ],
-        extra,
-    );
+    let mut args = vec![
+        "vm",
+        "start",
+        vm,
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--vcpus",
+        vcpus,
+        "--cmdline",
+        cmdline,
+        "--console-log",
+        c.to_str().unwrap(),
+    ];
+    args.extend_from_slice(more);
+    let o = env.ferry_env(&args, vars);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// Creates the test's disk image (`DIR/d.img`, 16 MiB) and returns its path.
+fn new_disk(env: &Env) -> String {
+    let p = env.dir.join("d.img");
+    let p = p.to_str().unwrap().to_string();
+    env.ok(&["disk", "create", &p, "--size", "16M"]);
+    p
+}
+
+/// Who holds the test's disk: `free`, `read-only` or `read-write`.
+fn disk_lock(env: &Env) -> String {
+    let p = env.dir.join("d.img");
+    env.json(&["disk", "inspect", p.to_str().unwrap()])["lock"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 fn receive(env: &Env, vm: &str, listen: &str) -> String {
-    let c = env.console(vm);
-    let v = env.json(&[
-        "vm",
-        "receive",
-        vm,
-        "--listen",
-        listen,
-        "--console-log",
-        c.to_str().unwrap(),
-    ]);
-    v["listen"].as_str().unwrap().to_string()
+    env.receive(vm, listen)
 }
 
 /// The guest kept running across the move and found its memory intact.
@@ -72,7 +89,8 @@ fn assert_continued(env: &Env, a: &str, b: &str, after: usize) {
     );
 }
 
-/// The VM still runs on the source, intact, and nothing is left on the destination.
+/// The VM still runs on the source, intact, and nothing is left on the destination; the
+/// test's disk (if any) is held again, by the source alone.
 fn assert_stayed(env: &Env, a: &str, b: &str) {
     assert_eq!(env.json(&["vm", "status", a])["state"], "running");
     let n = beats(&std::fs::read_to_string(env.console(a)).unwrap()).len();
@@ -89,12 +107,27 @@ fn assert_stayed(env: &Env, a: &str, b: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(beats(&std::fs::read_to_string(env.console(b)).unwrap_or_default()).is_empty());
+    if env.dir.join("d.img").exists() {
+        assert_eq!(
+            disk_lock(env),
+            "read-write",
+            "the source took its disk back"
+        );
+    }
 }
 
 #[test]
 fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     let env = Env::new("mig-live");
-    start(&env, "a", "2", "mb=8 rate=3000 beat_ms=100");
+    let disk = new_disk(&env);
+    start_args(
+        &env,
+        "a",
+        "2",
+        "mb=8 rate=3000 beat_ms=100",
+        &[],
+        &["--disk", &disk],
+    );
     wait_beats(&env.console("a"), 3);
     let addr = receive(&env, "b", "127.0.0.1:0");
     assert_eq!(env.json(&["vm", "status", "b"])["state"], "receiving");
@@ -118,6 +151,10 @@ fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     );
     assert_eq!(env.json(&["vm", "status", "b"])["state"], "running");
     assert_continued(&env, "a", "b", 4);
+    // The disk went with it: held by b, and free once b stops.
+    assert_eq!(disk_lock(&env), "read-write");
+    env.ok(&["vm", "stop", "b"]);
+    assert_eq!(disk_lock(&env), "free");
 }
 
 #[test]
@@ -399,9 +436,12 @@ impl Hosts {
 
     /// [`Hosts::setup`], the source worker started with `extra` in its environment, the
     /// receiving one with `extra_b`.
+    /// Starts VM `a` (with a disk on the storage both hosts share) on host A and a receiver
+    /// `b` on host B; returns B's migration address.
     fn setup_env(&self, env: &Env, extra: &[(&str, &str)], extra_b: &[(&str, &str)]) -> String {
         let k = ferry_guests::dirtier();
         let (ca, cb) = (env.console("a"), env.console("b"));
+        let disk = new_disk(env);
         self.ok_env(
             env,
             &self.a,
@@ -419,6 +459,8 @@ impl Hosts {
                 "mb=4 rate=2000 beat_ms=100",
                 "--console-log",
                 ca.to_str().unwrap(),
+                "--disk",
+                &disk,
             ],
             extra,
         );
@@ -457,7 +499,9 @@ fn migration_between_network_namespaces() {
     let addr = hosts.setup(&env);
     hosts.ok(&env, &hosts.a, &["vm", "migrate", "a", "--to", &addr]);
     assert_continued(&env, "a", "b", 3);
+    assert_eq!(disk_lock(&env), "read-write", "host B holds the disk now");
     env.ok(&["vm", "stop", "b"]);
+    assert_eq!(disk_lock(&env), "free");
 }
 
 #[test]
@@ -554,12 +598,15 @@ fn held_migration(
     extra_args: &[&str],
 ) -> (std::process::Child, std::path::PathBuf) {
     let (vars, mark) = fault_env(env, point);
-    start_env(
+    // With a disk: every failure must also leave the disk with exactly one VM, or none.
+    let disk = new_disk(env);
+    start_args(
         env,
         "a",
         "1",
         "mb=4 rate=2000 beat_ms=100",
         &borrowed(&vars),
+        &["--disk", &disk],
     );
     wait_beats(&env.console("a"), 2);
     let addr = receive(env, "b", "127.0.0.1:0");
@@ -604,6 +651,13 @@ fn assert_nowhere(env: &Env) {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(beats(&std::fs::read_to_string(env.console("b")).unwrap_or_default()).is_empty());
+    if env.dir.join("d.img").exists() {
+        assert_eq!(
+            disk_lock(env),
+            "free",
+            "a disk held by a VM that runs nowhere"
+        );
+    }
 }
 
 #[test]

@@ -62,6 +62,15 @@ pub enum MigrationError {
     /// Guest memory access failure.
     #[error(transparent)]
     Memory(#[from] vmm::memory::MemoryError),
+    /// The migration failed before the commit, and the VM could not resume on the source
+    /// either: a disk it handed over is still held elsewhere. It stays paused there, whole.
+    #[error("{failure}; the VM stays paused on the source: {cause}")]
+    SourcePaused {
+        /// Why the migration failed.
+        failure: String,
+        /// Why the VM could not resume.
+        cause: String,
+    },
     /// The commit message was sent but its acknowledgement never came.
     #[error("commit outcome unknown: COMMIT was sent but the destination did not confirm; the source VM stays paused and will not resume by itself ({0})")]
     CommitUnknown(String),

@@ -159,6 +159,10 @@ pub struct MigrationReport {
     pub guest_downtime_ms: Option<u64>,
 }
 
+/// How long a failed migration waits to take its disks back from a destination that still
+/// holds them (it lets go when its connection fails, at the latest after its I/O timeout).
+const DISK_PATIENCE: Duration = Duration::from_secs(IO_TIMEOUT.as_secs() + 10);
+
 /// Fewest pages a round must move for its throughput to count.
 const MEASURE_PAGES: u64 = 64;
 
@@ -455,11 +459,6 @@ pub fn migrate(
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
     let t0 = Instant::now();
-    if !m.config().disks.is_empty() {
-        return Err(MigrationError::Protocol(
-            "the VM has disks, and moving them with a running VM (the disk hand-over) is not built yet; stop it and use vm save + vm restore".into(),
-        ));
-    }
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(MigrationError::Protocol(format!(
             "connections must be 1 to {MAX_CONNECTIONS}, not {}",
@@ -542,18 +541,29 @@ pub fn migrate(
             let _ = write_frame(w, kind, reason.as_bytes()).and_then(|_| Ok(w.flush()?));
             m.set_throttle(0);
             let _ = m.set_dirty_logging(false);
+            let mut result = e;
             if paused_here {
-                let _ = m.resume();
+                // Disks handed over come back first; a destination that has not noticed the
+                // failure yet gives them up within its I/O timeout.
+                let back = m.reacquire_devices(DISK_PATIENCE).and_then(|_| m.resume());
+                if let Err(cause) = back {
+                    tracing::error!("the VM cannot resume here: {cause}");
+                    result = MigrationError::SourcePaused {
+                        failure: reason,
+                        cause: cause.to_string(),
+                    };
+                }
             }
+            let reason = result.to_string();
             s.sh.update(|st| {
-                st.phase = if matches!(e, MigrationError::Cancelled(_)) {
+                st.phase = if matches!(result, MigrationError::Cancelled(_)) {
                     Phase::Cancelled
                 } else {
                     Phase::Failed
                 };
                 st.error = Some(reason);
             });
-            return Err(e);
+            return Err(result);
         }
     };
 
@@ -753,6 +763,10 @@ fn precopy_and_stop(
         l.control(&s.sh, Kind::DataEnd, &[])?;
         l.w.flush()?;
     }
+    // Disk hand-over: everything the guest was told is written gets to the image, then the
+    // images are closed and unlocked so the destination can open them before it says READY.
+    // Until the commit, any failure takes them back here (`migrate`'s error path).
+    m.release_devices()?;
     let snap = m.capture()?;
     let state = postcard::to_stdvec(&snap).map_err(|e| MigrationError::Protocol(e.to_string()))?;
     s.lanes[0].control(&s.sh, Kind::State, &state)?;

@@ -90,6 +90,15 @@ pub enum MachineError {
         #[source]
         source: crate::disk::DiskError,
     },
+    /// A device's backend (a disk) could not be released or taken back.
+    #[error("device {index}: {source}")]
+    Backend {
+        /// Device (disk) index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: virtio::BackendError,
+    },
     /// Saved virtio device state that does not fit the VM.
     #[error(transparent)]
     Virtio(#[from] virtio::mmio::MmioError),
@@ -660,8 +669,54 @@ impl Machine {
         Ok(true)
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets go of the devices' backends — disks flushed, closed and unlocked — so that the
+    /// destination of a migration can open them. The VM must be paused; it cannot resume until
+    /// [`Machine::reacquire_devices`] has taken them back.
+    pub fn release_devices(&self) -> Result<(), MachineError> {
+        if self.state() != RunState::Paused {
+            return Err(MachineError::WrongState(self.state()));
+        }
+        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
+            dev.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .release()
+                .map_err(|source| MachineError::Backend { index, source })?;
+        }
+        Ok(())
+    }
+
+    /// Takes released backends back, retrying for up to `patience` while another process still
+    /// holds a disk (a migration destination that has not yet given up).
+    pub fn reacquire_devices(&self, patience: Duration) -> Result<(), MachineError> {
+        let deadline = Instant::now() + patience;
+        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
+            loop {
+                let r = dev.lock().unwrap_or_else(|p| p.into_inner()).reacquire();
+                match r {
+                    Ok(()) => break,
+                    Err(virtio::BackendError::Disk(crate::disk::DiskError::InUse(..)))
+                        if Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(source) => return Err(MachineError::Backend { index, source }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again (taking back released devices first: a VM never runs without
+    /// its disks).
     pub fn resume(&self) -> Result<(), MachineError> {
+        if self
+            .shared
+            .mmio
+            .iter()
+            .any(|(_, d)| d.lock().unwrap_or_else(|p| p.into_inner()).released())
+        {
+            self.reacquire_devices(Duration::ZERO)?;
+        }
         let mut c = self.shared.lock();
         match c.target {
             RunState::Stopped => Err(MachineError::WrongState(RunState::Stopped)),
@@ -714,7 +769,9 @@ impl Machine {
     pub fn save(&self, path: &Path) -> Result<SaveReport, MachineError> {
         let t0 = Instant::now();
         let was_running = self.pause()?;
-        let result = self.write_state(path);
+        // Disks flushed and closed: the file and the images together are the VM (the worker
+        // stops after a save; a failed save takes them back when the VM resumes).
+        let result = self.release_devices().and_then(|_| self.write_state(path));
         match result {
             Ok((file_bytes, memory_bytes)) => Ok(SaveReport {
                 file_bytes,

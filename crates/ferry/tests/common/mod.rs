@@ -118,6 +118,22 @@ impl Env {
         ]);
     }
 
+    /// `ferry vm receive NAME --listen LISTEN`; returns the address it listens on.
+    #[allow(dead_code)] // not every test binary migrates
+    pub fn receive(&self, name: &str, listen: &str) -> String {
+        let c = self.console(name);
+        let v = self.json(&[
+            "vm",
+            "receive",
+            name,
+            "--listen",
+            listen,
+            "--console-log",
+            c.to_str().unwrap(),
+        ]);
+        v["listen"].as_str().unwrap().to_string()
+    }
+
     pub fn names(&self) -> Vec<String> {
         let v = self.json(&["vm", "list"]);
         v.as_array()

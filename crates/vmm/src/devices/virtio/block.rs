@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use super::{read_config_bytes, VirtioDevice};
+use super::{read_config_bytes, BackendError, VirtioDevice};
 use crate::disk::{Disk, SECTOR};
 use crate::memory::{GuestMemoryMmap, GuestRam};
 
@@ -43,7 +43,11 @@ const CHUNK: usize = 128 * 1024;
 
 /// A virtio block device.
 pub struct Block {
-    disk: Disk,
+    /// The open image; `None` while released (a migration handing it over).
+    disk: Option<Disk>,
+    path: std::path::PathBuf,
+    readonly: bool,
+    size: u64,
     config: [u8; 24],
     id: [u8; ID_LEN],
     buf: Vec<u8>,
@@ -61,7 +65,10 @@ impl Block {
             *d = s;
         }
         Block {
-            disk,
+            path: disk.path().to_path_buf(),
+            readonly: disk.readonly(),
+            size: disk.size(),
+            disk: Some(disk),
             config,
             id: idb,
             buf: Vec::new(),
@@ -69,8 +76,8 @@ impl Block {
     }
 
     /// The image behind the device.
-    pub fn disk(&self) -> &Disk {
-        &self.disk
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
     }
 
     /// Runs one request; returns the bytes written into the chain (status included), or
@@ -118,7 +125,7 @@ impl Block {
             }
             T_OUT => {
                 let len = reader.available_bytes();
-                if self.disk.readonly() {
+                if self.readonly {
                     return S_IOERR;
                 }
                 let Some(off) = self.range(sector, len) else {
@@ -126,12 +133,13 @@ impl Block {
                 };
                 self.copy_out(reader, off, len)
             }
-            T_FLUSH => match self.disk.flush() {
-                Ok(()) => S_OK,
-                Err(e) => {
+            T_FLUSH => match self.disk.as_ref().map(Disk::flush) {
+                Some(Ok(())) => S_OK,
+                Some(Err(e)) => {
                     tracing::warn!("virtio-blk flush: {e}");
                     S_IOERR
                 }
+                None => S_IOERR,
             },
             T_GET_ID => {
                 let n = writer.available_bytes().min(ID_LEN);
@@ -152,7 +160,7 @@ impl Block {
             return None;
         }
         let off = sector.checked_mul(SECTOR)?;
-        (off.checked_add(len)? <= self.disk.size()).then_some(off)
+        (off.checked_add(len)? <= self.size).then_some(off)
     }
 
     /// Disk → guest.
@@ -161,7 +169,10 @@ impl Block {
         while left > 0 {
             let n = left.min(CHUNK);
             self.buf.resize(n, 0);
-            if let Err(e) = self.disk.read_at(&mut self.buf[..n], off) {
+            let Some(disk) = self.disk.as_ref() else {
+                return S_IOERR;
+            };
+            if let Err(e) = disk.read_at(&mut self.buf[..n], off) {
                 tracing::warn!("virtio-blk read: {e}");
                 return S_IOERR;
             }
@@ -183,7 +194,10 @@ impl Block {
             if reader.read_exact(&mut self.buf[..n]).is_err() {
                 return S_IOERR;
             }
-            if let Err(e) = self.disk.write_at(&self.buf[..n], off) {
+            let Some(disk) = self.disk.as_ref() else {
+                return S_IOERR;
+            };
+            if let Err(e) = disk.write_at(&self.buf[..n], off) {
                 tracing::warn!("virtio-blk write: {e}");
                 return S_IOERR;
             }
@@ -204,7 +218,7 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.disk.readonly() { F_RO } else { 0 };
+        let ro = if self.readonly { F_RO } else { 0 };
         F_SEG_MAX | F_BLK_SIZE | F_FLUSH | ro
     }
 
@@ -225,6 +239,33 @@ impl VirtioDevice for Block {
             used = true;
         }
         used
+    }
+
+    fn release(&mut self) -> Result<(), BackendError> {
+        if let Some(d) = &self.disk {
+            d.flush()?;
+        }
+        self.disk = None;
+        Ok(())
+    }
+
+    fn reacquire(&mut self) -> Result<(), BackendError> {
+        if self.disk.is_none() {
+            let d = Disk::open(&self.path, self.readonly)?;
+            if d.size() != self.size {
+                return Err(BackendError::Resized {
+                    path: self.path.clone(),
+                    was: self.size,
+                    now: d.size(),
+                });
+            }
+            self.disk = Some(d);
+        }
+        Ok(())
+    }
+
+    fn released(&self) -> bool {
+        self.disk.is_none()
     }
 }
 

@@ -311,6 +311,21 @@ impl MmioTransport {
         }
     }
 
+    /// Lets go of the device's backend (see [`VirtioDevice::release`]).
+    pub fn release(&mut self) -> Result<(), super::BackendError> {
+        self.device.release()
+    }
+
+    /// Takes the backend back (see [`VirtioDevice::reacquire`]).
+    pub fn reacquire(&mut self) -> Result<(), super::BackendError> {
+        self.device.reacquire()
+    }
+
+    /// Whether the backend is released.
+    pub fn released(&self) -> bool {
+        self.device.released()
+    }
+
     /// The transport's state (the VM must be paused).
     pub fn save(&self) -> MmioState {
         MmioState {

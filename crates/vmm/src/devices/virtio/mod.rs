@@ -50,6 +50,38 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Takes the available buffers of queue `index`; returns whether any were used.
     fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool;
+    /// Lets go of what backs the device (a disk: flushed, then closed, its lock released) so
+    /// that another process can take it over. The VM is paused; until
+    /// [`VirtioDevice::reacquire`] requests fail.
+    fn release(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Takes the backend back after [`VirtioDevice::release`] (nothing if it was not released).
+    fn reacquire(&mut self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// Whether the backend is released.
+    fn released(&self) -> bool {
+        false
+    }
+}
+
+/// What a device's backend can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The disk image.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
+    /// The image is not the one the device was created with.
+    #[error("disk {path} changed size from {was} to {now} bytes while released")]
+    Resized {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Size before.
+        was: u64,
+        /// Size now.
+        now: u64,
+    },
 }
 
 /// Reads `data.len()` bytes at `offset` of `config` (zeros past its end).
