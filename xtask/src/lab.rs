@@ -214,6 +214,15 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// QEMU's TCG threading for the lab host: `multi` (a host thread per emulated CPU, the
+/// default) or `single` (all emulated CPUs on one thread), from `FERRY_LAB_TCG`.
+fn tcg_threads() -> &'static str {
+    match std::env::var("FERRY_LAB_TCG").as_deref() {
+        Ok("single") => "single",
+        _ => "multi",
+    }
+}
+
 /// The status [`run`] returns when the lab host ended without the command's (a hang or timeout).
 pub const NO_STATUS: i32 = 125;
 
@@ -279,7 +288,14 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     let mut child = Command::new("timeout")
         .arg(opts.timeout_s.to_string())
         .arg("qemu-system-x86_64")
-        .args(["-M", "q35", "-accel", "tcg,thread=multi", "-cpu", "max"])
+        .args([
+            "-M",
+            "q35",
+            "-accel",
+            &format!("tcg,thread={}", tcg_threads()),
+            "-cpu",
+            "max",
+        ])
         .args([
             "-smp",
             &opts.cpus.to_string(),

@@ -146,7 +146,7 @@ fn lab_tests(filter: Option<String>) -> Result<()> {
     let opts = lab::LabOpts {
         mem_mib: 4096,
         cpus: 2,
-        timeout_s: 600,
+        timeout_s: 1200,
         verbose: false,
     };
     println!("lab: running the Linux-guest tests inside a lab host");

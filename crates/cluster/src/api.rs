@@ -406,6 +406,7 @@ async fn create_vm(
         cpu,
         cpu_hide: Vec::new(),
         disks: req.disks.clone(),
+        nics: Vec::new(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;

@@ -42,6 +42,10 @@ pub struct BootOpts {
     /// read-only. Repeat for more (Linux names them /dev/vda, /dev/vdb, …).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
+    /// A network interface: a TAP on host bridge BRIDGE, seen by the guest as virtio-net
+    /// (eth0, eth1, …). Without mac= one is generated (52:54:00:…) and kept across moves.
+    #[arg(long = "nic", value_name = "bridge=BRIDGE[,mac=MAC][,mtu=N]")]
+    nics: Vec<String>,
 }
 
 /// `ferry vm` verbs.
@@ -396,6 +400,20 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
             .with_context(|| format!("cannot use disk {}", spec.path.display()))?;
         disks.push(spec);
     }
+    let mut nics = Vec::new();
+    for (i, n) in b.nics.iter().enumerate() {
+        let mut spec: vmm::config::NicSpec = n.parse()?;
+        if spec.mac.is_empty() {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                ^ (u64::from(std::process::id()) << 20)
+                ^ (i as u64) << 40;
+            spec.mac = vmm::config::generated_mac(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        nics.push(spec);
+    }
     let cfg = VmConfig {
         name: name.to_string(),
         vcpus: b.vcpus,
@@ -406,6 +424,7 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         cpu: vmm::cpuid::CpuModel::parse(&b.cpu)?,
         cpu_hide: Vec::new(),
         disks,
+        nics,
     };
     cfg.validate()?;
     vmm::boot::detect(&cfg.kernel)?;

@@ -391,21 +391,7 @@ fn a_disk_is_attached_to_one_running_vm_at_a_time_and_bad_disks_are_refused() {
     let p = env.dir.join("d.img");
     let p = p.to_str().unwrap();
     env.ok(&["disk", "create", p, "--size", "16M"]);
-    let start = |name: &str, disk: &str| {
-        let mut args = vec![
-            "vm",
-            "start",
-            name,
-            "--kernel",
-            k,
-            "--memory",
-            "32M",
-            "--cmdline",
-            "mb=1",
-        ];
-        args.extend(["--disk", disk]);
-        env.ferry(&args)
-    };
+    let start = |name: &str, disk: &str| start_small(&env, name, &["--disk", disk]);
     let o = start("a", p);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(env.json(&["disk", "inspect", p])["lock"], "read-write");
@@ -444,4 +430,105 @@ fn a_disk_is_attached_to_one_running_vm_at_a_time_and_bad_disks_are_refused() {
         "/nonexistent.img",
     ]);
     assert!(e.contains("nonexistent.img"), "{e}");
+}
+
+/// `ferry vm start NAME` of a small dirtier VM with `extra` options.
+fn start_small(env: &Env, name: &str, extra: &[&str]) -> std::process::Output {
+    let k = dirtier();
+    let mut args = vec![
+        "vm",
+        "start",
+        name,
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=1",
+    ];
+    args.extend_from_slice(extra);
+    env.ferry(&args)
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().unwrap();
+    assert!(st.success(), "ip {args:?}");
+}
+
+fn sysfs_net(dev: &str, what: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/sys/class/net/{dev}/{what}"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+#[test]
+fn a_nic_is_a_tap_on_its_bridge_and_a_moved_vm_is_announced_from_its_new_port() {
+    let env = Env::new("nic");
+    let br = format!("fbrt{}", std::process::id() % 100_000);
+    let _ = Command::new("ip").args(["link", "del", &br]).status();
+    ip(&["link", "add", &br, "type", "bridge"]);
+    ip(&["link", "set", &br, "up"]);
+    let mac = "52:54:00:aa:00:01";
+    let nic = format!("bridge={br},mac={mac},mtu=9000");
+    let start = |name: &str, nic: &str| start_small(&env, name, &["--nic", nic]);
+    let o = start("a", &nic);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pid_a = env.json(&["vm", "status", "a"])["pid"].as_u64().unwrap();
+    let tap_a = format!("fe{pid_a}n0");
+    let master = std::fs::read_link(format!("/sys/class/net/{tap_a}/master")).unwrap();
+    assert!(master.ends_with(&br), "{master:?}");
+    assert_eq!(sysfs_net(&tap_a, "mtu").as_deref(), Some("9000"));
+    // The host side sorts above any guest (fe:…) so the bridge never takes its address.
+    assert_eq!(
+        sysfs_net(&tap_a, "address").as_deref(),
+        Some("fe:54:00:aa:00:01")
+    );
+    // Move it: the destination has its own TAP on the bridge, the source's is gone, and the
+    // bridge learned the VM's MAC on the new port from the announcement (this guest never
+    // sends a frame itself).
+    let addr = env.receive("b", "127.0.0.1:0");
+    env.ok(&["vm", "migrate", "a", "--to", &addr]);
+    let pid_b = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
+    let tap_b = format!("fe{pid_b}n0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fdb = Command::new("bridge")
+            .args(["fdb", "show", "br", &br])
+            .output()
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
+        if fdb
+            .lines()
+            .any(|l| l.starts_with(mac) && l.contains(&format!("dev {tap_b} ")))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "MAC not learned on {tap_b}:\n{fdb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        sysfs_net(&tap_a, "mtu").is_none(),
+        "the source's TAP is left"
+    );
+    // Bad NICs are refused with the reason, before a worker starts.
+    for (spec, why) in [
+        ("bridge=no-such-br0".to_string(), "does not exist"),
+        (format!("bridge={br},mac=01:00:5e:00:00:01"), "invalid NIC"),
+        (format!("bridge={br},mtu=20"), "invalid NIC"),
+        ("mac=52:54:00:00:00:09".to_string(), "invalid NIC"),
+    ] {
+        let o = start("c", &spec);
+        assert!(!o.status.success(), "{spec}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(why), "{spec}: {e}");
+    }
+    env.ok(&["vm", "stop", "b"]);
+    assert!(
+        sysfs_net(&tap_b, "mtu").is_none(),
+        "the TAP outlived its VM"
+    );
+    ip(&["link", "del", &br]);
 }

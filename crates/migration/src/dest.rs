@@ -316,6 +316,8 @@ pub fn receive(
         set("paused");
     } else {
         m.resume()?;
+        // Switches learn the VM's MACs here now.
+        m.announce();
         set("running");
     }
     let w = r.get_mut();

@@ -63,6 +63,7 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
         cpu: Default::default(),
         cpu_hide: Vec::new(),
         disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 

@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// A disk given wrongly.
     #[error("invalid disk {0:?}: expected an absolute PATH or PATH,readonly (at most {max} disks)", max = crate::devices::virtio::MAX_DEVICES)]
     BadDisk(String),
+    /// A network interface given wrongly.
+    #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535] with a unicast MAC and a bridge name of 1 to 15 characters")]
+    BadNic(String),
     /// Config JSON did not parse (unknown keys included).
     #[error("invalid VM config: {0}")]
     Parse(#[from] serde_json::Error),
@@ -63,6 +66,79 @@ pub struct VmConfig {
     /// Disks, as virtio-blk devices in this order (Linux: `/dev/vda`, `/dev/vdb`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskSpec>,
+    /// Network interfaces, as virtio-net devices after the disks (Linux: eth0, eth1, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+}
+
+/// A network interface of a VM: a TAP the worker creates on a host bridge.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// The host bridge (the same name on every host the VM may move to).
+    pub bridge: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx` (unicast); kept across moves.
+    pub mac: String,
+    /// The MTU the guest is told (68 to 65535; the bridge's should match).
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+
+impl NicSpec {
+    /// The MAC address as bytes, if it is a valid unicast address.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac)
+    }
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx` into a unicast MAC.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    (parts.next().is_none() && out[0] & 1 == 0 && out != [0; 6]).then_some(out)
+}
+
+/// A locally administered MAC (`52:54:00:…`, like QEMU's) from a seed, for a new NIC.
+pub fn generated_mac(seed: u64) -> String {
+    let b = seed.to_le_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+impl std::str::FromStr for NicSpec {
+    type Err = ConfigError;
+
+    /// `bridge=BR[,mac=MAC][,mtu=N]` (a missing MAC is left empty for the caller to fill).
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadNic(s.to_string());
+        let mut nic = NicSpec {
+            bridge: String::new(),
+            mac: String::new(),
+            mtu: default_mtu(),
+        };
+        for kv in s.split(',') {
+            match kv.split_once('=') {
+                Some(("bridge", v)) => nic.bridge = v.to_string(),
+                Some(("mac", v)) => nic.mac = v.to_ascii_lowercase(),
+                Some(("mtu", v)) => nic.mtu = v.parse().map_err(|_| bad())?,
+                _ => return Err(bad()),
+            }
+        }
+        if nic.bridge.is_empty() {
+            return Err(bad());
+        }
+        Ok(nic)
+    }
 }
 
 /// A disk of a VM: a raw image file (docs/disks.md).
@@ -103,6 +179,28 @@ impl VmConfig {
         }
         if self.disks.len() > crate::devices::virtio::MAX_DEVICES {
             return Err(ConfigError::BadDisk(format!("{} disks", self.disks.len())));
+        }
+        if self.disks.len() + self.nics.len() > crate::devices::virtio::MAX_DEVICES {
+            return Err(ConfigError::BadNic(format!(
+                "{} NICs with {} disks (at most {} devices)",
+                self.nics.len(),
+                self.disks.len(),
+                crate::devices::virtio::MAX_DEVICES
+            )));
+        }
+        for n in &self.nics {
+            let name_ok = !n.bridge.is_empty()
+                && n.bridge.len() <= 15
+                && !n
+                    .bridge
+                    .bytes()
+                    .any(|b| b == b'/' || b.is_ascii_whitespace());
+            if !name_ok || n.mac_bytes().is_none() || n.mtu < 68 {
+                return Err(ConfigError::BadNic(format!(
+                    "bridge={},mac={},mtu={}",
+                    n.bridge, n.mac, n.mtu
+                )));
+            }
         }
         if let Some(d) = self.disks.iter().find(|d| !d.path.is_absolute()) {
             return Err(ConfigError::BadDisk(d.path.display().to_string()));
@@ -178,6 +276,7 @@ mod tests {
             cpu: Default::default(),
             cpu_hide: Vec::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
         }
     }
 

@@ -99,6 +99,17 @@ pub enum MachineError {
         #[source]
         source: virtio::BackendError,
     },
+    /// A network interface could not be set up.
+    #[error("NIC {index} (bridge {bridge}): {source}")]
+    Nic {
+        /// NIC index.
+        index: usize,
+        /// Its bridge.
+        bridge: String,
+        /// Why.
+        #[source]
+        source: virtio::tap::TapError,
+    },
     /// Saved virtio device state that does not fit the VM.
     #[error(transparent)]
     Virtio(#[from] virtio::mmio::MmioError),
@@ -146,7 +157,7 @@ pub enum StopReason {
 pub struct DeviceStates {
     /// COM1.
     pub serial: SerialDeviceState,
-    /// virtio-mmio devices, in the config's order (disks).
+    /// virtio-mmio devices, in the config's order (disks, then NICs).
     pub virtio: Vec<MmioState>,
 }
 
@@ -166,6 +177,9 @@ struct Shared {
     serial: Mutex<SerialDevice>,
     /// virtio-mmio devices: (guest address of the window, transport).
     mmio: Vec<(u64, Mutex<MmioTransport>)>,
+    /// Set while the VM is paused: device poll threads leave guest memory alone (checked with
+    /// the device's lock held, so once `pause` has taken every device lock none is mid-way).
+    devices_paused: std::sync::atomic::AtomicBool,
     nvcpus: usize,
 }
 
@@ -378,6 +392,7 @@ impl Machine {
                 cv: Condvar::new(),
                 serial: Mutex::new(serial),
                 mmio,
+                devices_paused: std::sync::atomic::AtomicBool::new(true),
                 nvcpus,
             }),
             msr_list,
@@ -400,8 +415,20 @@ impl Machine {
             threads.push(t);
         }
         drop(threads);
+        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
+            let fds = dev.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
+            if let Some((fd, wake)) = fds {
+                let shared = Arc::clone(&self.shared);
+                std::thread::Builder::new()
+                    .name(format!("dev{index}-poll"))
+                    .spawn(move || device_poll_loop(&shared, index, fd, &wake))
+                    .map_err(MachineError::Threads)?;
+            }
+        }
         if initial == RunState::Paused {
             self.wait_parked(Duration::from_secs(10))?;
+        } else {
+            self.set_devices_paused(false);
         }
         Ok(())
     }
@@ -494,6 +521,10 @@ impl Machine {
         } else {
             RunState::Running
         })?;
+        if !paused {
+            // Restored, perhaps on another host: tell the network.
+            m.announce();
+        }
         Ok(m)
     }
 
@@ -664,9 +695,45 @@ impl Machine {
                 RunState::Running => c.target = RunState::Paused,
             }
         }
+        self.set_devices_paused(true);
         self.kick_all();
         self.wait_parked(Duration::from_secs(10))?;
         Ok(true)
+    }
+
+    /// Lets device poll threads work on guest memory, or stops them doing so: once this
+    /// returns with `true`, none is mid-way (each device's lock was taken after the flag).
+    fn set_devices_paused(&self, paused: bool) {
+        use std::sync::atomic::Ordering;
+        self.shared.devices_paused.store(paused, Ordering::SeqCst);
+        for (_, dev) in &self.shared.mmio {
+            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+            if !paused {
+                d.wake();
+            }
+        }
+    }
+
+    /// Tells the network where the VM now runs (virtio-net: RARP from each NIC's MAC, five
+    /// times over 350 ms, as QEMU does after a migration). Returns at once.
+    pub fn announce(&self) {
+        if self.config.nics.is_empty() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        let _ = std::thread::Builder::new()
+            .name("announce".into())
+            .spawn(move || {
+                for delay_ms in [0u64, 50, 100, 100, 100] {
+                    std::thread::sleep(Duration::from_millis(delay_ms));
+                    if shared.lock().target == RunState::Stopped {
+                        return;
+                    }
+                    for (_, dev) in &shared.mmio {
+                        dev.lock().unwrap_or_else(|p| p.into_inner()).announce();
+                    }
+                }
+            });
     }
 
     /// Lets go of the devices' backends — disks flushed, closed and unlocked — so that the
@@ -723,6 +790,8 @@ impl Machine {
             _ => {
                 c.target = RunState::Running;
                 self.shared.cv.notify_all();
+                drop(c);
+                self.set_devices_paused(false);
                 Ok(())
             }
         }
@@ -1009,6 +1078,49 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
     }
 }
 
+/// A device's poll thread: waits for input on `fd` (while the device has guest buffers for it)
+/// or a wake-up, and lets the device take the input, never while the VM is paused. Ends when
+/// the VM stops.
+fn device_poll_loop(shared: &Shared, index: usize, fd: std::os::fd::RawFd, wake: &EventFd) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
+    let Some((_, dev)) = shared.mmio.get(index) else {
+        return;
+    };
+    loop {
+        if shared.lock().target == RunState::Stopped {
+            return;
+        }
+        let watch = !shared.devices_paused.load(Ordering::SeqCst)
+            && dev.lock().unwrap_or_else(|p| p.into_inner()).wants_input();
+        let mut fds = [
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if watch { 2 } else { 1 };
+        // SAFETY: `fds` is a valid array of `n` pollfd structs that outlives the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+        if r <= 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let _ = wake.read();
+        }
+        let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
+        if !shared.devices_paused.load(Ordering::SeqCst) {
+            d.poll_input();
+        }
+    }
+}
+
 /// The virtio-mmio device whose window holds `addr`, and the offset in it.
 fn mmio_device(shared: &Shared, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {
     shared.mmio.iter().find_map(|(base, dev)| {
@@ -1045,6 +1157,37 @@ fn attach_devices(
         vmfd.register_irqfd(&evt, irq)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
         let dev = MmioTransport::new(Box::new(Block::new(disk, &id)), Arc::clone(ram), evt);
+        devices.push((base, Mutex::new(dev)));
+    }
+    for (index, n) in config.nics.iter().enumerate() {
+        let slot = config.disks.len() + index;
+        let (base, irq) = virtio::slot(slot).ok_or_else(|| {
+            MachineError::Config(crate::config::ConfigError::BadNic(format!(
+                "{} devices",
+                slot + 1
+            )))
+        })?;
+        let mac = n.mac_bytes().ok_or_else(|| {
+            MachineError::Config(crate::config::ConfigError::BadNic(n.mac.clone()))
+        })?;
+        // Unique on the host even while a VM's source and destination workers both run.
+        let tap_name = format!("fe{}n{index}", std::process::id());
+        let nic_err = |source| MachineError::Nic {
+            index,
+            bridge: n.bridge.clone(),
+            source,
+        };
+        // The host side of the TAP: the guest's MAC with fe as its first byte (libvirt's
+        // choice), so the bridge's own address never follows a TAP.
+        let mut host_mac = mac;
+        host_mac[0] = 0xfe;
+        let tap = virtio::tap::Tap::create(&tap_name, host_mac, n.mtu, Some(&n.bridge))
+            .map_err(nic_err)?;
+        let net = virtio::net::Net::new(tap, mac, n.mtu).map_err(MachineError::Threads)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
+        vmfd.register_irqfd(&evt, irq)
+            .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+        let dev = MmioTransport::new(Box::new(net), Arc::clone(ram), evt);
         devices.push((base, Mutex::new(dev)));
     }
     Ok(devices)

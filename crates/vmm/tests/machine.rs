@@ -41,6 +41,7 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
         cpu: Default::default(),
         cpu_hide: Vec::new(),
         disks: Vec::new(),
+        nics: Vec::new(),
     }
 }
 

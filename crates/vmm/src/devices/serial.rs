@@ -13,6 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// COM1's first I/O port.
 pub const COM1_BASE: u16 = 0x3f8;
+/// IIR bit 0: set when no interrupt is pending.
+const IIR_NO_INTERRUPT: u8 = 0x01;
+
 /// COM1's interrupt line.
 pub const COM1_IRQ: u32 = 4;
 
@@ -182,8 +185,16 @@ impl SerialDevice {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
+        let again = irq.try_clone().map_err(SerialError::EventFd)?;
         let serial = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out)
             .map_err(|e| SerialError::BadState(format!("{e:?}")))?;
+        // An interrupt the UART had raised may not have reached the interrupt controller's
+        // saved state (an irqfd is delivered asynchronously), and a guest driver waiting for
+        // "transmitter empty" would then wait forever. Raise it again: a spurious one is
+        // harmless, the driver reads IIR.
+        if state.interrupt_identification & IIR_NO_INTERRUPT == 0 {
+            again.write(1).map_err(SerialError::EventFd)?;
+        }
         Ok(SerialDevice { serial })
     }
 
@@ -249,5 +260,34 @@ mod tests {
         assert_eq!(back.read(7), 0x5a);
         assert_eq!(back.read(0), b'h');
         assert_eq!(saved.baud_divisor_low, 0x0c);
+    }
+
+    #[test]
+    fn a_pending_interrupt_is_raised_again_after_a_restore() {
+        let mut dev = SerialDevice::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOut::default(),
+        );
+        dev.write(1, 0x02); // IER: transmitter-empty interrupts
+        dev.write(0, b'x'); // the guest sends: THRE interrupt pending
+        let saved = dev.save();
+        assert_eq!(saved.interrupt_identification & IIR_NO_INTERRUPT, 0);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let _back =
+            SerialDevice::restore(irq.try_clone().unwrap(), ConsoleOut::default(), &saved).unwrap();
+        assert!(
+            irq.read().is_ok(),
+            "the pending interrupt was not raised again"
+        );
+        // Nothing pending: nothing raised.
+        let quiet = SerialDevice::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOut::default(),
+        )
+        .save();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let _q =
+            SerialDevice::restore(irq.try_clone().unwrap(), ConsoleOut::default(), &quiet).unwrap();
+        assert!(irq.read().is_err());
     }
 }

@@ -271,151 +271,62 @@ impl VirtioDevice for Block {
 
 #[cfg(test)]
 mod tests {
-    //! A driver's view: rings laid out in guest RAM by hand, registers programmed through the
-    //! transport, requests posted and notified, results read back from the used ring.
+    use std::path::PathBuf;
     use std::sync::Arc;
-
-    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
     use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::testing::{r32, Driver, WRITE};
 
-    const DESC: u64 = 0x10000;
-    const AVAIL: u64 = 0x11000;
-    const USED: u64 = 0x12000;
     const HDR: u64 = 0x20000;
     const DATA: u64 = 0x30000;
     const STATUS: u64 = 0x40000;
-    const QSIZE: u16 = 16;
-    const WRITE: u16 = 2;
-    const NEXT: u16 = 1;
 
-    struct Driver {
-        t: MmioTransport,
-        ram: Arc<GuestRam>,
-        irq: EventFd,
-        avail_idx: u16,
-        path: std::path::PathBuf,
+    /// A block device on a fresh 1 MiB image, set up by the test driver.
+    struct Blk {
+        d: Driver,
+        path: PathBuf,
     }
 
-    fn w32(t: &mut MmioTransport, off: u64, v: u32) {
-        t.write(off, &v.to_le_bytes());
-    }
-
-    fn r32(t: &mut MmioTransport, off: u64) -> u32 {
-        let mut b = [0u8; 4];
-        t.read(off, &mut b);
-        u32::from_le_bytes(b)
-    }
-
-    impl Driver {
-        fn new(name: &str, readonly: bool) -> Driver {
+    impl Blk {
+        fn new(name: &str, readonly: bool) -> Blk {
             let path =
                 std::env::temp_dir().join(format!("ferry-vblk-{name}-{}", std::process::id()));
             let _ = std::fs::remove_file(&path);
             crate::disk::create(&path, 1 << 20).unwrap();
-            let ram = Arc::new(GuestRam::new(name, 16 << 20).unwrap());
-            let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let disk = Disk::open(&path, readonly).unwrap();
-            let mut t = MmioTransport::new(
-                Box::new(Block::new(disk, "disk-id-0123456789abcdef")),
-                Arc::clone(&ram),
-                irq.try_clone().unwrap(),
-            );
-            assert_eq!(r32(&mut t, 0x00), 0x7472_6976);
-            assert_eq!(r32(&mut t, 0x04), 2);
-            assert_eq!(r32(&mut t, 0x08), DEVICE_TYPE);
-            w32(&mut t, 0x70, 1 | 2);
-            w32(&mut t, 0x14, 1);
-            assert_eq!(r32(&mut t, 0x10), 1, "VERSION_1 offered");
-            w32(&mut t, 0x14, 0);
-            let low = r32(&mut t, 0x10);
-            assert_ne!(low & (1 << 9), 0, "FLUSH offered");
-            assert_eq!(low & (1 << 5) != 0, readonly, "RO offered iff read-only");
-            w32(&mut t, 0x24, 0);
-            w32(&mut t, 0x20, low);
-            w32(&mut t, 0x24, 1);
-            w32(&mut t, 0x20, 1);
-            w32(&mut t, 0x70, 1 | 2 | 8);
-            assert_eq!(r32(&mut t, 0x70) & 8, 8, "features accepted");
-            w32(&mut t, 0x30, 0);
-            assert_eq!(r32(&mut t, 0x34), u32::from(QUEUE_SIZE));
-            w32(&mut t, 0x38, u32::from(QSIZE));
-            for (off, a) in [(0x80, DESC), (0x90, AVAIL), (0xa0, USED)] {
-                w32(&mut t, off, a as u32);
-                w32(&mut t, off + 4, 0);
-            }
-            w32(&mut t, 0x44, 1);
-            assert_eq!(r32(&mut t, 0x44), 1, "queue live");
-            w32(&mut t, 0x70, 1 | 2 | 8 | 4);
-            assert_eq!(r32(&mut t, 0x70), 1 | 2 | 8 | 4, "driver running");
-            // Capacity in sectors.
+            let dev = Box::new(Block::new(disk, "disk-id-0123456789abcdef"));
+            let mut d = Driver::new(name, dev, |offered| {
+                assert_ne!(offered & F_FLUSH, 0, "FLUSH offered");
+                assert_eq!(offered & F_RO != 0, readonly, "RO offered iff read-only");
+                offered
+            });
             let mut cap = [0u8; 8];
-            t.read(0x100, &mut cap);
+            d.t.read(0x100, &mut cap);
             assert_eq!(u64::from_le_bytes(cap), (1 << 20) / 512);
-            Driver {
-                t,
-                ram,
-                irq,
-                avail_idx: 0,
-                path,
-            }
-        }
-
-        /// Posts a chain of (addr, len, flags) descriptors at table index `first` and notifies;
-        /// returns the used element (head, len) it produced.
-        fn post(&mut self, first: u16, descs: &[(u64, u32, u16)]) -> (u32, u32) {
-            for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-                let idx = u64::from(first) + i as u64;
-                let mut d = [0u8; 16];
-                d[0..8].copy_from_slice(&addr.to_le_bytes());
-                d[8..12].copy_from_slice(&len.to_le_bytes());
-                let more = if i + 1 < descs.len() { NEXT } else { 0 };
-                d[12..14].copy_from_slice(&(flags | more).to_le_bytes());
-                d[14..16].copy_from_slice(&((first + i as u16 + 1) % QSIZE).to_le_bytes());
-                self.ram.write(DESC + idx * 16, &d).unwrap();
-            }
-            let slot = u64::from(self.avail_idx % QSIZE);
-            self.ram
-                .write(AVAIL + 4 + slot * 2, &first.to_le_bytes())
-                .unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            self.ram
-                .write(AVAIL + 2, &self.avail_idx.to_le_bytes())
-                .unwrap();
-            w32(&mut self.t, 0x50, 0);
-            let mut idx = [0u8; 2];
-            self.ram.read(USED + 2, &mut idx).unwrap();
-            assert_eq!(u16::from_le_bytes(idx), self.avail_idx, "request not used");
-            let mut e = [0u8; 8];
-            self.ram.read(USED + 4 + slot * 8, &mut e).unwrap();
-            assert!(self.irq.read().is_ok(), "no interrupt");
-            assert_eq!(r32(&mut self.t, 0x60) & 1, 1);
-            w32(&mut self.t, 0x64, 1);
-            (
-                u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
-                u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
-            )
+            assert_eq!(r32(&mut d.t, 0x34), u32::from(QUEUE_SIZE));
+            Blk { d, path }
         }
 
         fn header(&self, kind: u32, sector: u64) {
             let mut h = [0u8; 16];
             h[0..4].copy_from_slice(&kind.to_le_bytes());
             h[8..16].copy_from_slice(&sector.to_le_bytes());
-            self.ram.write(HDR, &h).unwrap();
-            self.ram.write(STATUS, &[0xee]).unwrap();
+            self.d.ram.write(HDR, &h).unwrap();
+            self.d.ram.write(STATUS, &[0xee]).unwrap();
         }
 
         fn status(&self) -> u8 {
             let mut s = [0u8];
-            self.ram.read(STATUS, &mut s).unwrap();
+            self.d.ram.read(STATUS, &mut s).unwrap();
             s[0]
         }
 
         /// A whole request: header, one data buffer, status.
         fn request(&mut self, kind: u32, sector: u64, data_len: u32, data_flags: u16) -> u8 {
             self.header(kind, sector);
-            self.post(
+            self.d.post(
+                0,
                 0,
                 &[
                     (HDR, 16, 0),
@@ -427,7 +338,7 @@ mod tests {
         }
     }
 
-    impl Drop for Driver {
+    impl Drop for Blk {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -435,108 +346,100 @@ mod tests {
 
     #[test]
     fn data_written_reads_back_from_the_image_and_flush_and_id_work() {
-        let mut d = Driver::new("rw", false);
+        let mut b = Blk::new("rw", false);
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
-        d.ram.write(DATA, &pattern).unwrap();
-        assert_eq!(d.request(T_OUT, 3, 1024, 0), S_OK);
-        let mut on_disk = vec![0u8; 1024];
-        Disk::open(&d.path, true)
+        b.d.ram.write(DATA, &pattern).unwrap();
+        assert_eq!(b.request(T_OUT, 3, 1024, 0), S_OK);
+        Disk::open(&b.path, true)
             .map(|_| ())
             .expect_err("the image is locked for writing");
-        std::fs::File::open(&d.path)
+        let mut on_disk = vec![0u8; 1024];
+        std::fs::File::open(&b.path)
             .and_then(|f| {
                 use std::os::unix::fs::FileExt;
                 f.read_exact_at(&mut on_disk, 3 * 512)
             })
             .unwrap();
         assert_eq!(on_disk, pattern, "the write reached the image");
-        d.ram.write(DATA, &[0u8; 1024]).unwrap();
-        assert_eq!(d.request(T_IN, 3, 1024, WRITE), S_OK);
+        b.d.ram.write(DATA, &[0u8; 1024]).unwrap();
+        assert_eq!(b.request(T_IN, 3, 1024, WRITE), S_OK);
         let mut back = vec![0u8; 1024];
-        d.ram.read(DATA, &mut back).unwrap();
+        b.d.ram.read(DATA, &mut back).unwrap();
         assert_eq!(back, pattern);
-        d.header(T_FLUSH, 0);
-        let (head, len) = d.post(0, &[(HDR, 16, 0), (STATUS, 1, WRITE)]);
-        assert_eq!((head, len, d.status()), (0, 1, S_OK));
-        assert_eq!(d.request(T_GET_ID, 0, 20, WRITE), S_OK);
+        b.header(T_FLUSH, 0);
+        let (head, len) = b.d.post(0, 0, &[(HDR, 16, 0), (STATUS, 1, WRITE)]);
+        assert_eq!((head, len, b.status()), (0, 1, S_OK));
+        assert_eq!(b.request(T_GET_ID, 0, 20, WRITE), S_OK);
         let mut id = [0u8; 20];
-        d.ram.read(DATA, &mut id).unwrap();
+        b.d.ram.read(DATA, &mut id).unwrap();
         assert_eq!(&id, b"disk-id-0123456789ab");
     }
 
     #[test]
     fn bad_requests_get_an_error_status_and_never_crash() {
-        let mut d = Driver::new("bad", false);
-        // Past the end, straddling the end, not whole sectors, unknown type.
-        assert_eq!(d.request(T_IN, 2048, 512, WRITE), S_IOERR);
-        assert_eq!(d.request(T_OUT, 2047, 1024, 0), S_IOERR);
-        assert_eq!(d.request(T_IN, 0, 100, WRITE), S_IOERR);
-        assert_eq!(d.request(T_OUT, u64::MAX / 256, 512, 0), S_IOERR);
-        assert_eq!(d.request(99, 0, 512, 0), S_UNSUPP);
+        let mut b = Blk::new("bad", false);
+        // Past the end, straddling the end, not whole sectors, overflowing, unknown type.
+        assert_eq!(b.request(T_IN, 2048, 512, WRITE), S_IOERR);
+        assert_eq!(b.request(T_OUT, 2047, 1024, 0), S_IOERR);
+        assert_eq!(b.request(T_IN, 0, 100, WRITE), S_IOERR);
+        assert_eq!(b.request(T_OUT, u64::MAX / 256, 512, 0), S_IOERR);
+        assert_eq!(b.request(99, 0, 512, 0), S_UNSUPP);
         // A header shorter than 16 bytes.
-        d.header(T_IN, 0);
-        d.post(0, &[(HDR, 8, 0), (STATUS, 1, WRITE)]);
-        assert_eq!(d.status(), S_IOERR);
+        b.header(T_IN, 0);
+        b.d.post(0, 0, &[(HDR, 8, 0), (STATUS, 1, WRITE)]);
+        assert_eq!(b.status(), S_IOERR);
         // Buffers outside guest RAM: the chain comes back unused, nothing is touched.
-        d.header(T_IN, 0);
-        let (_, len) = d.post(
+        b.header(T_IN, 0);
+        let (_, len) = b.d.post(
+            0,
             0,
             &[(HDR, 16, 0), (0xF000_0000, 512, WRITE), (STATUS, 1, WRITE)],
         );
         assert_eq!(len, 0);
-        assert_eq!(d.status(), 0xee);
+        assert_eq!(b.status(), 0xee);
         // No writable descriptor for the status.
-        d.header(T_IN, 0);
-        let (_, len) = d.post(0, &[(HDR, 16, 0)]);
+        b.header(T_IN, 0);
+        let (_, len) = b.d.post(0, 0, &[(HDR, 16, 0)]);
         assert_eq!(len, 0);
         // A descriptor chain that loops back on itself ends (the queue's TTL).
-        d.header(T_IN, 0);
-        let mut desc = [0u8; 16];
-        desc[0..8].copy_from_slice(&HDR.to_le_bytes());
-        desc[8..12].copy_from_slice(&16u32.to_le_bytes());
-        desc[12..14].copy_from_slice(&NEXT.to_le_bytes());
-        desc[14..16].copy_from_slice(&5u16.to_le_bytes());
-        d.ram.write(DESC + 5 * 16, &desc).unwrap();
-        let slot = u64::from(d.avail_idx % QSIZE);
-        d.ram
-            .write(AVAIL + 4 + slot * 2, &5u16.to_le_bytes())
-            .unwrap();
-        d.avail_idx += 1;
-        d.ram.write(AVAIL + 2, &d.avail_idx.to_le_bytes()).unwrap();
-        w32(&mut d.t, 0x50, 0);
+        b.header(T_IN, 0);
+        b.d.raw_desc(0, 5, HDR, 16, 1, 5);
+        b.d.add_head(0, 5);
+        b.d.notify(0);
+        b.d.used(0);
         // The device still serves good requests afterwards.
-        assert_eq!(d.request(T_IN, 0, 512, WRITE), S_OK);
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
     }
 
     #[test]
     fn a_read_only_disk_refuses_writes() {
-        let mut d = Driver::new("ro", true);
-        assert_eq!(d.request(T_OUT, 0, 512, 0), S_IOERR);
-        assert_eq!(d.request(T_IN, 0, 512, WRITE), S_OK);
+        let mut b = Blk::new("ro", true);
+        assert_eq!(b.request(T_OUT, 0, 512, 0), S_IOERR);
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
     }
 
     #[test]
     fn state_round_trips_and_device_writes_are_logged() {
-        let mut d = Driver::new("state", false);
-        assert_eq!(d.request(T_IN, 0, 512, WRITE), S_OK);
-        let saved = d.t.save();
+        let mut b = Blk::new("state", false);
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
+        let saved = b.d.t.save();
         assert_eq!(saved.queues[0].next_avail, 1);
         // A second transport on the same memory carries on where the first stopped.
-        let other = d.path.with_extension("2");
+        let other = b.path.with_extension("2");
         let _ = std::fs::remove_file(&other);
         crate::disk::create(&other, 1 << 20).unwrap();
-        d.t = MmioTransport::new(
+        b.d.t = MmioTransport::new(
             Box::new(Block::new(Disk::open(&other, false).unwrap(), "x")),
-            Arc::clone(&d.ram),
-            d.irq.try_clone().unwrap(),
+            Arc::clone(&b.d.ram),
+            b.d.irq.try_clone().unwrap(),
         );
         let _ = std::fs::remove_file(&other);
-        d.t.restore(&saved).unwrap();
-        assert_eq!(d.t.save(), saved);
-        d.ram.set_device_logging(true);
-        assert_eq!(d.request(T_IN, 1, 4096, WRITE), S_OK);
-        let dirty = d.ram.take_device_dirty();
-        for page in [DATA / 4096, STATUS / 4096, USED / 4096] {
+        b.d.t.restore(&saved).unwrap();
+        assert_eq!(b.d.t.save(), saved);
+        b.d.ram.set_device_logging(true);
+        assert_eq!(b.request(T_IN, 1, 4096, WRITE), S_OK);
+        let dirty = b.d.ram.take_device_dirty();
+        for page in [DATA / 4096, STATUS / 4096, Driver::used_ring(0) / 4096] {
             assert!(
                 dirty.contains(&page),
                 "page {page:#x} not logged: {dirty:?}"
@@ -549,9 +452,29 @@ mod tests {
         // Saved state that does not fit is refused.
         let mut wrong = saved.clone();
         wrong.device_type = 1;
-        assert!(d.t.restore(&wrong).is_err());
+        assert!(b.d.t.restore(&wrong).is_err());
         let mut wrong = saved;
         wrong.queues[0].size = 1000;
-        assert!(d.t.restore(&wrong).is_err());
+        assert!(b.d.t.restore(&wrong).is_err());
+    }
+
+    #[test]
+    fn a_released_disk_is_closed_and_comes_back() {
+        let mut b = Blk::new("release", false);
+        b.d.t.release().unwrap();
+        assert!(b.d.t.released());
+        // Closed: another process may open it now; requests meanwhile fail cleanly.
+        drop(Disk::open(&b.path, false).unwrap());
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_IOERR);
+        b.d.t.reacquire().unwrap();
+        assert!(!b.d.t.released());
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
+        // Held elsewhere: taking it back fails and says why.
+        b.d.t.release().unwrap();
+        let other = Disk::open(&b.path, false).unwrap();
+        let e = b.d.t.reacquire().unwrap_err();
+        assert!(e.to_string().contains("in use"), "{e}");
+        drop(other);
+        b.d.t.reacquire().unwrap();
     }
 }

@@ -273,6 +273,9 @@ impl MmioTransport {
             return;
         }
         self.status = v;
+        if set & STATUS_DRIVER_OK != 0 {
+            self.device.activate(self.driver_features);
+        }
     }
 
     fn notify(&mut self, index: u32) {
@@ -287,7 +290,12 @@ impl MmioTransport {
             self.warn("notify of a queue the device does not have");
             return;
         };
-        if !self.queues[i].ready() {
+        self.run_queue(i);
+    }
+
+    /// Runs queue `i` if the driver has it live, interrupting the guest if buffers were used.
+    fn run_queue(&mut self, i: usize) {
+        if !self.queues.get(i).is_some_and(|q| q.ready()) {
             return;
         }
         let used = self
@@ -309,6 +317,35 @@ impl MmioTransport {
         if let Err(e) = self.irq.write(1) {
             tracing::warn!("virtio interrupt not delivered: {e}");
         }
+    }
+
+    /// Takes input that arrived for the device (its poll thread saw its descriptor readable).
+    pub fn poll_input(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+            let q = self.device.input_queue();
+            self.run_queue(q);
+        }
+    }
+
+    /// What the device's poll thread watches (see [`VirtioDevice::poll_fds`]).
+    pub fn poll_fds(&self) -> Option<(std::os::fd::RawFd, EventFd)> {
+        self.device.poll_fds()
+    }
+
+    /// Whether the poll thread should watch the input now.
+    pub fn wants_input(&self) -> bool {
+        self.device.wants_input()
+    }
+
+    /// Tells the network where the VM is (see [`VirtioDevice::announce`]); like QEMU's
+    /// self-announce this does not depend on the guest's driver.
+    pub fn announce(&mut self) {
+        self.device.announce();
+    }
+
+    /// Wakes the device's poll thread.
+    pub fn wake(&self) {
+        self.device.wake();
     }
 
     /// Lets go of the device's backend (see [`VirtioDevice::release`]).
@@ -410,6 +447,9 @@ impl MmioTransport {
         self.queue_sel = s.queue_sel;
         self.interrupt_status = s.interrupt_status;
         self.config_generation = s.config_generation;
+        if self.status & STATUS_DRIVER_OK != 0 {
+            self.device.activate(self.driver_features);
+        }
         if self.interrupt_status != 0 {
             let _ = self.irq.write(1);
         }

@@ -7,6 +7,10 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
+pub mod tap;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
@@ -64,6 +68,25 @@ pub trait VirtioDevice: Send {
     fn released(&self) -> bool {
         false
     }
+    /// The driver set DRIVER_OK having accepted `acked` (also called after a restore).
+    fn activate(&mut self, _acked: u64) {}
+    /// A descriptor to watch for input (a TAP) and an eventfd that wakes the watcher, for a
+    /// device that receives on its own; the machine then runs a poll thread for it.
+    fn poll_fds(&self) -> Option<(std::os::fd::RawFd, vmm_sys_util::eventfd::EventFd)> {
+        None
+    }
+    /// Whether the poll thread should watch the input now (false: no guest buffers for it).
+    fn wants_input(&self) -> bool {
+        false
+    }
+    /// The queue that input goes to.
+    fn input_queue(&self) -> usize {
+        0
+    }
+    /// Tells the network where the VM now is (after a move).
+    fn announce(&mut self) {}
+    /// Wakes the device's poll thread (the VM resumed).
+    fn wake(&self) {}
 }
 
 /// What a device's backend can fail with.

@@ -1,0 +1,184 @@
+//! A test driver for virtio-mmio devices: rings laid out in guest RAM by hand, registers
+//! programmed through the transport the way Linux's driver does, buffers posted and notified,
+//! results read back from the used rings.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::mmio::MmioTransport;
+use super::VirtioDevice;
+use crate::memory::GuestRam;
+
+/// Entries the test driver gives each queue.
+pub const QSIZE: u16 = 16;
+/// Descriptor flag: device writes.
+pub const WRITE: u16 = 2;
+const NEXT: u16 = 1;
+/// Where queue `q`'s rings live: 16 KiB apart from 0x10000.
+const RINGS: u64 = 0x10000;
+
+fn rings(q: u16) -> (u64, u64, u64) {
+    let base = RINGS + u64::from(q) * 0x4000;
+    (base, base + 0x1000, base + 0x2000)
+}
+
+/// A driver bound to one device.
+pub struct Driver {
+    /// The transport under test.
+    pub t: MmioTransport,
+    /// Guest RAM.
+    pub ram: Arc<GuestRam>,
+    /// The device's interrupt line.
+    pub irq: EventFd,
+    avail_idx: Vec<u16>,
+    used_seen: Vec<u16>,
+}
+
+fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+    t.write(off, &v.to_le_bytes());
+}
+
+/// Reads a 32-bit register.
+pub fn r32(t: &mut MmioTransport, off: u64) -> u32 {
+    let mut b = [0u8; 4];
+    t.read(off, &mut b);
+    u32::from_le_bytes(b)
+}
+
+impl Driver {
+    /// Negotiates `accept(offered)` features and sets up every queue of `device`.
+    pub fn new(name: &str, device: Box<dyn VirtioDevice>, accept: impl Fn(u64) -> u64) -> Driver {
+        let ram = Arc::new(GuestRam::new(name, 16 << 20).unwrap());
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let nq = device.queue_max_sizes().len();
+        let dtype = device.device_type();
+        let mut t = MmioTransport::new(device, Arc::clone(&ram), irq.try_clone().unwrap());
+        assert_eq!(r32(&mut t, 0x00), 0x7472_6976);
+        assert_eq!(r32(&mut t, 0x04), 2);
+        assert_eq!(r32(&mut t, 0x08), dtype);
+        w32(&mut t, 0x70, 1 | 2);
+        w32(&mut t, 0x14, 0);
+        let low = u64::from(r32(&mut t, 0x10));
+        w32(&mut t, 0x14, 1);
+        let high = u64::from(r32(&mut t, 0x10));
+        let offered = low | high << 32;
+        assert_ne!(offered & super::F_VERSION_1, 0, "VERSION_1 offered");
+        let acked = accept(offered) | super::F_VERSION_1;
+        w32(&mut t, 0x24, 0);
+        w32(&mut t, 0x20, acked as u32);
+        w32(&mut t, 0x24, 1);
+        w32(&mut t, 0x20, (acked >> 32) as u32);
+        w32(&mut t, 0x70, 1 | 2 | 8);
+        assert_eq!(r32(&mut t, 0x70) & 8, 8, "features accepted");
+        for q in 0..nq as u16 {
+            w32(&mut t, 0x30, u32::from(q));
+            assert!(r32(&mut t, 0x34) >= u32::from(QSIZE));
+            w32(&mut t, 0x38, u32::from(QSIZE));
+            let (d, a, u) = rings(q);
+            for (off, addr) in [(0x80, d), (0x90, a), (0xa0, u)] {
+                w32(&mut t, off, addr as u32);
+                w32(&mut t, off + 4, 0);
+            }
+            w32(&mut t, 0x44, 1);
+            assert_eq!(r32(&mut t, 0x44), 1, "queue {q} live");
+        }
+        w32(&mut t, 0x70, 1 | 2 | 8 | 4);
+        assert_eq!(r32(&mut t, 0x70), 1 | 2 | 8 | 4, "driver running");
+        Driver {
+            t,
+            ram,
+            irq,
+            avail_idx: vec![0; nq],
+            used_seen: vec![0; nq],
+        }
+    }
+
+    /// Writes a chain of (addr, len, flags) descriptors at table index `first` of queue `q` and
+    /// makes it available (without notifying).
+    pub fn add(&mut self, q: u16, first: u16, descs: &[(u64, u32, u16)]) {
+        let (dt, _, _) = rings(q);
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let idx = u64::from(first) + i as u64;
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            let more = if i + 1 < descs.len() { NEXT } else { 0 };
+            d[12..14].copy_from_slice(&(flags | more).to_le_bytes());
+            d[14..16].copy_from_slice(&((first + i as u16 + 1) % QSIZE).to_le_bytes());
+            self.ram.write(dt + idx * 16, &d).unwrap();
+        }
+        self.add_head(q, first);
+    }
+
+    /// Makes the chain at descriptor `head` of queue `q` available as it is.
+    pub fn add_head(&mut self, q: u16, head: u16) {
+        let (_, av, _) = rings(q);
+        let qi = usize::from(q);
+        let slot = u64::from(self.avail_idx[qi] % QSIZE);
+        self.ram
+            .write(av + 4 + slot * 2, &head.to_le_bytes())
+            .unwrap();
+        self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
+        self.ram
+            .write(av + 2, &self.avail_idx[qi].to_le_bytes())
+            .unwrap();
+    }
+
+    /// Writes raw descriptor `idx` of queue `q`.
+    pub fn raw_desc(&self, q: u16, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let (dt, _, _) = rings(q);
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.ram.write(dt + u64::from(idx) * 16, &d).unwrap();
+    }
+
+    /// Notifies queue `q`.
+    pub fn notify(&mut self, q: u16) {
+        w32(&mut self.t, 0x50, u32::from(q));
+    }
+
+    /// Used elements of queue `q` not seen before: (head, len). Acknowledges the interrupt
+    /// and checks one was raised when there are any.
+    pub fn used(&mut self, q: u16) -> Vec<(u32, u32)> {
+        let (_, _, ur) = rings(q);
+        let qi = usize::from(q);
+        let mut idx = [0u8; 2];
+        self.ram.read(ur + 2, &mut idx).unwrap();
+        let now = u16::from_le_bytes(idx);
+        let mut out = Vec::new();
+        while self.used_seen[qi] != now {
+            let slot = u64::from(self.used_seen[qi] % QSIZE);
+            let mut e = [0u8; 8];
+            self.ram.read(ur + 4 + slot * 8, &mut e).unwrap();
+            out.push((
+                u32::from_le_bytes([e[0], e[1], e[2], e[3]]),
+                u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+            ));
+            self.used_seen[qi] = self.used_seen[qi].wrapping_add(1);
+        }
+        if !out.is_empty() {
+            assert!(self.irq.read().is_ok(), "no interrupt for used buffers");
+            assert_eq!(r32(&mut self.t, 0x60) & 1, 1);
+            w32(&mut self.t, 0x64, 1);
+        }
+        out
+    }
+
+    /// Posts a chain on queue `q`, notifies, and returns the one used element it produced.
+    pub fn post(&mut self, q: u16, first: u16, descs: &[(u64, u32, u16)]) -> (u32, u32) {
+        self.add(q, first, descs);
+        self.notify(q);
+        let used = self.used(q);
+        assert_eq!(used.len(), 1, "request not used exactly once: {used:?}");
+        used[0]
+    }
+
+    /// Where queue `q`'s used ring is.
+    pub fn used_ring(q: u16) -> u64 {
+        rings(q).2
+    }
+}
