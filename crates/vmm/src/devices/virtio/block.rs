@@ -412,6 +412,17 @@ mod tests {
     }
 
     #[test]
+    fn random_descriptor_tables_never_crash_the_device() {
+        let mut b = Blk::new("garbage", false);
+        for seed in 1..=20 {
+            b.d.garbage(0, seed, 50);
+        }
+        // A driver that reset and set up again finds a working device.
+        let mut b = Blk::new("garbage2", false);
+        assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
+    }
+
+    #[test]
     fn a_read_only_disk_refuses_writes() {
         let mut b = Blk::new("ro", true);
         assert_eq!(b.request(T_OUT, 0, 512, 0), S_IOERR);

@@ -408,6 +408,22 @@ mod tests {
     }
 
     #[test]
+    fn random_descriptor_tables_never_crash_the_device() {
+        let name = format!("feg{}", std::process::id() % 1_000_000);
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 2], 1500, None).unwrap();
+        let mut d = Driver::new(
+            "net-garbage",
+            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            |f| f,
+        );
+        for seed in 1..=10 {
+            d.garbage(1, seed, 50); // transmit
+            d.garbage(0, seed + 100, 20); // receive buffers (frames may or may not come)
+            d.t.poll_input();
+        }
+    }
+
+    #[test]
     fn tap_setup_errors_are_clear() {
         let host = [0xfe, 0, 0, 0, 0, 1];
         let e = Tap::create("this-name-is-far-too-long", host, 1500, None).unwrap_err();

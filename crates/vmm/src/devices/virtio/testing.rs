@@ -177,6 +177,65 @@ impl Driver {
         used[0]
     }
 
+    /// Throws `rounds` rounds of random descriptor tables and available entries at queue `q`
+    /// (addresses in and out of RAM, any lengths and flags — indirect, next, write — any next
+    /// indices, available indices running ahead), notifying after each. Deterministic from
+    /// `seed`. The device must neither panic nor use more buffers than were made available.
+    pub fn garbage(&mut self, q: u16, seed: u64, rounds: usize) {
+        let mut x = seed | 1;
+        let mut rnd = move || {
+            // xorshift64*
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let (_, av, ur) = rings(q);
+        for _ in 0..rounds {
+            for i in 0..QSIZE {
+                let r = rnd();
+                let addr = match r % 4 {
+                    0 => rnd() % (16 << 20),        // anywhere in RAM
+                    1 => 0x30000 + rnd() % 0x4000,  // the data area
+                    2 => (16 << 20) - (rnd() % 64), // straddling the end
+                    _ => rnd(),                     // anywhere at all
+                };
+                let len = match (r >> 8) % 4 {
+                    0 => (rnd() % 64) as u32,
+                    1 => (rnd() % 0x10000) as u32,
+                    2 => 16,
+                    _ => rnd() as u32,
+                };
+                let flags = (rnd() % 8) as u16; // NEXT | WRITE | INDIRECT
+                let next = (rnd() % u64::from(QSIZE + 2)) as u16;
+                self.raw_desc(q, i, addr, len, flags, next);
+            }
+            let qi = usize::from(q);
+            let mut used_before = [0u8; 2];
+            self.ram.read(ur + 2, &mut used_before).unwrap();
+            let made = 1 + (rnd() % u64::from(QSIZE)) as u16;
+            for _ in 0..made {
+                let slot = u64::from(self.avail_idx[qi] % QSIZE);
+                let head = (rnd() % u64::from(QSIZE + 1)) as u16;
+                self.ram
+                    .write(av + 4 + slot * 2, &head.to_le_bytes())
+                    .unwrap();
+                self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
+            }
+            self.ram
+                .write(av + 2, &self.avail_idx[qi].to_le_bytes())
+                .unwrap();
+            self.notify(q);
+            let mut used_after = [0u8; 2];
+            self.ram.read(ur + 2, &mut used_after).unwrap();
+            let n = u16::from_le_bytes(used_after).wrapping_sub(u16::from_le_bytes(used_before));
+            assert!(n <= made, "{n} buffers used of {made} made available");
+            self.used_seen[qi] = u16::from_le_bytes(used_after);
+            let _ = self.irq.read();
+            w32(&mut self.t, 0x64, 1);
+        }
+    }
+
     /// Where queue `q`'s used ring is.
     pub fn used_ring(q: u16) -> u64 {
         rings(q).2
