@@ -455,6 +455,27 @@ fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?}");
 }
 
+/// A host bridge for one test, up; deleted again however the test ends.
+struct TestBridge(String);
+
+impl TestBridge {
+    fn new(name: &str) -> TestBridge {
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["link", "add", name, "type", "bridge"]);
+        ip(&["link", "set", name, "up"]);
+        TestBridge(name.to_string())
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
 fn sysfs_net(dev: &str, what: &str) -> Option<String> {
     std::fs::read_to_string(format!("/sys/class/net/{dev}/{what}"))
         .ok()
@@ -465,9 +486,7 @@ fn sysfs_net(dev: &str, what: &str) -> Option<String> {
 fn a_nic_is_a_tap_on_its_bridge_and_a_moved_vm_is_announced_from_its_new_port() {
     let env = Env::new("nic");
     let br = format!("fbrt{}", std::process::id() % 100_000);
-    let _ = Command::new("ip").args(["link", "del", &br]).status();
-    ip(&["link", "add", &br, "type", "bridge"]);
-    ip(&["link", "set", &br, "up"]);
+    let _gone = TestBridge::new(&br);
     let mac = "52:54:00:aa:00:01";
     let nic = format!("bridge={br},mac={mac},mtu=9000");
     let start = |name: &str, nic: &str| start_small(&env, name, &["--nic", nic]);

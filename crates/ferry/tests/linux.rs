@@ -367,12 +367,14 @@ fn initrd_with_init(env: &Env, body: &str) -> PathBuf {
     path
 }
 
-/// The guest's disk workload: reads the host's mark from /dev/vda, writes a 1 MiB pattern at
+/// The guest's disk workload: reads the host's mark from /dev/vda, says whether the pattern
+/// of an earlier boot is already there (`disk-already-there`), writes a 1 MiB pattern at
 /// 1 MiB and reads it back past the page cache, finds it cannot write the read-only /dev/vdb,
 /// then every second re-reads and re-checks the pattern and records its counter in sector 4096.
 const DISK_INIT: &str = r#"echo "disk-mark=$(head -c 15 /dev/vda)"
 echo "disk-ro-mark=$(head -c 15 /dev/vdb)"
 yes FERRY-BLOCK-TEST | head -c 1048576 > /tmp/p
+if dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | cmp -s - /tmp/p; then echo disk-already-there; fi
 dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && echo disk-written
 if dd if=/tmp/p of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro-write-accepted; else echo ro-write-refused; fi
 n=0
@@ -507,6 +509,33 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
         on_disk >= last,
         "image says {on_disk}, guest printed {last}"
     );
+    // A fresh boot from the disk alone finds what the earlier VMs wrote.
+    assert!(!env.joined_consoles("a", "b").contains("disk-already-there"));
+    env.ok(&[
+        "vm",
+        "start",
+        "d",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        initrd_path.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "128M",
+        "--disk",
+        rw.to_str().unwrap(),
+        "--disk",
+        &ro_arg,
+        "--console-log",
+        env.console("d").to_str().unwrap(),
+    ]);
+    let text = wait_for(&env.console("d"), "a disk tick after a fresh boot", |t| {
+        no_error(t);
+        !disk_ticks(t).is_empty()
+    });
+    assert!(text.contains("disk-already-there"), "{text}");
+    env.ok(&["vm", "stop", "d"]);
 }
 
 /// The guest's network workload: eth0 at 10.77.0.2 with the MTU the device says, then every

@@ -692,7 +692,12 @@ fn precopy_and_stop(
                 throughput,
                 "pre-copy round"
             );
-            if expected <= target {
+            // Fewer dirty pages than a round needs to measure throughput: what is left is
+            // below any link's resolution (< 256 KiB), and a throughput measured on a tiny
+            // round is latency, not bandwidth — waiting for a better estimate would only spin
+            // (seen: "still dirties 0 pages per round, expected downtime 101 ms").
+            let tiny = (dirty.len() as u64) < MEASURE_PAGES;
+            if expected <= target || tiny {
                 // Put the pages back in the log's place: they are sent after the pause.
                 pending = dirty;
                 break;
