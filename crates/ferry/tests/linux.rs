@@ -417,25 +417,29 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
         f.write_all_at(mark.as_bytes(), 0).unwrap();
     }
     let ro_arg = format!("{},readonly", ro.display());
-    env.ok(&[
-        "vm",
-        "start",
-        "a",
-        "--kernel",
-        g.join("vmlinux").to_str().unwrap(),
-        "--initrd",
-        initrd_path.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0",
-        "--memory",
-        "128M",
-        "--disk",
-        rw.to_str().unwrap(),
-        "--disk",
-        &ro_arg,
-        "--console-log",
-        env.console("a").to_str().unwrap(),
-    ]);
+    let start_disk_vm = |name: &str| {
+        let console = env.console(name);
+        env.ok(&[
+            "vm",
+            "start",
+            name,
+            "--kernel",
+            g.join("vmlinux").to_str().unwrap(),
+            "--initrd",
+            initrd_path.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0",
+            "--memory",
+            "128M",
+            "--disk",
+            rw.to_str().unwrap(),
+            "--disk",
+            &ro_arg,
+            "--console-log",
+            console.to_str().unwrap(),
+        ]);
+    };
+    start_disk_vm("a");
     let no_error = |t: &str| {
         assert!(!t.contains("DISK-ERROR"), "{t}");
     };
@@ -511,25 +515,7 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     );
     // A fresh boot from the disk alone finds what the earlier VMs wrote.
     assert!(!env.joined_consoles("a", "b").contains("disk-already-there"));
-    env.ok(&[
-        "vm",
-        "start",
-        "d",
-        "--kernel",
-        g.join("vmlinux").to_str().unwrap(),
-        "--initrd",
-        initrd_path.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0",
-        "--memory",
-        "128M",
-        "--disk",
-        rw.to_str().unwrap(),
-        "--disk",
-        &ro_arg,
-        "--console-log",
-        env.console("d").to_str().unwrap(),
-    ]);
+    start_disk_vm("d");
     let text = wait_for(&env.console("d"), "a disk tick after a fresh boot", |t| {
         no_error(t);
         !disk_ticks(t).is_empty()
