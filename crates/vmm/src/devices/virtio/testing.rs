@@ -190,7 +190,7 @@ impl Driver {
             x ^= x >> 27;
             x.wrapping_mul(0x2545_F491_4F6C_DD1D)
         };
-        let (_, av, ur) = rings(q);
+        let (_, _, ur) = rings(q);
         for _ in 0..rounds {
             for i in 0..QSIZE {
                 let r = rnd();
@@ -215,16 +215,9 @@ impl Driver {
             self.ram.read(ur + 2, &mut used_before).unwrap();
             let made = 1 + (rnd() % u64::from(QSIZE)) as u16;
             for _ in 0..made {
-                let slot = u64::from(self.avail_idx[qi] % QSIZE);
                 let head = (rnd() % u64::from(QSIZE + 1)) as u16;
-                self.ram
-                    .write(av + 4 + slot * 2, &head.to_le_bytes())
-                    .unwrap();
-                self.avail_idx[qi] = self.avail_idx[qi].wrapping_add(1);
+                self.add_head(q, head);
             }
-            self.ram
-                .write(av + 2, &self.avail_idx[qi].to_le_bytes())
-                .unwrap();
             self.notify(q);
             let mut used_after = [0u8; 2];
             self.ram.read(ur + 2, &mut used_after).unwrap();
