@@ -1129,20 +1129,15 @@ fn mmio_device(shared: &Shared, addr: u64) -> Option<(u64, &Mutex<MmioTransport>
     })
 }
 
-/// Opens the VM's disks and puts each behind a virtio-mmio transport with its interrupt line.
+/// Opens the VM's disks and creates its NICs' TAPs (in that order), and puts each behind a
+/// virtio-mmio transport in its slot with its interrupt line.
 fn attach_devices(
     config: &VmConfig,
     vmfd: &VmFd,
     ram: &Arc<GuestRam>,
 ) -> Result<Vec<(u64, Mutex<MmioTransport>)>, MachineError> {
-    let mut devices = Vec::new();
-    for (i, d) in config.disks.iter().enumerate() {
-        let (base, irq) = virtio::slot(i).ok_or_else(|| {
-            MachineError::Config(crate::config::ConfigError::BadDisk(format!(
-                "{} disks",
-                config.disks.len()
-            )))
-        })?;
+    let mut backends: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
+    for d in &config.disks {
         let disk =
             crate::disk::Disk::open(&d.path, d.readonly).map_err(|source| MachineError::Disk {
                 path: d.path.clone(),
@@ -1153,41 +1148,41 @@ fn attach_devices(
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
-        vmfd.register_irqfd(&evt, irq)
-            .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
-        let dev = MmioTransport::new(Box::new(Block::new(disk, &id)), Arc::clone(ram), evt);
-        devices.push((base, Mutex::new(dev)));
+        backends.push(Box::new(Block::new(disk, &id)));
     }
     for (index, n) in config.nics.iter().enumerate() {
-        let slot = config.disks.len() + index;
-        let (base, irq) = virtio::slot(slot).ok_or_else(|| {
-            MachineError::Config(crate::config::ConfigError::BadNic(format!(
-                "{} devices",
-                slot + 1
-            )))
-        })?;
         let mac = n.mac_bytes().ok_or_else(|| {
             MachineError::Config(crate::config::ConfigError::BadNic(n.mac.clone()))
         })?;
         // Unique on the host even while a VM's source and destination workers both run.
         let tap_name = format!("fe{}n{index}", std::process::id());
-        let nic_err = |source| MachineError::Nic {
-            index,
-            bridge: n.bridge.clone(),
-            source,
-        };
         // The host side of the TAP: the guest's MAC with fe as its first byte (libvirt's
         // choice), so the bridge's own address never follows a TAP.
         let mut host_mac = mac;
         host_mac[0] = 0xfe;
-        let tap = virtio::tap::Tap::create(&tap_name, host_mac, n.mtu, Some(&n.bridge))
-            .map_err(nic_err)?;
+        let tap = virtio::tap::Tap::create(&tap_name, host_mac, n.mtu, Some(&n.bridge)).map_err(
+            |source| MachineError::Nic {
+                index,
+                bridge: n.bridge.clone(),
+                source,
+            },
+        )?;
         let net = virtio::net::Net::new(tap, mac, n.mtu).map_err(MachineError::Threads)?;
+        backends.push(Box::new(net));
+    }
+    let count = backends.len();
+    let mut devices = Vec::new();
+    for (slot, device) in backends.into_iter().enumerate() {
+        let (base, irq) = virtio::slot(slot).ok_or_else(|| {
+            MachineError::Config(crate::config::ConfigError::BadNic(format!(
+                "{count} devices (disks and NICs), at most {}",
+                virtio::MAX_DEVICES
+            )))
+        })?;
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
         vmfd.register_irqfd(&evt, irq)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
-        let dev = MmioTransport::new(Box::new(net), Arc::clone(ram), evt);
+        let dev = MmioTransport::new(device, Arc::clone(ram), evt);
         devices.push((base, Mutex::new(dev)));
     }
     Ok(devices)

@@ -84,11 +84,7 @@ impl Block {
     /// `None` when the chain has nowhere to put a status.
     fn execute(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, ram: &GuestRam) -> Option<u32> {
         let mem = ram.memory();
-        let writable: Vec<(u64, u32)> = chain
-            .clone()
-            .writable()
-            .map(|d| (d.addr().0, d.len()))
-            .collect();
+        let writable = super::WritableRanges::of(&chain);
         let mut reader = chain.clone().reader(mem).ok()?;
         let mut writer = chain.writer(mem).ok()?;
         let data_len = writer.available_bytes().checked_sub(1)?;
@@ -96,9 +92,7 @@ impl Block {
         let status = self.request(&mut reader, &mut writer);
         let data_written = writer.bytes_written();
         status_w.write_all(&[status]).ok()?;
-        for (a, l) in writable {
-            ram.mark_dirty(a, u64::from(l));
-        }
+        writable.mark(ram);
         u32::try_from(data_written + 1).ok()
     }
 

@@ -107,6 +107,32 @@ pub enum BackendError {
     },
 }
 
+/// The guest memory a chain lets the device write, to be marked dirty once written (the
+/// dirty log a migration reads sees only what vCPUs write).
+pub(crate) struct WritableRanges(Vec<(u64, u32)>);
+
+impl WritableRanges {
+    /// The chain's writable descriptors.
+    pub(crate) fn of(
+        chain: &virtio_queue::DescriptorChain<&crate::memory::GuestMemoryMmap>,
+    ) -> Self {
+        WritableRanges(
+            chain
+                .clone()
+                .writable()
+                .map(|d| (d.addr().0, d.len()))
+                .collect(),
+        )
+    }
+
+    /// Marks them dirty in `ram`.
+    pub(crate) fn mark(&self, ram: &GuestRam) {
+        for &(a, l) in &self.0 {
+            ram.mark_dirty(a, u64::from(l));
+        }
+    }
+}
+
 /// Reads `data.len()` bytes at `offset` of `config` (zeros past its end).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {

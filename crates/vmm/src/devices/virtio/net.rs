@@ -73,23 +73,17 @@ impl Net {
         self.tap.name()
     }
 
-    /// Copies `frame` into the chain; returns the bytes written, or `None` when the chain
-    /// cannot take it (it is then returned empty and the frame dropped).
+    /// Copies `frame` into the chain; returns the bytes written, or 0 when the chain cannot
+    /// take it (it is then returned empty and the frame dropped).
     fn deliver(chain: DescriptorChain<&GuestMemoryMmap>, frame: &[u8], ram: &GuestRam) -> u32 {
-        let writable: Vec<(u64, u32)> = chain
-            .clone()
-            .writable()
-            .map(|d| (d.addr().0, d.len()))
-            .collect();
+        let writable = super::WritableRanges::of(&chain);
         let Ok(mut w) = chain.writer(ram.memory()) else {
             return 0;
         };
         if w.available_bytes() < frame.len() || w.write_all(frame).is_err() {
             return 0;
         }
-        for (a, l) in writable {
-            ram.mark_dirty(a, u64::from(l));
-        }
+        writable.mark(ram);
         u32::try_from(frame.len()).unwrap_or(0)
     }
 
