@@ -39,6 +39,41 @@ pub fn bad_lines(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// A raw, non-blocking packet socket on host interface `ifname` for frames of `proto`
+/// (an ethertype; tests use it to inject and watch frames). Panics on failure.
+pub fn packet_socket(ifname: &str, proto: u16) -> std::os::fd::OwnedFd {
+    let name = std::ffi::CString::new(ifname).unwrap();
+    // SAFETY: a valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {ifname}");
+    // SAFETY: plain socket(2); the result is checked and owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            i32::from(proto.to_be()),
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_protocol = proto.to_be();
+    sa.sll_ifindex = index as i32;
+    // SAFETY: `sa` is a valid sockaddr_ll of the size given.
+    let r = unsafe {
+        libc::bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            std::ptr::addr_of!(sa).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    fd
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

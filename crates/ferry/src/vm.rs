@@ -43,8 +43,12 @@ pub struct BootOpts {
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
     /// A network interface: a TAP on host bridge BRIDGE, seen by the guest as virtio-net
-    /// (eth0, eth1, …). Without mac= one is generated (52:54:00:…) and kept across moves.
-    #[arg(long = "nic", value_name = "bridge=BRIDGE[,mac=MAC][,mtu=N]")]
+    /// (eth0, eth1, …). Without mac= one is generated (52:54:00:…) and kept across moves;
+    /// queues= gives it that many queue pairs (one per vCPU is usual).
+    #[arg(
+        long = "nic",
+        value_name = "bridge=BRIDGE[,mac=MAC][,mtu=N][,queues=N]"
+    )]
     nics: Vec<String>,
 }
 

@@ -537,6 +537,8 @@ fn a_nic_is_a_tap_on_its_bridge_and_a_moved_vm_is_announced_from_its_new_port() 
         ("bridge=no-such-br0".to_string(), "does not exist"),
         (format!("bridge={br},mac=01:00:5e:00:00:01"), "invalid NIC"),
         (format!("bridge={br},mtu=20"), "invalid NIC"),
+        (format!("bridge={br},queues=0"), "invalid NIC"),
+        (format!("bridge={br},queues=17"), "invalid NIC"),
         ("mac=52:54:00:00:00:09".to_string(), "invalid NIC"),
     ] {
         let o = start("c", &spec);

@@ -524,13 +524,14 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     env.ok(&["vm", "stop", "d"]);
 }
 
-/// The guest's network workload: eth0 at 10.77.0.2 with the MTU the device says, then every
-/// second a ping with an 8972-byte payload to the host — a 9000-byte IP packet, one frame at
-/// MTU 9000 (the guest does not fragment at its own MTU, and the bridge drops a frame larger
-/// than a port's MTU): `net-tick <n> ok|lost`.
+/// The guest's network workload: eth0 at 10.77.0.2 with the MTU the device says, its queue
+/// pairs listed, then every second a ping with an 8972-byte payload to the host — a 9000-byte
+/// IP packet, one frame at MTU 9000 (the guest does not fragment at its own MTU, and the
+/// bridge drops a frame larger than a port's MTU): `net-tick <n> ok|lost`.
 const NET_INIT: &str = r#"ip link set eth0 up
 ip addr add 10.77.0.2/24 dev eth0
 echo "net-mac=$(cat /sys/class/net/eth0/address) net-mtu=$(cat /sys/class/net/eth0/mtu)"
+echo "net-queues=$(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
 n=0
 while true; do
 	if ping -c 1 -W 2 -s 8972 10.77.0.1 >/dev/null 2>&1; then echo "net-tick $n ok"; else echo "net-tick $n lost"; fi
@@ -557,25 +558,94 @@ fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?}");
 }
 
+/// Whether a gratuitous ARP (sender IP = target IP = `ip`) from `mac` arrives on `fd` within
+/// `within`.
+fn saw_gratuitous_arp(
+    fd: &std::os::fd::OwnedFd,
+    mac: [u8; 6],
+    ip: [u8; 4],
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 128];
+    while Instant::now() < deadline {
+        // SAFETY: `buf` is a valid writable buffer of the length given; `fd` is open.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        if n >= 42 {
+            let f = &buf[..n as usize];
+            // Ethernet source, then ARP: sender MAC at 22, sender IP at 28, target IP at 38.
+            if f[6..12] == mac && f[22..28] == mac && f[28..32] == ip && f[38..42] == ip {
+                return true;
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    false
+}
+
+/// Pings the VM (10.77.0.2) `count` times from namespace `ns` with `size`-byte payloads that
+/// may not be fragmented (`ping -M do`); whether all were answered, and what ping printed.
+fn df_ping(ns: &str, size: u32, count: u32) -> (bool, String) {
+    let o = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-M", "do", "-W", "5"])
+        .args([
+            "-c",
+            &count.to_string(),
+            "-s",
+            &size.to_string(),
+            "10.77.0.2",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
 #[test]
 #[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
 fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_after_a_live_migration()
 {
     let env = Env::new("vnet");
     let br = "fbr77";
+    let ns = "fns77";
     // A host without udev (the lab) has /dev/net/tun only once the module is loaded.
     let _ = std::process::Command::new("modprobe").arg("tun").status();
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", br])
-        .stderr(std::process::Stdio::null())
-        .status();
+    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
+        let _ = std::process::Command::new("ip")
+            .args(&cleanup)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     ip(&["link", "add", br, "type", "bridge"]);
     ip(&["link", "set", br, "mtu", "9000"]);
     ip(&["addr", "add", "10.77.0.1/24", "dev", br]);
     ip(&["link", "set", br, "up"]);
+    // A second machine on the bridge: a namespace at 10.77.0.3.
+    ip(&["netns", "add", ns]);
+    ip(&[
+        "link", "add", "fv77h", "mtu", "9000", "type", "veth", "peer", "name", "fv77n", "mtu",
+        "9000",
+    ]);
+    ip(&["link", "set", "fv77h", "master", br, "up"]);
+    ip(&["link", "set", "fv77n", "netns", ns]);
+    ip(&["-n", ns, "addr", "add", "10.77.0.3/24", "dev", "fv77n"]);
+    ip(&["-n", ns, "link", "set", "fv77n", "up"]);
     let initrd = initrd_with_init(&env, NET_INIT);
     let mac = "52:54:00:77:00:02";
-    let nic = format!("bridge={br},mac={mac},mtu=9000");
+    let mac_bytes = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
+    let nic = format!("bridge={br},mac={mac},mtu=9000,queues=2");
     env.ok(&[
         "vm",
         "start",
@@ -588,6 +658,8 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
         "console=ttyS0",
         "--memory",
         "128M",
+        "--vcpus",
+        "2",
         "--nic",
         &nic,
         "--console-log",
@@ -599,13 +671,40 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
         text.contains(&format!("net-mac={mac} net-mtu=9000")),
         "{text}"
     );
+    // Two vCPUs, two queue pairs offered: the guest's driver uses both.
+    let queues = text
+        .lines()
+        .find_map(|l| l.strip_prefix("net-queues="))
+        .unwrap_or_default();
+    for q in ["rx-0", "rx-1", "tx-0", "tx-1"] {
+        assert!(
+            queues.split_whitespace().any(|x| x == q),
+            "queues: {queues}"
+        );
+    }
+    // The namespace reaches the VM with 9000-byte packets that may not be fragmented, and a
+    // byte more does not fit.
+    let (ok, out) = df_ping(ns, 8972, 3);
+    assert!(ok, "DF ping at MTU 9000: {out}");
+    let (ok, out) = df_ping(ns, 8973, 1);
+    assert!(!ok, "a 9001-byte DF packet went through: {out}");
+
+    let arp = ferry_guests::packet_socket(br, 0x0806); // every ARP frame on the bridge
     let addr = env.receive("b", "127.0.0.1:0");
     let report = env.ok(&["vm", "migrate", "a", "--to", &addr, "--output", "json"]);
     eprintln!("migration report: {report}");
+    // The guest took VIRTIO_NET_F_GUEST_ANNOUNCE: asked by the destination's device, it
+    // announces its own address (a gratuitous ARP for 10.77.0.2 from its MAC).
+    assert!(
+        saw_gratuitous_arp(&arp, mac_bytes, [10, 77, 0, 2], Duration::from_secs(60)),
+        "no gratuitous ARP from the guest after the move"
+    );
     let on_a = net_ticks(&std::fs::read_to_string(env.console("a")).unwrap());
     wait_for(&env.console("b"), "3 answered pings after the move", |t| {
         answered(t) >= 3
     });
+    let (ok, out) = df_ping(ns, 8972, 3);
+    assert!(ok, "DF ping at MTU 9000 after the move: {out}");
     // The bridge now sends the VM's MAC to the destination's TAP.
     let pid = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
     let fdb = std::process::Command::new("bridge")
@@ -634,4 +733,5 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
     let lost = on_b.iter().filter(|x| !x.1).count();
     assert!(lost <= 1, "{lost} pings lost across the move: {on_b:?}");
     ip(&["link", "del", br]);
+    ip(&["netns", "del", ns]);
 }

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 /// Protocol magic in `HELLO`.
 pub const MAGIC: [u8; 8] = *b"FERRYMIG";
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Oldest version this build accepts from a peer.
-pub const MIN_VERSION: u16 = 3;
+pub const MIN_VERSION: u16 = 4;
 /// Largest payload accepted.
 pub const MAX_PAYLOAD: u32 = 16 << 20;
 /// How long either side waits for the peer to read or write before giving up (a cut link).

@@ -31,7 +31,7 @@ pub enum ConfigError {
     #[error("invalid disk {0:?}: expected an absolute PATH or PATH,readonly (at most {max} disks)", max = crate::devices::virtio::MAX_DEVICES)]
     BadDisk(String),
     /// A network interface given wrongly.
-    #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535] with a unicast MAC and a bridge name of 1 to 15 characters")]
+    #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535][,queues=1..16] with a unicast MAC and a bridge name of 1 to 15 characters")]
     BadNic(String),
     /// Config JSON did not parse (unknown keys included).
     #[error("invalid VM config: {0}")]
@@ -82,10 +82,18 @@ pub struct NicSpec {
     /// The MTU the guest is told (68 to 65535; the bridge's should match).
     #[serde(default = "default_mtu")]
     pub mtu: u16,
+    /// Queue pairs (1 to 16): receive/transmit queues the guest may spread over its CPUs,
+    /// each a queue of a multi-queue TAP.
+    #[serde(default = "default_queues")]
+    pub queues: u16,
 }
 
 fn default_mtu() -> u16 {
     1500
+}
+
+fn default_queues() -> u16 {
+    1
 }
 
 impl NicSpec {
@@ -118,19 +126,22 @@ pub fn generated_mac(seed: u64) -> String {
 impl std::str::FromStr for NicSpec {
     type Err = ConfigError;
 
-    /// `bridge=BR[,mac=MAC][,mtu=N]` (a missing MAC is left empty for the caller to fill).
+    /// `bridge=BR[,mac=MAC][,mtu=N][,queues=N]` (a missing MAC is left empty for the caller
+    /// to fill).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::BadNic(s.to_string());
         let mut nic = NicSpec {
             bridge: String::new(),
             mac: String::new(),
             mtu: default_mtu(),
+            queues: default_queues(),
         };
         for kv in s.split(',') {
             match kv.split_once('=') {
                 Some(("bridge", v)) => nic.bridge = v.to_string(),
                 Some(("mac", v)) => nic.mac = v.to_ascii_lowercase(),
                 Some(("mtu", v)) => nic.mtu = v.parse().map_err(|_| bad())?,
+                Some(("queues", v)) => nic.queues = v.parse().map_err(|_| bad())?,
                 _ => return Err(bad()),
             }
         }
@@ -195,10 +206,12 @@ impl VmConfig {
                     .bridge
                     .bytes()
                     .any(|b| b == b'/' || b.is_ascii_whitespace());
-            if !name_ok || n.mac_bytes().is_none() || n.mtu < 68 {
+            let queues_ok =
+                (1..=crate::devices::virtio::tap::MAX_QUEUES).contains(&usize::from(n.queues));
+            if !name_ok || n.mac_bytes().is_none() || n.mtu < 68 || !queues_ok {
                 return Err(ConfigError::BadNic(format!(
-                    "bridge={},mac={},mtu={}",
-                    n.bridge, n.mac, n.mtu
+                    "bridge={},mac={},mtu={},queues={}",
+                    n.bridge, n.mac, n.mtu, n.queues
                 )));
             }
         }

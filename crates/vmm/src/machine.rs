@@ -417,11 +417,11 @@ impl Machine {
         drop(threads);
         for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
             let fds = dev.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
-            if let Some((fd, wake)) = fds {
+            if let Some((fds, wake)) = fds {
                 let shared = Arc::clone(&self.shared);
                 std::thread::Builder::new()
                     .name(format!("dev{index}-poll"))
-                    .spawn(move || device_poll_loop(&shared, index, fd, &wake))
+                    .spawn(move || device_poll_loop(&shared, index, &fds, &wake))
                     .map_err(MachineError::Threads)?;
             }
         }
@@ -1078,36 +1078,43 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
     }
 }
 
-/// A device's poll thread: waits for input on `fd` (while the device has guest buffers for it)
-/// or a wake-up, and lets the device take the input, never while the VM is paused. Ends when
-/// the VM stops.
-fn device_poll_loop(shared: &Shared, index: usize, fd: std::os::fd::RawFd, wake: &EventFd) {
+/// A device's poll thread: waits for input on `inputs` (each while the device has guest
+/// buffers for it) or a wake-up, and lets the device take the input, never while the VM is
+/// paused. Ends when the VM stops.
+fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd], wake: &EventFd) {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering;
     let Some((_, dev)) = shared.mmio.get(index) else {
         return;
     };
+    let mut fds = Vec::with_capacity(inputs.len() + 1);
+    let mut watched = Vec::with_capacity(inputs.len());
     loop {
         if shared.lock().target == RunState::Stopped {
             return;
         }
-        let watch = !shared.devices_paused.load(Ordering::SeqCst)
-            && dev.lock().unwrap_or_else(|p| p.into_inner()).wants_input();
-        let mut fds = [
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let n = if watch { 2 } else { 1 };
-        // SAFETY: `fds` is a valid array of `n` pollfd structs that outlives the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, 100) };
+        fds.clear();
+        watched.clear();
+        fds.push(libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        if !shared.devices_paused.load(Ordering::SeqCst) {
+            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+            for (input, &fd) in inputs.iter().enumerate() {
+                if d.wants_input(input) {
+                    watched.push(input);
+                    fds.push(libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if r <= 0 {
             continue;
         }
@@ -1115,8 +1122,13 @@ fn device_poll_loop(shared: &Shared, index: usize, fd: std::os::fd::RawFd, wake:
             let _ = wake.read();
         }
         let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
-        if !shared.devices_paused.load(Ordering::SeqCst) {
-            d.poll_input();
+        if shared.devices_paused.load(Ordering::SeqCst) {
+            continue;
+        }
+        for (input, pfd) in watched.iter().zip(&fds[1..]) {
+            if pfd.revents != 0 {
+                d.poll_input(*input);
+            }
         }
     }
 }
@@ -1160,13 +1172,18 @@ fn attach_devices(
         // choice), so the bridge's own address never follows a TAP.
         let mut host_mac = mac;
         host_mac[0] = 0xfe;
-        let tap = virtio::tap::Tap::create(&tap_name, host_mac, n.mtu, Some(&n.bridge)).map_err(
-            |source| MachineError::Nic {
-                index,
-                bridge: n.bridge.clone(),
-                source,
-            },
-        )?;
+        let tap = virtio::tap::Tap::create(
+            &tap_name,
+            host_mac,
+            n.mtu,
+            Some(&n.bridge),
+            usize::from(n.queues),
+        )
+        .map_err(|source| MachineError::Nic {
+            index,
+            bridge: n.bridge.clone(),
+            source,
+        })?;
         let net = virtio::net::Net::new(tap, mac, n.mtu).map_err(MachineError::Threads)?;
         backends.push(Box::new(net));
     }

@@ -20,7 +20,7 @@ use crate::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"FERRYST\0";
 /// Format major version: a reader refuses any other.
-pub const MAJOR: u16 = 2;
+pub const MAJOR: u16 = 3;
 /// Format minor version: a reader refuses a newer one.
 pub const MINOR: u16 = 0;
 /// Size limit of the CONF section.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{QueueSnapshot, VirtioDevice, F_VERSION_1};
+use super::{DeviceState, QueueSnapshot, VirtioDevice, F_VERSION_1};
 use crate::memory::GuestRam;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -26,6 +26,8 @@ const STATUS_FAILED: u32 = 128;
 
 /// Interrupt status bit: a used buffer was added.
 const INT_VRING: u32 = 1;
+/// Interrupt status bit: the config space changed.
+const INT_CONFIG: u32 = 2;
 
 /// Errors of the transport.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,8 @@ pub struct MmioState {
     pub config_generation: u32,
     /// Every queue.
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own state.
+    pub device: DeviceState,
 }
 
 /// One virtio-mmio device: registers at `base`, interrupts through `irq` (an irqfd).
@@ -126,6 +130,7 @@ impl MmioTransport {
         for q in &mut self.queues {
             q.reset();
         }
+        self.device.reset();
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {
@@ -313,34 +318,43 @@ impl MmioTransport {
     }
 
     fn signal(&mut self) {
-        self.interrupt_status |= INT_VRING;
+        self.raise(INT_VRING);
+    }
+
+    fn raise(&mut self, why: u32) {
+        self.interrupt_status |= why;
         if let Err(e) = self.irq.write(1) {
             tracing::warn!("virtio interrupt not delivered: {e}");
         }
     }
 
-    /// Takes input that arrived for the device (its poll thread saw its descriptor readable).
-    pub fn poll_input(&mut self) {
+    /// Takes what arrived on the device's input `input` (its poll thread saw that descriptor
+    /// readable).
+    pub fn poll_input(&mut self, input: usize) {
         if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
-            let q = self.device.input_queue();
+            let q = self.device.input_queue(input);
             self.run_queue(q);
         }
     }
 
     /// What the device's poll thread watches (see [`VirtioDevice::poll_fds`]).
-    pub fn poll_fds(&self) -> Option<(std::os::fd::RawFd, EventFd)> {
+    pub fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, EventFd)> {
         self.device.poll_fds()
     }
 
-    /// Whether the poll thread should watch the input now.
-    pub fn wants_input(&self) -> bool {
-        self.device.wants_input()
+    /// Whether the poll thread should watch input `input` now.
+    pub fn wants_input(&self, input: usize) -> bool {
+        self.device.wants_input(input)
     }
 
-    /// Tells the network where the VM is (see [`VirtioDevice::announce`]); like QEMU's
-    /// self-announce this does not depend on the guest's driver.
+    /// Tells the network where the VM is (see [`VirtioDevice::announce`]): the device's own
+    /// announcement goes out whatever the guest's driver does; a device that asks the driver
+    /// to announce too gets its config-change interrupt here.
     pub fn announce(&mut self) {
-        self.device.announce();
+        if self.device.announce() && self.status & STATUS_DRIVER_OK != 0 {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            self.raise(INT_CONFIG);
+        }
     }
 
     /// Wakes the device's poll thread.
@@ -389,6 +403,7 @@ impl MmioTransport {
                     event_idx: q.event_idx_enabled(),
                 })
                 .collect(),
+            device: self.device.save_state(),
         }
     }
 
@@ -439,6 +454,9 @@ impl MmioTransport {
             }
             queues.push(queue);
         }
+        self.device
+            .restore_state(&s.device)
+            .map_err(MmioError::Mismatch)?;
         self.queues = queues;
         self.status = s.status;
         self.driver_features = s.driver_features;

@@ -70,23 +70,55 @@ pub trait VirtioDevice: Send {
     }
     /// The driver set DRIVER_OK having accepted `acked` (also called after a restore).
     fn activate(&mut self, _acked: u64) {}
-    /// A descriptor to watch for input (a TAP) and an eventfd that wakes the watcher, for a
-    /// device that receives on its own; the machine then runs a poll thread for it.
-    fn poll_fds(&self) -> Option<(std::os::fd::RawFd, vmm_sys_util::eventfd::EventFd)> {
+    /// The driver reset the device: back to the state before feature negotiation.
+    fn reset(&mut self) {}
+    /// The device's own state beyond its transport and queues (the VM is paused).
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+    /// Takes over saved device state (before [`VirtioDevice::activate`] on a restore).
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match state {
+            DeviceState::None => Ok(()),
+            other => Err(format!("state {other:?} for a device without state")),
+        }
+    }
+    /// Descriptors to watch for input (a TAP's queues) and an eventfd that wakes the watcher,
+    /// for a device that receives on its own; the machine then runs a poll thread for it.
+    fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, vmm_sys_util::eventfd::EventFd)> {
         None
     }
-    /// Whether the poll thread should watch the input now (false: no guest buffers for it).
-    fn wants_input(&self) -> bool {
+    /// Whether the poll thread should watch input `input` now (false: no guest buffers for
+    /// it, or not in use).
+    fn wants_input(&self, _input: usize) -> bool {
         false
     }
-    /// The queue that input goes to.
-    fn input_queue(&self) -> usize {
-        0
+    /// The queue that input `input` goes to.
+    fn input_queue(&self, input: usize) -> usize {
+        input
     }
-    /// Tells the network where the VM now is (after a move).
-    fn announce(&mut self) {}
+    /// Tells the network where the VM now is (after a move). Returns whether the device's
+    /// config space changed so the transport must interrupt the guest for it.
+    fn announce(&mut self) -> bool {
+        false
+    }
     /// Wakes the device's poll thread (the VM resumed).
     fn wake(&self) {}
+}
+
+/// A device's own saved state (see [`VirtioDevice::save_state`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// Nothing beyond the transport (virtio-blk).
+    #[default]
+    None,
+    /// virtio-net.
+    Net {
+        /// Queue pairs the driver asked for (`VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET`; 1 before).
+        active_pairs: u16,
+        /// The config space's status field (link up; announce pending).
+        status: u16,
+    },
 }
 
 /// What a device's backend can fail with.

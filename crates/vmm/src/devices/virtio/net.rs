@@ -1,11 +1,14 @@
-//! virtio-net over a TAP interface on a host bridge: one receive and one transmit queue, the
-//! virtio-net header passed through to the TAP (so checksum and TCP segmentation offloads work
-//! end to end), the MTU told to the guest, and an announcement (RARP from the VM's MAC, like
-//! QEMU's self-announce) after a move so that switches re-learn where the VM is.
+//! virtio-net over a TAP interface on a host bridge: one receive and one transmit queue per
+//! queue pair (several pairs on a multi-queue TAP, one per guest CPU as the driver chooses),
+//! a control queue, the virtio-net header passed through to the TAP (so checksum and TCP
+//! segmentation offloads work end to end), the MTU told to the guest, and an announcement
+//! after a move so that switches re-learn where the VM is: RARP from the VM's MAC (like
+//! QEMU's self-announce), and, when the driver took `VIRTIO_NET_F_GUEST_ANNOUNCE`, the
+//! guest's own gratuitous ARPs, asked for through the config space.
 //!
 //! Transmit runs on the vCPU thread that notified; receive runs there too when the guest adds
-//! buffers, and otherwise on the device's poll thread when the TAP has frames
-//! ([`crate::machine`] starts it). A frame that finds no buffer waits in the device (one
+//! buffers, and otherwise on the device's poll thread when a TAP queue has frames
+//! ([`crate::machine`] starts it). A frame that finds no buffer waits in its queue (one
 //! frame; the TAP queue holds the rest) until the guest adds some.
 
 use std::io::{Read, Write};
@@ -14,13 +17,15 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{offload, Tap, VNET_HDR_LEN};
-use super::{read_config_bytes, VirtioDevice};
+use super::{read_config_bytes, DeviceState, VirtioDevice};
 use crate::memory::{GuestMemoryMmap, GuestRam};
 
 /// virtio device ID of a network device.
 pub const DEVICE_TYPE: u32 = 1;
-/// Entries of each queue.
+/// Entries of each data queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Entries of the control queue.
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 
 const F_CSUM: u64 = 1 << 0;
 const F_GUEST_CSUM: u64 = 1 << 1;
@@ -30,47 +35,127 @@ const F_GUEST_TSO4: u64 = 1 << 7;
 const F_GUEST_TSO6: u64 = 1 << 8;
 const F_HOST_TSO4: u64 = 1 << 11;
 const F_HOST_TSO6: u64 = 1 << 12;
+const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_GUEST_ANNOUNCE: u64 = 1 << 21;
+const F_MQ: u64 = 1 << 22;
+
+/// Config-space status: the link is up.
+const S_LINK_UP: u16 = 1;
+/// Config-space status: the device asks the driver to announce the VM.
+const S_ANNOUNCE: u16 = 2;
+
+/// Control commands (`class`, `command`) and their answers.
+const CTRL_ANNOUNCE: u8 = 3;
+const CTRL_ANNOUNCE_ACK: u8 = 0;
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 
 /// Largest frame with its header: a 64 KiB TSO segment plus headers.
 const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 
-const RX: usize = 0;
-const TX: usize = 1;
+/// One receive queue's waiting frame.
+#[derive(Default)]
+struct RxQueue {
+    /// A received frame that found no guest buffer yet.
+    pending: Option<Vec<u8>>,
+    /// No receive buffers: the poll thread stops watching this TAP queue until the guest
+    /// adds some.
+    starved: bool,
+}
 
 /// A virtio network device.
 pub struct Net {
     tap: Tap,
     mac: [u8; 6],
-    config: [u8; 12],
-    /// A received frame that found no guest buffer yet.
-    pending: Option<Vec<u8>>,
-    /// No receive buffers: the poll thread stops watching the TAP until the guest adds some.
-    starved: bool,
+    mtu: u16,
+    /// Queue pairs offered (the TAP's queues).
+    pairs: u16,
+    /// Queue pairs the driver uses.
+    active_pairs: u16,
+    /// Config-space status.
+    status: u16,
+    /// Features the driver accepted.
+    acked: u64,
+    rx: Vec<RxQueue>,
     /// Wakes the poll thread (the guest added receive buffers; the VM resumed).
     kick: EventFd,
+    queue_sizes: Vec<u16>,
     buf: Vec<u8>,
 }
 
+/// Which queue of the device a queue index is, given whether multi-queue was negotiated.
+#[derive(Debug, PartialEq, Eq)]
+enum Role {
+    Rx(usize),
+    Tx(usize),
+    Ctrl,
+    Unused,
+}
+
 impl Net {
-    /// A device on `tap` with address `mac`, telling the guest `mtu`.
+    /// A device on `tap` (one queue pair per TAP queue) with address `mac`, telling the guest
+    /// `mtu`.
     pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Net, std::io::Error> {
-        let mut config = [0u8; 12];
-        config[..6].copy_from_slice(&mac);
-        config[10..12].copy_from_slice(&mtu.to_le_bytes());
-        Ok(Net {
+        let pairs = u16::try_from(tap.queues()).unwrap_or(1).max(1);
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * usize::from(pairs)];
+        queue_sizes.push(CTRL_QUEUE_SIZE);
+        let mut net = Net {
             tap,
             mac,
-            config,
-            pending: None,
-            starved: false,
+            mtu,
+            pairs,
+            active_pairs: 1,
+            status: S_LINK_UP,
+            acked: 0,
+            rx: (0..pairs).map(|_| RxQueue::default()).collect(),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
+            queue_sizes,
             buf: vec![0; MAX_FRAME],
-        })
+        };
+        net.use_pairs(1);
+        Ok(net)
     }
 
     /// The TAP interface's name.
     pub fn tap_name(&self) -> &str {
         self.tap.name()
+    }
+
+    fn config(&self) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&self.status.to_le_bytes());
+        c[8..10].copy_from_slice(&self.pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        c
+    }
+
+    fn role(&self, index: usize) -> Role {
+        let data = if self.acked & F_MQ != 0 {
+            2 * usize::from(self.pairs)
+        } else {
+            2
+        };
+        match index {
+            i if i < data && i % 2 == 0 => Role::Rx(i / 2),
+            i if i < data => Role::Tx(i / 2),
+            i if i == data => Role::Ctrl,
+            _ => Role::Unused,
+        }
+    }
+
+    /// Steers received traffic to the first `n` queue pairs only.
+    fn use_pairs(&mut self, n: u16) {
+        self.active_pairs = n;
+        if let Err(e) = self.tap.use_queues(usize::from(n)) {
+            tracing::warn!("virtio-net: {e}");
+        }
+        for q in usize::from(n)..self.rx.len() {
+            self.rx[q] = RxQueue::default();
+        }
     }
 
     /// Copies `frame` into the chain; returns the bytes written, or 0 when the chain cannot
@@ -87,13 +172,16 @@ impl Net {
         u32::try_from(frame.len()).unwrap_or(0)
     }
 
-    fn receive(&mut self, queue: &mut Queue, ram: &GuestRam) -> bool {
+    fn receive(&mut self, pair: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
         let mem = ram.memory();
         let mut used = false;
+        let Some(rx) = self.rx.get_mut(pair) else {
+            return false;
+        };
         loop {
-            let frame = match self.pending.take() {
+            let frame = match rx.pending.take() {
                 Some(f) => f,
-                None => match self.tap.read_frame(&mut self.buf) {
+                None => match self.tap.read_frame(pair, &mut self.buf) {
                     Ok(Some(n)) if n >= VNET_HDR_LEN => {
                         let mut f = self.buf[..n].to_vec();
                         // One buffer per frame (no VIRTIO_NET_F_MRG_RXBUF): num_buffers = 1.
@@ -102,7 +190,7 @@ impl Net {
                     }
                     Ok(Some(_)) => continue,
                     Ok(None) => {
-                        self.starved = false;
+                        rx.starved = false;
                         return used;
                     }
                     Err(e) => {
@@ -112,8 +200,8 @@ impl Net {
                 },
             };
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                self.pending = Some(frame);
-                self.starved = true;
+                rx.pending = Some(frame);
+                rx.starved = true;
                 return used;
             };
             let head = chain.head_index();
@@ -125,7 +213,7 @@ impl Net {
         }
     }
 
-    fn transmit(&mut self, queue: &mut Queue, ram: &GuestRam) -> bool {
+    fn transmit(&mut self, pair: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
         let mem = ram.memory();
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -135,7 +223,7 @@ impl Net {
                 if (VNET_HDR_LEN..=MAX_FRAME).contains(&n)
                     && r.read_exact(&mut self.buf[..n]).is_ok()
                 {
-                    if let Err(e) = self.tap.write_frame(&self.buf[..n]) {
+                    if let Err(e) = self.tap.write_frame(pair, &self.buf[..n]) {
                         tracing::warn!("virtio-net: {e}");
                     }
                 }
@@ -146,6 +234,52 @@ impl Net {
             used = true;
         }
         used
+    }
+
+    /// Carries out the control commands on the control queue.
+    fn control(&mut self, queue: &mut Queue, ram: &GuestRam) -> bool {
+        let mem = ram.memory();
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let writable = super::WritableRanges::of(&chain);
+            let mut len = 0;
+            if let (Ok(mut r), Ok(mut w)) = (chain.clone().reader(mem), chain.writer(mem)) {
+                let mut command = vec![0u8; r.available_bytes().min(64)];
+                if w.available_bytes() >= 1 && r.read_exact(&mut command).is_ok() {
+                    let ack = self.command(&command);
+                    if w.write_all(&[ack]).is_ok() {
+                        writable.mark(ram);
+                        len = 1;
+                    }
+                }
+            }
+            if queue.add_used(mem, head, len).is_err() {
+                break;
+            }
+            used = true;
+        }
+        used
+    }
+
+    /// One control command (class, command, data); the answer.
+    fn command(&mut self, c: &[u8]) -> u8 {
+        match c {
+            [CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK, ..] if self.acked & F_GUEST_ANNOUNCE != 0 => {
+                self.status &= !S_ANNOUNCE;
+                CTRL_OK
+            }
+            [CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi, ..] if self.acked & F_MQ != 0 => {
+                let n = u16::from_le_bytes([*lo, *hi]);
+                if (1..=self.pairs).contains(&n) {
+                    self.use_pairs(n);
+                    CTRL_OK
+                } else {
+                    CTRL_ERR
+                }
+            }
+            _ => CTRL_ERR,
+        }
     }
 
     /// A RARP announcement from the VM's MAC (what QEMU sends after a migration), with its
@@ -171,11 +305,11 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.queue_sizes
     }
 
     fn features(&self) -> u64 {
-        F_CSUM
+        let mut f = F_CSUM
             | F_GUEST_CSUM
             | F_MTU
             | F_MAC
@@ -183,28 +317,37 @@ impl VirtioDevice for Net {
             | F_GUEST_TSO6
             | F_HOST_TSO4
             | F_HOST_TSO6
+            | F_STATUS
+            | F_CTRL_VQ
+            | F_GUEST_ANNOUNCE;
+        if self.pairs > 1 {
+            f |= F_MQ;
+        }
+        f
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        read_config_bytes(&self.config(), offset, data);
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
-        match index {
-            RX => {
-                let was = self.starved;
-                let used = self.receive(queue, ram);
-                if was && !self.starved {
+        match self.role(index) {
+            Role::Rx(pair) => {
+                let was = self.rx.get(pair).is_some_and(|r| r.starved);
+                let used = self.receive(pair, queue, ram);
+                if was && !self.rx.get(pair).is_some_and(|r| r.starved) {
                     let _ = self.kick.write(1);
                 }
                 used
             }
-            TX => self.transmit(queue, ram),
-            _ => false,
+            Role::Tx(pair) => self.transmit(pair, queue, ram),
+            Role::Ctrl => self.control(queue, ram),
+            Role::Unused => false,
         }
     }
 
     fn activate(&mut self, acked: u64) {
+        self.acked = acked;
         let mut flags = 0;
         if acked & F_GUEST_CSUM != 0 {
             flags |= offload::CSUM;
@@ -218,21 +361,66 @@ impl VirtioDevice for Net {
         if let Err(e) = self.tap.set_offload(flags) {
             tracing::warn!("virtio-net: {e}");
         }
+        self.use_pairs(self.active_pairs);
     }
 
-    fn poll_fds(&self) -> Option<(std::os::fd::RawFd, EventFd)> {
-        use std::os::fd::AsRawFd;
-        Some((self.tap.as_raw_fd(), self.kick.try_clone().ok()?))
+    fn reset(&mut self) {
+        self.acked = 0;
+        self.status = S_LINK_UP;
+        self.use_pairs(1);
+        for rx in &mut self.rx {
+            *rx = RxQueue::default();
+        }
     }
 
-    fn wants_input(&self) -> bool {
-        !self.starved
+    fn save_state(&self) -> DeviceState {
+        DeviceState::Net {
+            active_pairs: self.active_pairs,
+            status: self.status,
+        }
     }
 
-    fn announce(&mut self) {
-        if let Err(e) = self.tap.write_frame(&Self::announcement(self.mac)) {
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+        match *state {
+            DeviceState::Net {
+                active_pairs,
+                status,
+            } if (1..=self.pairs).contains(&active_pairs) => {
+                self.active_pairs = active_pairs;
+                self.status = status | S_LINK_UP;
+                Ok(())
+            }
+            ref other => Err(format!(
+                "{other:?} does not fit a network device with {} queue pairs",
+                self.pairs
+            )),
+        }
+    }
+
+    fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, EventFd)> {
+        let fds = (0..self.tap.queues())
+            .filter_map(|q| self.tap.queue_fd(q))
+            .collect();
+        Some((fds, self.kick.try_clone().ok()?))
+    }
+
+    fn wants_input(&self, input: usize) -> bool {
+        input < usize::from(self.active_pairs) && self.rx.get(input).is_some_and(|r| !r.starved)
+    }
+
+    fn input_queue(&self, input: usize) -> usize {
+        2 * input
+    }
+
+    fn announce(&mut self) -> bool {
+        if let Err(e) = self.tap.write_frame(0, &Self::announcement(self.mac)) {
             tracing::warn!("virtio-net announce: {e}");
         }
+        if self.acked & F_GUEST_ANNOUNCE != 0 && self.status & S_ANNOUNCE == 0 {
+            self.status |= S_ANNOUNCE;
+            return true;
+        }
+        false
     }
 
     fn wake(&self) {
@@ -242,11 +430,16 @@ impl VirtioDevice for Net {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::fd::{AsRawFd, OwnedFd};
+
+    use ferry_guests::packet_socket;
     use std::time::{Duration, Instant};
 
+    use std::sync::Arc;
+
     use super::*;
-    use crate::devices::virtio::testing::{Driver, WRITE};
+    use crate::devices::virtio::mmio::MmioTransport;
+    use crate::devices::virtio::testing::{r32, w32, Driver, WRITE};
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     const PEER: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -261,40 +454,6 @@ mod tests {
         f.extend_from_slice(payload);
         f.resize(f.len().max(60), 0);
         f
-    }
-
-    /// A raw packet socket on interface `ifname` for frames of `proto`.
-    fn packet_socket(ifname: &str, proto: u16) -> OwnedFd {
-        let name = std::ffi::CString::new(ifname).unwrap();
-        // SAFETY: a valid NUL-terminated name.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(index, 0, "no interface {ifname}");
-        // SAFETY: plain socket(2); the result is checked and owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                i32::from(proto.to_be()),
-            )
-        };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = proto.to_be();
-        sa.sll_ifindex = index as i32;
-        // SAFETY: `sa` is a valid sockaddr_ll of the size given.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(sa).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-        fd
     }
 
     fn send(fd: &OwnedFd, f: &[u8]) {
@@ -321,7 +480,7 @@ mod tests {
     #[test]
     fn frames_flow_both_ways_through_the_tap_and_a_move_is_announced() {
         let name = format!("fet{}", std::process::id() % 1_000_000);
-        let tap = Tap::create(&name, [0xfe, 0x54, 0, 0x12, 0x34, 0x56], 9000, None).unwrap();
+        let tap = Tap::create(&name, [0xfe, 0x54, 0, 0x12, 0x34, 0x56], 9000, None, 1).unwrap();
         let net = Net::new(tap, MAC, 9000).unwrap();
         let mut d = Driver::new("net", Box::new(net), |offered| {
             for f in [F_MAC, F_MTU, F_CSUM, F_GUEST_CSUM, F_HOST_TSO4] {
@@ -339,8 +498,8 @@ mod tests {
         let to_guest = frame(MAC, PEER, b"to the guest");
         send(&host, &to_guest);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while d.t.wants_input() {
-            d.t.poll_input();
+        while d.t.wants_input(0) {
+            d.t.poll_input(0);
             assert!(
                 Instant::now() < deadline,
                 "the device never ran out of buffers"
@@ -356,7 +515,7 @@ mod tests {
         let mut found = false;
         let deadline = Instant::now() + Duration::from_secs(5);
         while !found {
-            d.t.poll_input();
+            d.t.poll_input(0);
             for (head, len) in d.used(0) {
                 let mut b = vec![0u8; len as usize];
                 d.ram
@@ -401,10 +560,234 @@ mod tests {
         recv(&host, |f| f.windows(14).any(|w| w == b"from the guest"));
     }
 
+    /// An IPv4/UDP frame to the guest from source port `sport` (a flow of its own).
+    fn udp_frame(sport: u16) -> Vec<u8> {
+        let payload = format!("flow {sport}");
+        let mut f = MAC.to_vec();
+        f.extend_from_slice(&PEER);
+        f.extend_from_slice(&[0x08, 0x00]);
+        let total = (20 + 8 + payload.len()) as u16;
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&total.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2]);
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&5001u16.to_be_bytes());
+        f.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(payload.as_bytes());
+        f
+    }
+
+    /// Posts control command `cmd` on queue `ctrl`; the device's answer.
+    fn control(d: &mut Driver, ctrl: u16, cmd: &[u8]) -> u8 {
+        const CMD: u64 = 0xf0000;
+        const ACK: u64 = 0xf1000;
+        d.ram.write(CMD, cmd).unwrap();
+        d.ram.write(ACK, &[0xee]).unwrap();
+        let (_, len) = d.post(ctrl, 0, &[(CMD, cmd.len() as u32, 0), (ACK, 1, WRITE)]);
+        assert_eq!(len, 1, "the answer's length");
+        let mut ack = [0u8];
+        d.ram.read(ACK, &mut ack).unwrap();
+        ack[0]
+    }
+
+    /// Gives receive queue `q` 16 fresh 4 KiB buffers at `base`.
+    fn give_rx_buffers(d: &mut Driver, q: u16, base: u64) {
+        for i in 0..16u16 {
+            d.add(q, i, &[(base + u64::from(i) * 0x1000, 0x1000, WRITE)]);
+        }
+        d.notify(q);
+    }
+
+    /// Polls every input until `want` of the test's UDP frames arrived over receive queues
+    /// `queues` (each with buffers at `base`, as [`give_rx_buffers`] put them, given back once
+    /// read); how many each got. (The host sends frames of its own on a new interface; those
+    /// are not counted.)
+    fn receive_all(d: &mut Driver, queues: &[(u16, u64)], want: usize) -> Vec<usize> {
+        let mut got = vec![0; queues.len()];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got.iter().sum::<usize>() < want {
+            for (i, &(q, base)) in queues.iter().enumerate() {
+                d.t.poll_input(usize::from(q / 2));
+                for (head, len) in d.used(q) {
+                    let mut b = vec![0u8; len as usize];
+                    d.ram.read(base + u64::from(head) * 0x1000, &mut b).unwrap();
+                    if b.windows(5).any(|w| w == b"flow ") {
+                        got[i] += 1;
+                    }
+                    // Refilled at once, as a driver does.
+                    let head = u16::try_from(head).unwrap();
+                    d.add(q, head, &[(base + u64::from(head) * 0x1000, 0x1000, WRITE)]);
+                }
+                d.notify(q);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{got:?} of {want} frames arrived"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        got
+    }
+
+    #[test]
+    fn flows_spread_over_the_queue_pairs_the_driver_enables() {
+        let name = format!("fem{}", std::process::id() % 1_000_000);
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 3], 1500, None, 2).unwrap();
+        assert!(Tap::create("femx0", [0xfe, 0, 0, 0, 0, 4], 1500, None, 17).is_err());
+        let mut d = Driver::new("net-mq", Box::new(Net::new(tap, MAC, 1500).unwrap()), |f| {
+            assert_ne!(f & F_MQ, 0, "multi-queue offered");
+            f
+        });
+        let mut cfg = [0u8; 2];
+        d.t.read(0x100 + 8, &mut cfg);
+        assert_eq!(u16::from_le_bytes(cfg), 2, "max_virtqueue_pairs");
+        let host = packet_socket(&name, 0x0800);
+        // rx0 tx0 rx1 tx1 ctrl
+        let ctrl = 4;
+
+        // Until the driver asks for more, only the first pair receives.
+        give_rx_buffers(&mut d, 0, 0x100000);
+        give_rx_buffers(&mut d, 2, 0x200000);
+        for sport in 1000..1008 {
+            send(&host, &udp_frame(sport));
+        }
+        assert_eq!(
+            receive_all(&mut d, &[(0, 0x100000), (2, 0x200000)], 8),
+            vec![8, 0]
+        );
+
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 0, 0]),
+            CTRL_ERR
+        );
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 3, 0]),
+            CTRL_ERR
+        );
+        assert_eq!(control(&mut d, ctrl, &[9, 9]), CTRL_ERR);
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0]),
+            CTRL_OK
+        );
+        assert_eq!(
+            d.t.save().device,
+            DeviceState::Net {
+                active_pairs: 2,
+                status: S_LINK_UP
+            }
+        );
+        // Now flows are spread over both (16 flows all hashing to one queue: 1 in 2^15).
+        for sport in 2000..2016 {
+            send(&host, &udp_frame(sport));
+        }
+        let got = receive_all(&mut d, &[(0, 0x100000), (2, 0x200000)], 16);
+        assert!(got.iter().all(|&n| n > 0), "flows per queue: {got:?}");
+
+        // The second pair's transmit queue reaches the wire too.
+        let from_guest = frame(PEER, MAC, b"from pair two");
+        let mut tx = vec![0u8; VNET_HDR_LEN];
+        tx.extend_from_slice(&from_guest);
+        d.ram.write(TX_BUF, &tx).unwrap();
+        let exp = packet_socket(&name, ETHERTYPE);
+        d.post(3, 0, &[(TX_BUF, tx.len() as u32, 0)]);
+        recv(&exp, |f| f.windows(13).any(|w| w == b"from pair two"));
+
+        // Back to one pair: the second queue is detached again.
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 1, 0]),
+            CTRL_OK
+        );
+        for sport in 3000..3008 {
+            send(&host, &udp_frame(sport));
+        }
+        assert_eq!(
+            receive_all(&mut d, &[(0, 0x100000), (2, 0x200000)], 8),
+            vec![8, 0]
+        );
+        assert!(!d.t.wants_input(1));
+    }
+
+    #[test]
+    fn the_guest_is_asked_to_announce_itself_and_acknowledges() {
+        let name = format!("fea{}", std::process::id() % 1_000_000);
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 5], 1500, None, 1).unwrap();
+        let ctrl = 2; // rx tx ctrl: one pair, no multi-queue
+        let status = |d: &mut Driver| {
+            let mut b = [0u8; 2];
+            d.t.read(0x100 + 6, &mut b);
+            u16::from_le_bytes(b)
+        };
+
+        // A driver that did not take GUEST_ANNOUNCE gets no config interrupt; its link is up.
+        let mut d = Driver::new(
+            "net-noannounce",
+            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            |f| f & !F_GUEST_ANNOUNCE,
+        );
+        assert_eq!(status(&mut d), S_LINK_UP);
+        d.t.announce();
+        assert!(d.irq.read().is_err(), "no interrupt");
+        assert_eq!(status(&mut d), S_LINK_UP);
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK]),
+            CTRL_ERR
+        );
+        let Driver { t, .. } = d;
+        drop(t);
+
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 5], 1500, None, 1).unwrap();
+        let mut d = Driver::new(
+            "net-announce",
+            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            |f| f,
+        );
+        let generation = r32(&mut d.t, 0xfc);
+        d.t.announce();
+        assert!(d.irq.read().is_ok(), "an interrupt");
+        assert_eq!(r32(&mut d.t, 0x60) & 2, 2, "config changed");
+        assert_ne!(r32(&mut d.t, 0xfc), generation);
+        assert_eq!(status(&mut d), S_LINK_UP | S_ANNOUNCE);
+        // The request survives a save and restore (the guest may not have seen it yet)...
+        let saved = d.t.save();
+        let tap = Tap::create(&format!("{name}r"), [0xfe, 0, 0, 0, 0, 6], 1500, None, 1).unwrap();
+        let mut restored = MmioTransport::new(
+            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Arc::clone(&d.ram),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        restored.restore(&saved).unwrap();
+        assert_eq!(restored.save(), saved);
+        // ...but not into a device with another shape.
+        let tap = Tap::create(&format!("{name}q"), [0xfe, 0, 0, 0, 0, 7], 1500, None, 2).unwrap();
+        let mut other = MmioTransport::new(
+            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Arc::clone(&d.ram),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        assert!(other.restore(&saved).is_err());
+        let mut bad = saved.clone();
+        bad.device = DeviceState::Net {
+            active_pairs: 2,
+            status: 1,
+        };
+        assert!(
+            restored.restore(&bad).is_err(),
+            "two pairs on a one-pair NIC"
+        );
+        // The driver announces and acknowledges: the request is cleared.
+        w32(&mut d.t, 0x64, 2);
+        assert_eq!(
+            control(&mut d, ctrl, &[CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK]),
+            CTRL_OK
+        );
+        assert_eq!(status(&mut d), S_LINK_UP);
+    }
+
     #[test]
     fn random_descriptor_tables_never_crash_the_device() {
         let name = format!("feg{}", std::process::id() % 1_000_000);
-        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 2], 1500, None).unwrap();
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 2], 1500, None, 1).unwrap();
         let mut d = Driver::new(
             "net-garbage",
             Box::new(Net::new(tap, MAC, 1500).unwrap()),
@@ -413,16 +796,17 @@ mod tests {
         for seed in 1..=10 {
             d.garbage(1, seed, 50); // transmit
             d.garbage(0, seed + 100, 20); // receive buffers (frames may or may not come)
-            d.t.poll_input();
+            d.garbage(2, seed + 200, 20); // control commands
+            d.t.poll_input(0);
         }
     }
 
     #[test]
     fn tap_setup_errors_are_clear() {
         let host = [0xfe, 0, 0, 0, 0, 1];
-        let e = Tap::create("this-name-is-far-too-long", host, 1500, None).unwrap_err();
+        let e = Tap::create("this-name-is-far-too-long", host, 1500, None, 1).unwrap_err();
         assert!(e.to_string().contains("invalid interface name"), "{e}");
-        let e = Tap::create("fetx0", host, 1500, Some("no-such-br")).unwrap_err();
+        let e = Tap::create("fetx0", host, 1500, Some("no-such-br"), 1).unwrap_err();
         assert!(
             e.to_string().contains("bridge no-such-br does not exist"),
             "{e}"

@@ -1,6 +1,9 @@
 //! A TAP interface for a virtio-net device: created by the worker, with the virtio-net header
 //! on every frame (`IFF_VNET_HDR`, 12 bytes: the guest's own header format with
-//! `VIRTIO_F_VERSION_1`), its MTU set, brought up and attached to a host bridge.
+//! `VIRTIO_F_VERSION_1`), its MTU set, brought up and attached to a host bridge. With more
+//! than one queue (`IFF_MULTI_QUEUE`) each queue is its own descriptor; the kernel spreads
+//! received flows over the attached ones, and a queue the guest does not use is detached
+//! (`TUNSETQUEUE`) so that nothing is steered to it.
 //!
 //! Plain ioctls on `/dev/net/tun` and an `AF_INET` socket: the well-kept VMMs keep their own
 //! small TAP code too, and no maintained crate offers this.
@@ -16,7 +19,11 @@ pub const VNET_HDR_LEN: usize = 12;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_TAP: libc::c_short = 0x0002;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
 const SIOCGIFFLAGS: libc::c_ulong = 0x8913;
@@ -60,6 +67,9 @@ pub enum TapError {
     /// The bridge does not exist.
     #[error("bridge {0} does not exist on this host")]
     NoBridge(String),
+    /// A queue count out of range.
+    #[error("{0} queues: a TAP has 1 to {MAX_QUEUES}")]
+    BadQueues(usize),
     /// Reading or writing a frame.
     #[error("tap {0}: {1}")]
     Io(String, #[source] std::io::Error),
@@ -140,16 +150,58 @@ fn inet_socket() -> Result<File, TapError> {
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-/// A TAP interface with virtio-net headers.
+/// Most queues a TAP is given (one per queue pair of the device).
+pub const MAX_QUEUES: usize = 16;
+
+/// A TAP interface with virtio-net headers and one or more queues.
 #[derive(Debug)]
 pub struct Tap {
-    file: File,
+    /// One descriptor per queue.
+    files: Vec<File>,
+    /// Which queues are attached.
+    attached: Vec<bool>,
     name: String,
 }
 
+/// Opens `/dev/net/tun` and binds it to queue of TAP `name` (creating the interface with the
+/// first queue).
+fn open_queue(name: &str, multi: bool) -> Result<File, TapError> {
+    let path: &CStr = c"/dev/net/tun";
+    // SAFETY: a valid NUL-terminated path; the result is checked and owned below.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(TapError::Open(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let mut ifr = IfReq::new(name);
+    let mut flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+    if multi {
+        flags |= IFF_MULTI_QUEUE;
+    }
+    ifr.set_short(flags);
+    ifioctl(&file, TUNSETIFF, &mut ifr, "TUNSETIFF", name)?;
+    let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int from the valid pointer given.
+    if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr) } < 0 {
+        return Err(TapError::Ioctl {
+            what: "TUNSETVNETHDRSZ",
+            ifname: name.to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(file)
+}
+
 impl Tap {
-    /// Creates TAP `name` (removed again when this is dropped) with host-side address `mac`,
-    /// sets its `mtu`, brings it up and, with `bridge`, attaches it there.
+    /// Creates TAP `name` (removed again when this is dropped) with `queues` queues (1 to
+    /// [`MAX_QUEUES`], all attached), host-side address `mac`, sets its `mtu`, brings it up
+    /// and, with `bridge`, attaches it there.
     ///
     /// Give it an address no guest uses and that sorts high (`fe:…`, as libvirt does): a
     /// Linux bridge without an address of its own takes the lowest of its ports', and a TAP
@@ -160,6 +212,7 @@ impl Tap {
         mac: [u8; 6],
         mtu: u16,
         bridge: Option<&str>,
+        queues: usize,
     ) -> Result<Tap, TapError> {
         check_name(name)?;
         if let Some(b) = bridge {
@@ -172,34 +225,15 @@ impl Tap {
                 return Err(TapError::NoBridge(b.to_string()));
             }
         }
-        let path = c"/dev/net/tun";
-        let path: &CStr = path;
-        // SAFETY: a valid NUL-terminated path; the result is checked and owned below.
-        let fd = unsafe {
-            libc::open(
-                path.as_ptr(),
-                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(TapError::Open(std::io::Error::last_os_error()));
+        if !(1..=MAX_QUEUES).contains(&queues) {
+            return Err(TapError::BadQueues(queues));
         }
-        // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
-        let file = unsafe { File::from_raw_fd(fd) };
-        let mut ifr = IfReq::new(name);
-        ifr.set_short(IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
-        ifioctl(&file, TUNSETIFF, &mut ifr, "TUNSETIFF", name)?;
-        let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
-        // SAFETY: TUNSETVNETHDRSZ reads one int from the valid pointer given.
-        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ as _, &hdr) } < 0 {
-            return Err(TapError::Ioctl {
-                what: "TUNSETVNETHDRSZ",
-                ifname: name.to_string(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let files = (0..queues)
+            .map(|_| open_queue(name, queues > 1))
+            .collect::<Result<Vec<_>, _>>()?;
         let tap = Tap {
-            file,
+            attached: vec![true; files.len()],
+            files,
             name: name.to_string(),
         };
         tap.set_offload(0)?;
@@ -233,16 +267,57 @@ impl Tap {
         &self.name
     }
 
-    /// Which offloads (`offload::*`) the guest accepts unfinished frames for.
+    /// How many queues it has.
+    pub fn queues(&self) -> usize {
+        self.files.len()
+    }
+
+    /// The descriptor of queue `q`.
+    pub fn queue_fd(&self, q: usize) -> Option<std::os::fd::RawFd> {
+        self.files.get(q).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether queue `q` is attached (frames are steered to it).
+    pub fn attached(&self, q: usize) -> bool {
+        self.attached.get(q).copied().unwrap_or(false)
+    }
+
+    /// Attaches the first `n` queues and detaches the others (at least queue 0 stays).
+    pub fn use_queues(&mut self, n: usize) -> Result<(), TapError> {
+        if self.files.len() < 2 {
+            return Ok(());
+        }
+        for q in 0..self.files.len() {
+            let want = q < n.max(1);
+            if self.attached[q] == want {
+                continue;
+            }
+            let mut ifr = IfReq::new(&self.name);
+            ifr.set_short(if want {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            });
+            ifioctl(
+                &self.files[q],
+                TUNSETQUEUE,
+                &mut ifr,
+                "TUNSETQUEUE",
+                &self.name,
+            )?;
+            self.attached[q] = want;
+        }
+        Ok(())
+    }
+
+    /// Which offloads (`offload::*`) the guest accepts unfinished frames for (the whole
+    /// interface).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
+        let Some(file) = self.files.first() else {
+            return Ok(());
+        };
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD as _,
-                flags as libc::c_ulong,
-            )
-        } < 0
+        if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) } < 0
         {
             return Err(TapError::Ioctl {
                 what: "TUNSETOFFLOAD",
@@ -253,28 +328,31 @@ impl Tap {
         Ok(())
     }
 
-    /// Reads one frame (virtio-net header first) into `buf`; `None` when none is waiting.
-    pub fn read_frame(&self, buf: &mut [u8]) -> Result<Option<usize>, TapError> {
-        match (&self.file).read(buf) {
+    /// Reads one frame (virtio-net header first) from queue `q` into `buf`; `None` when none
+    /// is waiting (or the queue is detached).
+    pub fn read_frame(&self, q: usize, buf: &mut [u8]) -> Result<Option<usize>, TapError> {
+        let Some(file) = self.files.get(q).filter(|_| self.attached(q)) else {
+            return Ok(None);
+        };
+        match (&*file).read(buf) {
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(TapError::Io(self.name.clone(), e)),
         }
     }
 
-    /// Writes one frame (virtio-net header first).
-    pub fn write_frame(&self, frame: &[u8]) -> Result<(), TapError> {
-        match (&self.file).write(frame) {
+    /// Writes one frame (virtio-net header first) through queue `q` (queue 0 if `q` is not
+    /// attached).
+    pub fn write_frame(&self, q: usize, frame: &[u8]) -> Result<(), TapError> {
+        let q = if self.attached(q) { q } else { 0 };
+        let Some(file) = self.files.get(q) else {
+            return Ok(());
+        };
+        match (&*file).write(frame) {
             Ok(_) => Ok(()),
             // A full queue drops the frame, as a real link would.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(TapError::Io(self.name.clone(), e)),
         }
-    }
-}
-
-impl AsRawFd for Tap {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
     }
 }

@@ -35,7 +35,8 @@ pub struct Driver {
     used_seen: Vec<u16>,
 }
 
-fn w32(t: &mut MmioTransport, off: u64, v: u32) {
+/// Writes a 32-bit register.
+pub fn w32(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
 }
 
