@@ -369,13 +369,15 @@ fn initrd_with_init(env: &Env, body: &str) -> PathBuf {
 
 /// The guest's disk workload: reads the host's mark from /dev/vda, says whether the pattern
 /// of an earlier boot is already there (`disk-already-there`), writes a 1 MiB pattern at
-/// 1 MiB and reads it back past the page cache, finds it cannot write the read-only /dev/vdb,
+/// 1 MiB and reads it back past the page cache, discards 4–5 MiB, finds it cannot write the
+/// read-only /dev/vdb,
 /// then every second re-reads and re-checks the pattern and records its counter in sector 4096.
 const DISK_INIT: &str = r#"echo "disk-mark=$(head -c 15 /dev/vda)"
 echo "disk-ro-mark=$(head -c 15 /dev/vdb)"
 yes FERRY-BLOCK-TEST | head -c 1048576 > /tmp/p
 if dd if=/dev/vda bs=65536 skip=16 count=16 2>/dev/null | cmp -s - /tmp/p; then echo disk-already-there; fi
 dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && echo disk-written
+blkdiscard -o 4194304 -l 1048576 /dev/vda && echo "disk-discarded max=$(cat /sys/block/vda/queue/discard_max_bytes)"
 if dd if=/tmp/p of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro-write-accepted; else echo ro-write-refused; fi
 n=0
 while true; do
@@ -415,6 +417,8 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
         env.ok(&["disk", "create", p.to_str().unwrap(), "--size", "8M"]);
         let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
         f.write_all_at(mark.as_bytes(), 0).unwrap();
+        // Data for the guest to discard.
+        f.write_all_at(&[0x5a; 1 << 20], 4 << 20).unwrap();
     }
     let ro_arg = format!("{},readonly", ro.display());
     let start_disk_vm = |name: &str| {
@@ -451,6 +455,17 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     assert!(text.contains("disk-ro-mark=FERRY-RO-MARKER"), "{text}");
     assert!(text.contains("disk-written"), "{text}");
     assert!(text.contains("ro-write-refused"), "{text}");
+    // The guest's discard reached the image: those bytes read as zeros now.
+    assert!(text.contains("disk-discarded max="), "{text}");
+    let mut discarded = vec![0xffu8; 1 << 20];
+    std::fs::File::open(&rw)
+        .unwrap()
+        .read_exact_at(&mut discarded, 4 << 20)
+        .unwrap();
+    assert!(
+        discarded.iter().all(|&b| b == 0),
+        "discarded range not zero"
+    );
     // What the guest wrote is in the image file.
     let f = std::fs::File::open(&rw).unwrap();
     let mut got = vec![0u8; 1 << 20];

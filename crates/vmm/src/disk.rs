@@ -191,6 +191,47 @@ impl Disk {
         self.file.write_all_at(buf, offset).map_err(io(&self.path))
     }
 
+    /// Zeroes `len` bytes at `offset`; with `unmap` the space is given back to the file system
+    /// too (a hole). Reads of the range return zeros afterwards either way. Where the file
+    /// system cannot do either in place, zeros are written.
+    pub fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::Io(
+                self.path.clone(),
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the disk is read-only",
+                ),
+            ));
+        }
+        self.check(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
+        let mode = if unmap {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        // Both fit: offset + len <= size <= 16 TiB (checked above).
+        let (o, l) = (offset as libc::off_t, len as libc::off_t);
+        // SAFETY: fallocate(2) on our open file; no memory is passed.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(DiskError::Io(self.path.clone(), e));
+        }
+        let zeros = vec![0u8; 128 * 1024];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64) as usize;
+            self.file
+                .write_all_at(&zeros[..n], at)
+                .map_err(io(&self.path))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
     /// Makes everything written so far durable (what a guest's flush asks for).
     pub fn flush(&self) -> Result<(), DiskError> {
         self.file.sync_data().map_err(io(&self.path))

@@ -1,5 +1,7 @@
-//! virtio-blk over a raw disk image ([`crate::disk::Disk`]): read, write, flush and get-ID
-//! requests, synchronous on the notifying vCPU thread.
+//! virtio-blk over a raw disk image ([`crate::disk::Disk`]): read, write, flush, get-ID,
+//! discard and write-zeroes requests, synchronous on the notifying vCPU thread. Discard
+//! punches a hole in the (sparse) image; write-zeroes zeroes the range in place, or punches a
+//! hole when the guest allows unmapping.
 //!
 //! Data the guest is told was written has reached the image file (`pwrite`); a FLUSH request
 //! is answered only after `fdatasync`. Every request is checked before anything is done: its
@@ -26,11 +28,22 @@ const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;
 const F_BLK_SIZE: u64 = 1 << 6;
 const F_FLUSH: u64 = 1 << 9;
+const F_DISCARD: u64 = 1 << 13;
+const F_WRITE_ZEROES: u64 = 1 << 14;
 
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+/// Largest discard or write-zeroes range, in sectors (1 GiB).
+const MAX_ZERO_SECTORS: u32 = 1 << 21;
+/// Segments per discard or write-zeroes request.
+const MAX_ZERO_SEGMENTS: u32 = 16;
+/// Write-zeroes segment flag: the range may be unmapped.
+const ZERO_UNMAP: u32 = 1;
 
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
@@ -48,7 +61,7 @@ pub struct Block {
     path: std::path::PathBuf,
     readonly: bool,
     size: u64,
-    config: [u8; 24],
+    config: [u8; 60],
     id: [u8; ID_LEN],
     buf: Vec<u8>,
 }
@@ -56,10 +69,18 @@ pub struct Block {
 impl Block {
     /// A device in front of `disk`; `id` is what the guest reads as its serial (cut to 20 bytes).
     pub fn new(disk: Disk, id: &str) -> Self {
-        let mut config = [0u8; 24];
+        let mut config = [0u8; 60];
         config[0..8].copy_from_slice(&(disk.size() / SECTOR).to_le_bytes());
         config[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        // Discard: largest range, segments, alignment (sectors); write-zeroes: largest range,
+        // segments, may unmap.
+        config[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&MAX_ZERO_SEGMENTS.to_le_bytes());
+        config[44..48].copy_from_slice(&1u32.to_le_bytes());
+        config[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&MAX_ZERO_SEGMENTS.to_le_bytes());
+        config[56] = 1;
         let mut idb = [0u8; ID_LEN];
         for (d, s) in idb.iter_mut().zip(id.bytes()) {
             *d = s;
@@ -142,8 +163,57 @@ impl Block {
                     Err(_) => S_IOERR,
                 }
             }
+            T_DISCARD | T_WRITE_ZEROES => {
+                if self.readonly {
+                    return S_IOERR;
+                }
+                self.zero(reader, kind == T_DISCARD)
+            }
             _ => S_UNSUPP,
         }
+    }
+
+    /// Discard (`discard`) or write-zeroes: every segment is checked before any is done.
+    fn zero(&mut self, reader: &mut virtio_queue::Reader<'_>, discard: bool) -> u8 {
+        let n = reader.available_bytes();
+        if n == 0 || !n.is_multiple_of(16) || n / 16 > MAX_ZERO_SEGMENTS as usize {
+            return S_IOERR;
+        }
+        let mut segments = Vec::with_capacity(n / 16);
+        for _ in 0..n / 16 {
+            let mut seg = [0u8; 16];
+            if reader.read_exact(&mut seg).is_err() {
+                return S_IOERR;
+            }
+            let sector = u64::from_le_bytes([
+                seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
+            ]);
+            let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+            let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+            // Discard takes no flags; write-zeroes only "may unmap".
+            let allowed = if discard { 0 } else { ZERO_UNMAP };
+            if count > MAX_ZERO_SECTORS || flags & !allowed != 0 {
+                return S_UNSUPP;
+            }
+            let len = u64::from(count) * SECTOR;
+            let Some(off) = usize::try_from(len)
+                .ok()
+                .and_then(|l| self.range(sector, l))
+            else {
+                return S_IOERR;
+            };
+            segments.push((off, len, discard || flags & ZERO_UNMAP != 0));
+        }
+        let Some(disk) = self.disk.as_ref() else {
+            return S_IOERR;
+        };
+        for (off, len, unmap) in segments {
+            if let Err(e) = disk.zero_range(off, len, unmap) {
+                tracing::warn!("virtio-blk discard/write-zeroes: {e}");
+                return S_IOERR;
+            }
+        }
+        S_OK
     }
 
     /// Byte offset of a transfer of `len` bytes at `sector`, if it is whole sectors inside the
@@ -212,8 +282,12 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.readonly { F_RO } else { 0 };
-        F_SEG_MAX | F_BLK_SIZE | F_FLUSH | ro
+        let access = if self.readonly {
+            F_RO
+        } else {
+            F_DISCARD | F_WRITE_ZEROES
+        };
+        F_SEG_MAX | F_BLK_SIZE | F_FLUSH | access
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -336,6 +410,100 @@ mod tests {
         fn drop(&mut self) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+
+    /// A discard or write-zeroes request with `segments` (sector, count, flags).
+    fn zero_request(b: &mut Blk, kind: u32, segments: &[(u64, u32, u32)]) -> u8 {
+        let mut data = Vec::new();
+        for &(sector, count, flags) in segments {
+            data.extend_from_slice(&sector.to_le_bytes());
+            data.extend_from_slice(&count.to_le_bytes());
+            data.extend_from_slice(&flags.to_le_bytes());
+        }
+        b.d.ram.write(DATA, &data).unwrap();
+        b.request(kind, 0, data.len() as u32, 0)
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_zero_the_range_and_give_space_back() {
+        use std::os::unix::fs::MetadataExt;
+        let mut b = Blk::new("zero", false);
+        let mut cfg = [0u8; 4];
+        b.d.t.read(0x100 + 36, &mut cfg);
+        assert_eq!(
+            u32::from_le_bytes(cfg),
+            MAX_ZERO_SECTORS,
+            "max_discard_sectors"
+        );
+        // 512 sectors of 0xa5, 32 KiB at a time (the data buffer ends before the status byte).
+        let ones = vec![0xa5u8; 32 * 1024];
+        let write = |b: &mut Blk| {
+            for i in 0..8u64 {
+                b.d.ram.write(DATA, &ones).unwrap();
+                assert_eq!(b.request(T_OUT, i * 64, 32 * 1024, 0), S_OK);
+            }
+        };
+        let image = |b: &Blk| std::fs::read(&b.path).unwrap();
+        let blocks = |b: &Blk| std::fs::metadata(&b.path).unwrap().blocks();
+        write(&mut b);
+        let full = blocks(&b);
+        // Discard 64 KiB at sector 128 and 4 KiB at sector 8: zeros there, the rest untouched,
+        // and the image holds less.
+        assert_eq!(
+            zero_request(&mut b, T_DISCARD, &[(128, 128, 0), (8, 8, 0)]),
+            S_OK
+        );
+        let img = image(&b);
+        assert!(img[128 * 512..256 * 512].iter().all(|&x| x == 0));
+        assert!(img[8 * 512..16 * 512].iter().all(|&x| x == 0));
+        assert!(img[..8 * 512].iter().all(|&x| x == 0xa5));
+        assert!(img[16 * 512..128 * 512].iter().all(|&x| x == 0xa5));
+        assert!(img[256 * 512..512 * 512].iter().all(|&x| x == 0xa5));
+        assert!(
+            blocks(&b) < full,
+            "no space given back: {} >= {full} blocks",
+            blocks(&b)
+        );
+        // Write-zeroes, in place and with unmap allowed.
+        write(&mut b);
+        assert_eq!(
+            zero_request(&mut b, T_WRITE_ZEROES, &[(300, 4, 0), (400, 3, ZERO_UNMAP)]),
+            S_OK
+        );
+        let img = image(&b);
+        for (s, n) in [(300usize, 4usize), (400, 3)] {
+            assert!(
+                img[s * 512..(s + n) * 512].iter().all(|&x| x == 0),
+                "sector {s}"
+            );
+            assert_eq!(img[(s + n) * 512], 0xa5, "past sector {s}");
+            assert_eq!(img[s * 512 - 1], 0xa5, "before sector {s}");
+        }
+        // Bad requests: nothing is done, even for the good segments before a bad one.
+        for (kind, segs, want) in [
+            (T_DISCARD, vec![(0, 8, ZERO_UNMAP)], S_UNSUPP),
+            (T_WRITE_ZEROES, vec![(0, 8, 2)], S_UNSUPP),
+            (T_DISCARD, vec![(0, 8, 0), (2047, 2, 0)], S_IOERR),
+            (T_WRITE_ZEROES, vec![(u64::MAX / 256, 8, 0)], S_IOERR),
+            (T_DISCARD, vec![(0, MAX_ZERO_SECTORS + 1, 0)], S_UNSUPP),
+            (T_DISCARD, vec![(0, 1, 0); 17], S_IOERR),
+            (T_DISCARD, vec![], S_IOERR),
+        ] {
+            assert_eq!(zero_request(&mut b, kind, &segs), want, "{kind} {segs:?}");
+        }
+        assert_eq!(
+            image(&b)[..512],
+            [0xa5; 512],
+            "a refused request changed data"
+        );
+        // A segment cut short.
+        b.d.ram.write(DATA, &[0u8; 15]).unwrap();
+        assert_eq!(b.request(T_DISCARD, 0, 15, 0), S_IOERR);
+
+        // Read-only disks offer neither and refuse both.
+        let mut ro = Blk::new("zero-ro", true);
+        assert_eq!(zero_request(&mut ro, T_DISCARD, &[(0, 8, 0)]), S_IOERR);
+        assert_eq!(zero_request(&mut ro, T_WRITE_ZEROES, &[(0, 8, 0)]), S_IOERR);
     }
 
     #[test]
