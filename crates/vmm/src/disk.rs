@@ -178,15 +178,7 @@ impl Disk {
 
     /// Writes `buf` at `offset` (read-only or past the end: an error).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
-        if self.readonly {
-            return Err(DiskError::Io(
-                self.path.clone(),
-                std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "the disk is read-only",
-                ),
-            ));
-        }
+        self.check_writable()?;
         self.check(offset, buf.len())?;
         self.file.write_all_at(buf, offset).map_err(io(&self.path))
     }
@@ -195,15 +187,7 @@ impl Disk {
     /// too (a hole). Reads of the range return zeros afterwards either way. Where the file
     /// system cannot do either in place, zeros are written.
     pub fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-        if self.readonly {
-            return Err(DiskError::Io(
-                self.path.clone(),
-                std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "the disk is read-only",
-                ),
-            ));
-        }
+        self.check_writable()?;
         self.check(offset, usize::try_from(len).unwrap_or(usize::MAX))?;
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -235,6 +219,19 @@ impl Disk {
     /// Makes everything written so far durable (what a guest's flush asks for).
     pub fn flush(&self) -> Result<(), DiskError> {
         self.file.sync_data().map_err(io(&self.path))
+    }
+
+    fn check_writable(&self) -> Result<(), DiskError> {
+        if self.readonly {
+            return Err(DiskError::Io(
+                self.path.clone(),
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the disk is read-only",
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check(&self, offset: u64, len: usize) -> Result<(), DiskError> {
