@@ -12,7 +12,11 @@
 //!
 //! `ferry-bench compare-qemu [MiB ...]` (module `qemu`) compares live migration with QEMU's on
 //! a Linux guest; it needs a KVM that runs Linux: `cargo xtask bench-qemu` runs it in a lab host.
+//!
+//! `ferry-bench devices` (module `devices`) measures virtio-blk and virtio-net in a Linux
+//! guest against the host; `cargo xtask bench-devices` runs it in a lab host.
 
+mod devices;
 mod qemu;
 
 use std::path::{Path, PathBuf};
@@ -123,6 +127,16 @@ fn main() -> Result<()> {
                 &sizes
             },
         );
+    }
+    if args.first().map(String::as_str) == Some("devices") {
+        let dir = std::env::temp_dir().join("ferry-bench-devices");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run"))?;
+        let b = Bench {
+            dir,
+            ferry: ws().join("target/release/ferry"),
+        };
+        return devices::run(&b, args.get(1).map(String::as_str));
     }
     let root = ws();
     let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

@@ -74,6 +74,75 @@ pub fn packet_socket(ifname: &str, proto: u16) -> std::os::fd::OwnedFd {
     fd
 }
 
+/// What every Linux test guest's /init starts with: a shell, /proc, /sys, /dev, and the
+/// ready line.
+pub const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+echo "GUEST-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+"#;
+
+/// The shared Linux guest's initramfs (`guest_dir/initramfs.cpio.gz`) with [`INIT_PREAMBLE`]
+/// followed by `init_body` as its /init and `files` (path without the leading '/', mode,
+/// contents) added: appended as a second archive, whose files win.
+pub fn linux_initrd(
+    guest_dir: &std::path::Path,
+    init_body: &str,
+    files: &[(&str, u32, &[u8])],
+) -> std::io::Result<Vec<u8>> {
+    let init = format!("{INIT_PREAMBLE}{init_body}");
+    let mut initrd = std::fs::read(guest_dir.join("initramfs.cpio.gz"))?;
+    while !initrd.len().is_multiple_of(4) {
+        initrd.push(0);
+    }
+    let mut all = vec![("init", 0o100755, init.as_bytes())];
+    all.extend_from_slice(files);
+    initrd.extend(cpio(&all));
+    Ok(initrd)
+}
+
+/// A newc cpio archive holding `files` (path without the leading '/', mode, contents).
+pub fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (name, mode, data)) in files.iter().enumerate() {
+        entry(&mut out, i as u32 + 1, name, *mode, data);
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

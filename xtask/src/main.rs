@@ -31,6 +31,15 @@ enum Task {
         #[arg(long)]
         no_lab: bool,
     },
+    /// Run the fuzz targets (fuzz/: a hostile guest driver against virtio-blk and virtio-net)
+    /// with cargo-fuzz on the nightly toolchain, for a while each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (virtio_blk, virtio_net).
+        target: Option<String>,
+    },
     /// Run the Linux-guest tests (ignored by a plain `cargo test`) inside one lab host.
     LabTests {
         /// Only tests whose name contains this.
@@ -66,6 +75,13 @@ enum Task {
         #[arg(long)]
         linux: bool,
     },
+    /// Benchmark virtio-blk and virtio-net in a Linux guest against the host, inside a lab
+    /// host (bench/src/devices.rs): disk throughput and IOPS, TCP streams at MTU 1500/9000 and
+    /// with offloads on/off.
+    BenchDevices {
+        /// Only `disk` or `net`.
+        only: Option<String>,
+    },
     /// Benchmark live migration against QEMU's on the Linux guest, inside a lab host
     /// (bench/src/qemu.rs). Takes a while: every size × idle/dirtying × 3 link speeds.
     BenchQemu {
@@ -92,6 +108,76 @@ fn run(mut c: Command) -> Result<()> {
     let st = c.status().with_context(|| format!("cannot run {c:?}"))?;
     if !st.success() {
         bail!("{c:?} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Builds the release binaries and runs `ferry-bench args…` in a lab host of `mem_mib` MiB
+/// for at most `timeout_s`; exits with its status.
+fn bench_in_lab(args: Vec<String>, mem_mib: u64, timeout_s: u64) -> Result<()> {
+    run({
+        let mut c = cargo();
+        c.args(["build", "--release", "-p", "ferry", "-p", "ferry-bench"])
+            .args(["-p", "ferry-guests"]);
+        c
+    })?;
+    let bench = workspace().join("target/release/ferry-bench");
+    let cmd: Vec<String> = std::iter::once(bench.display().to_string())
+        .chain(args)
+        .collect();
+    let opts = lab::LabOpts {
+        mem_mib,
+        cpus: 2,
+        timeout_s,
+        verbose: false,
+    };
+    let rc = lab::run(&workspace(), &opts, &cmd)?;
+    std::process::exit(rc);
+}
+
+/// The fuzz targets in fuzz/fuzz_targets.
+const FUZZ_TARGETS: [&str; 2] = ["virtio_blk", "virtio_net"];
+
+/// Runs each fuzz target (or `only`) for `seconds`; fails on the first crash (cargo-fuzz
+/// leaves the input under fuzz/artifacts).
+fn fuzz(seconds: u64, only: Option<String>) -> Result<()> {
+    let targets: Vec<&str> = match &only {
+        Some(t) if FUZZ_TARGETS.contains(&t.as_str()) => vec![t.as_str()],
+        Some(t) => bail!("no fuzz target {t}: {}", FUZZ_TARGETS.join(", ")),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    // Through rustup's `cargo` (not the stable one running us) so that `+nightly` works.
+    let nightly = || {
+        let mut c = Command::new("cargo");
+        c.current_dir(workspace())
+            .env_remove("CARGO")
+            .env_remove("RUSTC")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .arg("+nightly");
+        c
+    };
+    let have = |args: &[&str]| {
+        nightly()
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !have(&["--version"]) {
+        bail!("fuzzing needs the nightly toolchain: rustup toolchain install nightly");
+    }
+    if !have(&["fuzz", "--version"]) {
+        bail!("fuzzing needs cargo-fuzz: cargo install --locked cargo-fuzz");
+    }
+    for t in targets {
+        println!("fuzz: {t} for {seconds} s");
+        run({
+            let mut c = nightly();
+            c.args(["fuzz", "run", t, "--"])
+                .arg(format!("-max_total_time={seconds}"));
+            c
+        })?;
     }
     Ok(())
 }
@@ -173,6 +259,8 @@ fn main() -> Result<()> {
                 ("protoc", "protobuf-compiler"),
                 ("ip", "iproute2"),
                 ("gcc", "gcc"),
+                // `ping -M do` in the lab network test (busybox ping has no -M).
+                ("ping", "iputils-ping"),
             ])?;
             run({
                 let mut c = cargo();
@@ -185,6 +273,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::LabTests { filter } => lab_tests(filter),
+        Task::Fuzz { seconds, target } => fuzz(seconds, target),
         Task::Lab {
             mem,
             cpus,
@@ -208,37 +297,14 @@ fn main() -> Result<()> {
                 cluster_demo::run(&workspace())
             }
         }
+        Task::BenchDevices { only } => {
+            let args = std::iter::once("devices".to_string()).chain(only);
+            bench_in_lab(args.collect(), 4096, 3600)
+        }
         Task::BenchQemu { sizes } => {
-            run({
-                let mut c = cargo();
-                c.args([
-                    "build",
-                    "--release",
-                    "-p",
-                    "ferry",
-                    "-p",
-                    "ferry-bench",
-                    "-p",
-                    "ferry-guests",
-                ]);
-                c
-            })?;
-            let mut cmd = vec![
-                workspace()
-                    .join("target/release/ferry-bench")
-                    .display()
-                    .to_string(),
-                "compare-qemu".into(),
-            ];
-            cmd.extend(sizes.iter().map(u64::to_string));
-            let opts = lab::LabOpts {
-                mem_mib: 8192,
-                cpus: 2,
-                timeout_s: 7200,
-                verbose: false,
-            };
-            let rc = lab::run(&workspace(), &opts, &cmd)?;
-            std::process::exit(rc);
+            let args =
+                std::iter::once("compare-qemu".to_string()).chain(sizes.iter().map(u64::to_string));
+            bench_in_lab(args.collect(), 8192, 7200)
         }
     }
 }

@@ -304,64 +304,10 @@ fn linux_under_x86_64_v2_gets_no_avx_state() {
     // checked on the guest's own CPUID in guests_see_exactly_the_features_of_their_cpu_model.)
 }
 
-/// A newc cpio archive holding `files` (path without the leading '/', mode, contents).
-fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
-    fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
-        let fields = [
-            ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len() as u32,
-            0,
-            0,
-            0,
-            0,
-            name.len() as u32 + 1,
-            0,
-        ];
-        out.extend_from_slice(b"070701");
-        for f in fields {
-            out.extend_from_slice(format!("{f:08x}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-        out.extend_from_slice(data);
-        while !out.len().is_multiple_of(4) {
-            out.push(0);
-        }
-    }
-    let mut out = Vec::new();
-    for (i, (name, mode, data)) in files.iter().enumerate() {
-        entry(&mut out, i as u32 + 1, name, *mode, data);
-    }
-    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
-    out
-}
-
-/// What every test /init starts with: a shell, /proc, /sys, /dev, and the ready line.
-const INIT_PREAMBLE: &str = r#"#!/bin/busybox sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev 2>/dev/null
-echo "GUEST-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
-"#;
-
-/// The shared initramfs with [`INIT_PREAMBLE`] + `body` as its /init (appended as a second
-/// archive: a later archive's file wins).
+/// The shared initramfs with `body` after the common preamble as its /init
+/// ([`ferry_guests::linux_initrd`]), written into the test's directory.
 fn initrd_with_init(env: &Env, body: &str) -> PathBuf {
-    let init = format!("{INIT_PREAMBLE}{body}");
-    let mut initrd = std::fs::read(guest_dir().join("initramfs.cpio.gz")).unwrap();
-    while !initrd.len().is_multiple_of(4) {
-        initrd.push(0);
-    }
-    initrd.extend(cpio(&[("init", 0o100755, init.as_bytes())]));
+    let initrd = ferry_guests::linux_initrd(&guest_dir(), body, &[]).unwrap();
     let path = env.dir.join("initrd-custom");
     std::fs::write(&path, &initrd).unwrap();
     path

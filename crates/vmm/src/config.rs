@@ -31,7 +31,7 @@ pub enum ConfigError {
     #[error("invalid disk {0:?}: expected an absolute PATH or PATH,readonly (at most {max} disks)", max = crate::devices::virtio::MAX_DEVICES)]
     BadDisk(String),
     /// A network interface given wrongly.
-    #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535][,queues=1..16] with a unicast MAC and a bridge name of 1 to 15 characters")]
+    #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535][,queues=1..16][,offloads=on|off] with a unicast MAC and a bridge name of 1 to 15 characters")]
     BadNic(String),
     /// Config JSON did not parse (unknown keys included).
     #[error("invalid VM config: {0}")]
@@ -86,6 +86,14 @@ pub struct NicSpec {
     /// each a queue of a multi-queue TAP.
     #[serde(default = "default_queues")]
     pub queues: u16,
+    /// Checksum and segmentation offloads offered to the guest (off: every frame is
+    /// complete, checksummed and at most MTU-sized, both ways).
+    #[serde(default = "default_offloads")]
+    pub offloads: bool,
+}
+
+fn default_offloads() -> bool {
+    true
 }
 
 fn default_mtu() -> u16 {
@@ -126,8 +134,8 @@ pub fn generated_mac(seed: u64) -> String {
 impl std::str::FromStr for NicSpec {
     type Err = ConfigError;
 
-    /// `bridge=BR[,mac=MAC][,mtu=N][,queues=N]` (a missing MAC is left empty for the caller
-    /// to fill).
+    /// `bridge=BR[,mac=MAC][,mtu=N][,queues=N][,offloads=on|off]` (a missing MAC is left
+    /// empty for the caller to fill).
     fn from_str(s: &str) -> Result<Self, ConfigError> {
         let bad = || ConfigError::BadNic(s.to_string());
         let mut nic = NicSpec {
@@ -135,6 +143,7 @@ impl std::str::FromStr for NicSpec {
             mac: String::new(),
             mtu: default_mtu(),
             queues: default_queues(),
+            offloads: default_offloads(),
         };
         for kv in s.split(',') {
             match kv.split_once('=') {
@@ -142,6 +151,8 @@ impl std::str::FromStr for NicSpec {
                 Some(("mac", v)) => nic.mac = v.to_ascii_lowercase(),
                 Some(("mtu", v)) => nic.mtu = v.parse().map_err(|_| bad())?,
                 Some(("queues", v)) => nic.queues = v.parse().map_err(|_| bad())?,
+                Some(("offloads", "on")) => nic.offloads = true,
+                Some(("offloads", "off")) => nic.offloads = false,
                 _ => return Err(bad()),
             }
         }

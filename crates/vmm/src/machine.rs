@@ -1184,7 +1184,8 @@ fn attach_devices(
             bridge: n.bridge.clone(),
             source,
         })?;
-        let net = virtio::net::Net::new(tap, mac, n.mtu).map_err(MachineError::Threads)?;
+        let net =
+            virtio::net::Net::new(tap, mac, n.mtu, n.offloads).map_err(MachineError::Threads)?;
         backends.push(Box::new(net));
     }
     let count = backends.len();

@@ -9,8 +9,8 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod tap;
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;

@@ -79,6 +79,8 @@ pub struct Net {
     status: u16,
     /// Features the driver accepted.
     acked: u64,
+    /// Whether checksum and segmentation offloads are offered.
+    offloads: bool,
     rx: Vec<RxQueue>,
     /// Wakes the poll thread (the guest added receive buffers; the VM resumed).
     kick: EventFd,
@@ -97,8 +99,8 @@ enum Role {
 
 impl Net {
     /// A device on `tap` (one queue pair per TAP queue) with address `mac`, telling the guest
-    /// `mtu`.
-    pub fn new(tap: Tap, mac: [u8; 6], mtu: u16) -> Result<Net, std::io::Error> {
+    /// `mtu`, offering checksum and segmentation offloads if `offloads`.
+    pub fn new(tap: Tap, mac: [u8; 6], mtu: u16, offloads: bool) -> Result<Net, std::io::Error> {
         let pairs = u16::try_from(tap.queues()).unwrap_or(1).max(1);
         let mut queue_sizes = vec![QUEUE_SIZE; 2 * usize::from(pairs)];
         queue_sizes.push(CTRL_QUEUE_SIZE);
@@ -110,6 +112,7 @@ impl Net {
             active_pairs: 1,
             status: S_LINK_UP,
             acked: 0,
+            offloads,
             rx: (0..pairs).map(|_| RxQueue::default()).collect(),
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             queue_sizes,
@@ -309,17 +312,10 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        let mut f = F_CSUM
-            | F_GUEST_CSUM
-            | F_MTU
-            | F_MAC
-            | F_GUEST_TSO4
-            | F_GUEST_TSO6
-            | F_HOST_TSO4
-            | F_HOST_TSO6
-            | F_STATUS
-            | F_CTRL_VQ
-            | F_GUEST_ANNOUNCE;
+        let mut f = F_MTU | F_MAC | F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE;
+        if self.offloads {
+            f |= F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
+        }
         if self.pairs > 1 {
             f |= F_MQ;
         }
@@ -481,7 +477,7 @@ mod tests {
     fn frames_flow_both_ways_through_the_tap_and_a_move_is_announced() {
         let name = format!("fet{}", std::process::id() % 1_000_000);
         let tap = Tap::create(&name, [0xfe, 0x54, 0, 0x12, 0x34, 0x56], 9000, None, 1).unwrap();
-        let net = Net::new(tap, MAC, 9000).unwrap();
+        let net = Net::new(tap, MAC, 9000, true).unwrap();
         let mut d = Driver::new("net", Box::new(net), |offered| {
             for f in [F_MAC, F_MTU, F_CSUM, F_GUEST_CSUM, F_HOST_TSO4] {
                 assert_ne!(offered & f, 0, "feature {f:#x} offered");
@@ -635,10 +631,14 @@ mod tests {
         let name = format!("fem{}", std::process::id() % 1_000_000);
         let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 3], 1500, None, 2).unwrap();
         assert!(Tap::create("femx0", [0xfe, 0, 0, 0, 0, 4], 1500, None, 17).is_err());
-        let mut d = Driver::new("net-mq", Box::new(Net::new(tap, MAC, 1500).unwrap()), |f| {
-            assert_ne!(f & F_MQ, 0, "multi-queue offered");
-            f
-        });
+        let mut d = Driver::new(
+            "net-mq",
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
+            |f| {
+                assert_ne!(f & F_MQ, 0, "multi-queue offered");
+                f
+            },
+        );
         let mut cfg = [0u8; 2];
         d.t.read(0x100 + 8, &mut cfg);
         assert_eq!(u16::from_le_bytes(cfg), 2, "max_virtqueue_pairs");
@@ -722,7 +722,7 @@ mod tests {
         // A driver that did not take GUEST_ANNOUNCE gets no config interrupt; its link is up.
         let mut d = Driver::new(
             "net-noannounce",
-            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
             |f| f & !F_GUEST_ANNOUNCE,
         );
         assert_eq!(status(&mut d), S_LINK_UP);
@@ -739,7 +739,7 @@ mod tests {
         let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 5], 1500, None, 1).unwrap();
         let mut d = Driver::new(
             "net-announce",
-            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
             |f| f,
         );
         let generation = r32(&mut d.t, 0xfc);
@@ -752,7 +752,7 @@ mod tests {
         let saved = d.t.save();
         let tap = Tap::create(&format!("{name}r"), [0xfe, 0, 0, 0, 0, 6], 1500, None, 1).unwrap();
         let mut restored = MmioTransport::new(
-            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
             Arc::clone(&d.ram),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         );
@@ -761,7 +761,7 @@ mod tests {
         // ...but not into a device with another shape.
         let tap = Tap::create(&format!("{name}q"), [0xfe, 0, 0, 0, 0, 7], 1500, None, 2).unwrap();
         let mut other = MmioTransport::new(
-            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
             Arc::clone(&d.ram),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         );
@@ -790,7 +790,7 @@ mod tests {
         let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 2], 1500, None, 1).unwrap();
         let mut d = Driver::new(
             "net-garbage",
-            Box::new(Net::new(tap, MAC, 1500).unwrap()),
+            Box::new(Net::new(tap, MAC, 1500, true).unwrap()),
             |f| f,
         );
         for seed in 1..=10 {
@@ -799,6 +799,20 @@ mod tests {
             d.garbage(2, seed + 200, 20); // control commands
             d.t.poll_input(0);
         }
+    }
+
+    #[test]
+    fn offloads_off_offers_no_checksum_or_segmentation_features() {
+        let name = format!("feo{}", std::process::id() % 1_000_000);
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 8], 1500, None, 1).unwrap();
+        let off = Net::new(tap, MAC, 1500, false).unwrap().features();
+        let tap = Tap::create(&name, [0xfe, 0, 0, 0, 0, 8], 1500, None, 1).unwrap();
+        let on = Net::new(tap, MAC, 1500, true).unwrap().features();
+        let offload_bits =
+            F_CSUM | F_GUEST_CSUM | F_GUEST_TSO4 | F_GUEST_TSO6 | F_HOST_TSO4 | F_HOST_TSO6;
+        assert_eq!(on & offload_bits, offload_bits);
+        assert_eq!(off & offload_bits, 0);
+        assert_eq!(on & !offload_bits, off, "everything else unchanged");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A test driver for virtio-mmio devices: rings laid out in guest RAM by hand, registers
 //! programmed through the transport the way Linux's driver does, buffers posted and notified,
-//! results read back from the used rings.
+//! results read back from the used rings. Also what the fuzz targets (`fuzz/`) drive, through
+//! the `fuzzing` feature.
 
 use std::sync::Arc;
 
@@ -179,9 +180,7 @@ impl Driver {
     }
 
     /// Throws `rounds` rounds of random descriptor tables and available entries at queue `q`
-    /// (addresses in and out of RAM, any lengths and flags — indirect, next, write — any next
-    /// indices, available indices running ahead), notifying after each. Deterministic from
-    /// `seed`. The device must neither panic nor use more buffers than were made available.
+    /// (see [`Driver::hostile_round`]), deterministic from `seed`.
     pub fn garbage(&mut self, q: u16, seed: u64, rounds: usize) {
         let mut x = seed | 1;
         let mut rnd = move || {
@@ -191,43 +190,75 @@ impl Driver {
             x ^= x >> 27;
             x.wrapping_mul(0x2545_F491_4F6C_DD1D)
         };
-        let (_, _, ur) = rings(q);
         for _ in 0..rounds {
-            for i in 0..QSIZE {
-                let r = rnd();
-                let addr = match r % 4 {
-                    0 => rnd() % (16 << 20),        // anywhere in RAM
-                    1 => 0x30000 + rnd() % 0x4000,  // the data area
-                    2 => (16 << 20) - (rnd() % 64), // straddling the end
-                    _ => rnd(),                     // anywhere at all
-                };
-                let len = match (r >> 8) % 4 {
-                    0 => (rnd() % 64) as u32,
-                    1 => (rnd() % 0x10000) as u32,
-                    2 => 16,
-                    _ => rnd() as u32,
-                };
-                let flags = (rnd() % 8) as u16; // NEXT | WRITE | INDIRECT
-                let next = (rnd() % u64::from(QSIZE + 2)) as u16;
-                self.raw_desc(q, i, addr, len, flags, next);
-            }
-            let qi = usize::from(q);
-            let mut used_before = [0u8; 2];
-            self.ram.read(ur + 2, &mut used_before).unwrap();
-            let made = 1 + (rnd() % u64::from(QSIZE)) as u16;
-            for _ in 0..made {
-                let head = (rnd() % u64::from(QSIZE + 1)) as u16;
-                self.add_head(q, head);
-            }
-            self.notify(q);
-            let mut used_after = [0u8; 2];
-            self.ram.read(ur + 2, &mut used_after).unwrap();
-            let n = u16::from_le_bytes(used_after).wrapping_sub(u16::from_le_bytes(used_before));
-            assert!(n <= made, "{n} buffers used of {made} made available");
-            self.used_seen[qi] = u16::from_le_bytes(used_after);
-            let _ = self.irq.read();
-            w32(&mut self.t, 0x64, 1);
+            self.hostile_round(q, &mut rnd);
         }
+    }
+
+    /// Runs rounds at queue `q` drawn from `data` (a fuzzer's input: each 8 bytes one draw,
+    /// zeros once it runs out) until it is used up.
+    pub fn fuzz(&mut self, q: u16, data: &[u8]) {
+        let mut at = 0;
+        let mut draw = || {
+            let mut b = [0u8; 8];
+            for x in &mut b {
+                *x = data.get(at).copied().unwrap_or(0);
+                at += 1;
+            }
+            u64::from_le_bytes(b)
+        };
+        // Each round draws at least 3 values per descriptor.
+        let rounds = 1 + data.len() / (8 * 3 * usize::from(QSIZE));
+        for _ in 0..rounds {
+            self.hostile_round(q, &mut draw);
+        }
+    }
+
+    /// One round of a hostile driver at queue `q`, every choice drawn from `draw`: a descriptor
+    /// table of addresses in and out of RAM, any lengths and flags (indirect, next, write), any
+    /// next indices, and available entries that may run ahead of the table, then a notify. The
+    /// device must neither panic nor use more buffers than were made available.
+    pub fn hostile_round(&mut self, q: u16, draw: &mut impl FnMut() -> u64) {
+        let (_, _, ur) = rings(q);
+        for i in 0..QSIZE {
+            let r = draw();
+            let addr = match r % 4 {
+                0 => draw() % (16 << 20),        // anywhere in RAM
+                1 => 0x30000 + draw() % 0x4000,  // the data area
+                2 => (16 << 20) - (draw() % 64), // straddling the end
+                _ => draw(),                     // anywhere at all
+            };
+            let len = match (r >> 8) % 4 {
+                0 => (draw() % 64) as u32,
+                1 => (draw() % 0x10000) as u32,
+                2 => 16,
+                _ => draw() as u32,
+            };
+            let flags = ((r >> 16) % 8) as u16; // NEXT | WRITE | INDIRECT
+            let next = ((r >> 24) % u64::from(QSIZE + 2)) as u16;
+            self.raw_desc(q, i, addr, len, flags, next);
+        }
+        // Some content where the buffers point (request headers, control commands).
+        for k in 0..8u64 {
+            let v = draw();
+            self.ram.write(0x30000 + k * 8, &v.to_le_bytes()).unwrap();
+        }
+        let qi = usize::from(q);
+        let mut used_before = [0u8; 2];
+        self.ram.read(ur + 2, &mut used_before).unwrap();
+        let made = 1 + (draw() % u64::from(QSIZE)) as u16;
+        for _ in 0..made {
+            let head = (draw() % u64::from(QSIZE + 1)) as u16;
+            self.add_head(q, head);
+        }
+        self.notify(q);
+        let mut used_after = [0u8; 2];
+        self.ram.read(ur + 2, &mut used_after).unwrap();
+        let n = u16::from_le_bytes(used_after).wrapping_sub(u16::from_le_bytes(used_before));
+        assert!(n <= made, "{n} buffers used of {made} made available");
+        self.used_seen[qi] = u16::from_le_bytes(used_after);
+        let _ = self.irq.read();
+        w32(&mut self.t, 0x64, 1);
     }
 
     /// Where queue `q`'s used ring is.
