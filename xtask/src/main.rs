@@ -114,7 +114,7 @@ fn run(mut c: Command) -> Result<()> {
 
 /// Builds the release binaries and runs `ferry-bench args…` in a lab host of `mem_mib` MiB
 /// for at most `timeout_s`; exits with its status.
-fn bench_in_lab(args: Vec<String>, mem_mib: u64, timeout_s: u64) -> Result<()> {
+fn bench_in_lab(args: Vec<String>, mem_mib: u32, timeout_s: u32) -> Result<()> {
     run({
         let mut c = cargo();
         c.args(["build", "--release", "-p", "ferry", "-p", "ferry-bench"])
