@@ -482,8 +482,31 @@ fn sysfs_net(dev: &str, what: &str) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
+/// Waits (10 s at most) until bridge `br` forwards `mac` to port `port`.
+fn wait_fdb(br: &str, mac: &str, port: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let fdb = Command::new("bridge")
+            .args(["fdb", "show", "br", br])
+            .output()
+            .unwrap();
+        let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
+        if fdb
+            .lines()
+            .any(|l| l.starts_with(mac) && l.contains(&format!("dev {port} ")))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "MAC not learned on {port}:\n{fdb}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
-fn a_nic_is_a_tap_on_its_bridge_and_a_moved_vm_is_announced_from_its_new_port() {
+fn a_nic_is_a_tap_on_its_bridge_and_a_moved_or_restored_vm_is_announced_from_its_new_port() {
     let env = Env::new("nic");
     let br = format!("fbrt{}", std::process::id() % 100_000);
     let _gone = TestBridge::new(&br);
@@ -509,29 +532,25 @@ fn a_nic_is_a_tap_on_its_bridge_and_a_moved_vm_is_announced_from_its_new_port() 
     env.ok(&["vm", "migrate", "a", "--to", &addr]);
     let pid_b = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
     let tap_b = format!("fe{pid_b}n0");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let fdb = Command::new("bridge")
-            .args(["fdb", "show", "br", &br])
-            .output()
-            .unwrap();
-        let fdb = String::from_utf8_lossy(&fdb.stdout).into_owned();
-        if fdb
-            .lines()
-            .any(|l| l.starts_with(mac) && l.contains(&format!("dev {tap_b} ")))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "MAC not learned on {tap_b}:\n{fdb}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_fdb(&br, mac, &tap_b);
     assert!(
         sysfs_net(&tap_a, "mtu").is_none(),
         "the source's TAP is left"
     );
+    // Save, then restore into a new worker: its new TAP is a new bridge port, and the bridge
+    // learns the MAC there from the restored VM's announcement too.
+    let state = env.dir.join("b.state");
+    env.ok(&["vm", "save", "b", "--to", state.to_str().unwrap()]);
+    assert!(
+        sysfs_net(&tap_b, "mtu").is_none(),
+        "the saved VM's TAP is left"
+    );
+    env.ok(&["vm", "restore", state.to_str().unwrap(), "--name", "b"]);
+    let pid_r = env.json(&["vm", "status", "b"])["pid"].as_u64().unwrap();
+    let tap_r = format!("fe{pid_r}n0");
+    assert_eq!(sysfs_net(&tap_r, "mtu").as_deref(), Some("9000"));
+    wait_fdb(&br, mac, &tap_r);
+    let tap_b = tap_r;
     // Bad NICs are refused with the reason, before a worker starts.
     for (spec, why) in [
         ("bridge=no-such-br0".to_string(), "does not exist"),

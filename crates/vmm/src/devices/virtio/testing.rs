@@ -56,44 +56,68 @@ impl Driver {
         let nq = device.queue_max_sizes().len();
         let dtype = device.device_type();
         let mut t = MmioTransport::new(device, Arc::clone(&ram), irq.try_clone().unwrap());
-        assert_eq!(r32(&mut t, 0x00), 0x7472_6976);
-        assert_eq!(r32(&mut t, 0x04), 2);
         assert_eq!(r32(&mut t, 0x08), dtype);
-        w32(&mut t, 0x70, 1 | 2);
-        w32(&mut t, 0x14, 0);
-        let low = u64::from(r32(&mut t, 0x10));
-        w32(&mut t, 0x14, 1);
-        let high = u64::from(r32(&mut t, 0x10));
-        let offered = low | high << 32;
-        assert_ne!(offered & super::F_VERSION_1, 0, "VERSION_1 offered");
-        let acked = accept(offered) | super::F_VERSION_1;
-        w32(&mut t, 0x24, 0);
-        w32(&mut t, 0x20, acked as u32);
-        w32(&mut t, 0x24, 1);
-        w32(&mut t, 0x20, (acked >> 32) as u32);
-        w32(&mut t, 0x70, 1 | 2 | 8);
-        assert_eq!(r32(&mut t, 0x70) & 8, 8, "features accepted");
-        for q in 0..nq as u16 {
-            w32(&mut t, 0x30, u32::from(q));
-            assert!(r32(&mut t, 0x34) >= u32::from(QSIZE));
-            w32(&mut t, 0x38, u32::from(QSIZE));
-            let (d, a, u) = rings(q);
-            for (off, addr) in [(0x80, d), (0x90, a), (0xa0, u)] {
-                w32(&mut t, off, addr as u32);
-                w32(&mut t, off + 4, 0);
-            }
-            w32(&mut t, 0x44, 1);
-            assert_eq!(r32(&mut t, 0x44), 1, "queue {q} live");
-        }
-        w32(&mut t, 0x70, 1 | 2 | 8 | 4);
-        assert_eq!(r32(&mut t, 0x70), 1 | 2 | 8 | 4, "driver running");
-        Driver {
+        let mut d = Driver {
             t,
             ram,
             irq,
             avail_idx: vec![0; nq],
             used_seen: vec![0; nq],
+        };
+        d.init(accept);
+        d
+    }
+
+    /// Resets the device (status 0) and sets it up again from scratch on zeroed rings, as a
+    /// driver reloading would: the device and its backend are kept (a fuzz target reuses
+    /// one TAP this way).
+    pub fn reset(&mut self, accept: impl Fn(u64) -> u64) {
+        w32(&mut self.t, 0x70, 0);
+        assert_eq!(r32(&mut self.t, 0x70), 0, "reset");
+        let nq = self.avail_idx.len() as u16;
+        for q in 0..nq {
+            let (d, _, _) = rings(q);
+            self.ram.write(d, &[0u8; 0x3000]).unwrap();
         }
+        self.avail_idx.fill(0);
+        self.used_seen.fill(0);
+        let _ = self.irq.read();
+        self.init(accept);
+    }
+
+    fn init(&mut self, accept: impl Fn(u64) -> u64) {
+        let nq = self.avail_idx.len();
+        let t = &mut self.t;
+        assert_eq!(r32(t, 0x00), 0x7472_6976);
+        assert_eq!(r32(t, 0x04), 2);
+        w32(t, 0x70, 1 | 2);
+        w32(t, 0x14, 0);
+        let low = u64::from(r32(t, 0x10));
+        w32(t, 0x14, 1);
+        let high = u64::from(r32(t, 0x10));
+        let offered = low | high << 32;
+        assert_ne!(offered & super::F_VERSION_1, 0, "VERSION_1 offered");
+        let acked = accept(offered) | super::F_VERSION_1;
+        w32(t, 0x24, 0);
+        w32(t, 0x20, acked as u32);
+        w32(t, 0x24, 1);
+        w32(t, 0x20, (acked >> 32) as u32);
+        w32(t, 0x70, 1 | 2 | 8);
+        assert_eq!(r32(t, 0x70) & 8, 8, "features accepted");
+        for q in 0..nq as u16 {
+            w32(t, 0x30, u32::from(q));
+            assert!(r32(t, 0x34) >= u32::from(QSIZE));
+            w32(t, 0x38, u32::from(QSIZE));
+            let (d, a, u) = rings(q);
+            for (off, addr) in [(0x80, d), (0x90, a), (0xa0, u)] {
+                w32(t, off, addr as u32);
+                w32(t, off + 4, 0);
+            }
+            w32(t, 0x44, 1);
+            assert_eq!(r32(t, 0x44), 1, "queue {q} live");
+        }
+        w32(t, 0x70, 1 | 2 | 8 | 4);
+        assert_eq!(r32(t, 0x70), 1 | 2 | 8 | 4, "driver running");
     }
 
     /// Writes a chain of (addr, len, flags) descriptors at table index `first` of queue `q` and
@@ -217,7 +241,7 @@ impl Driver {
     /// One round of a hostile driver at queue `q`, every choice drawn from `draw`: a descriptor
     /// table of addresses in and out of RAM, any lengths and flags (indirect, next, write), any
     /// next indices, and available entries that may run ahead of the table, then a notify. The
-    /// device must neither panic nor use more buffers than were made available.
+    /// device must neither panic nor use more buffers than were made available and not used.
     pub fn hostile_round(&mut self, q: u16, draw: &mut impl FnMut() -> u64) {
         let (_, _, ur) = rings(q);
         for i in 0..QSIZE {
@@ -254,8 +278,14 @@ impl Driver {
         self.notify(q);
         let mut used_after = [0u8; 2];
         self.ram.read(ur + 2, &mut used_after).unwrap();
+        // Buffers of earlier rounds that the device had not used yet count too (a receive
+        // queue uses them when a frame arrives): never more than all not yet used.
+        let outstanding = self.avail_idx[qi].wrapping_sub(u16::from_le_bytes(used_before));
         let n = u16::from_le_bytes(used_after).wrapping_sub(u16::from_le_bytes(used_before));
-        assert!(n <= made, "{n} buffers used of {made} made available");
+        assert!(
+            n <= outstanding,
+            "{n} buffers used of {outstanding} available ({made} made available this round)"
+        );
         self.used_seen[qi] = u16::from_le_bytes(used_after);
         let _ = self.irq.read();
         w32(&mut self.t, 0x64, 1);
