@@ -59,6 +59,18 @@ impl Drop for Bench {
 }
 
 impl Bench {
+    /// A bench over the release `ferry` with an empty working directory `name` under the
+    /// temporary directory (run directory inside).
+    fn fresh(name: &str) -> Result<Bench> {
+        let dir = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("run"))?;
+        Ok(Bench {
+            dir,
+            ferry: ws().join("target/release/ferry"),
+        })
+    }
+
     fn ferry(&self, args: &[&str]) -> Result<serde_json::Value> {
         let o = Command::new(&self.ferry)
             .args(args)
@@ -112,13 +124,7 @@ fn main() -> Result<()> {
             .iter()
             .map(|a| a.parse::<u64>().context("sizes are MiB numbers"))
             .collect::<Result<Vec<_>>>()?;
-        let dir = std::env::temp_dir().join("ferry-bench-qemu");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("run"))?;
-        let b = Bench {
-            dir,
-            ferry: ws().join("target/release/ferry"),
-        };
+        let b = Bench::fresh("ferry-bench-qemu")?;
         return qemu::run(
             &b,
             if sizes.is_empty() {
@@ -129,13 +135,7 @@ fn main() -> Result<()> {
         );
     }
     if args.first().map(String::as_str) == Some("devices") {
-        let dir = std::env::temp_dir().join("ferry-bench-devices");
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("run"))?;
-        let b = Bench {
-            dir,
-            ferry: ws().join("target/release/ferry"),
-        };
+        let b = Bench::fresh("ferry-bench-devices")?;
         return devices::run(&b, args.get(1).map(String::as_str));
     }
     let root = ws();

@@ -163,8 +163,8 @@ pub struct Tap {
     name: String,
 }
 
-/// Opens `/dev/net/tun` and binds it to queue of TAP `name` (creating the interface with the
-/// first queue).
+/// Opens `/dev/net/tun` and binds it to a new queue of TAP `name` (the first queue creates the
+/// interface).
 fn open_queue(name: &str, multi: bool) -> Result<File, TapError> {
     let path: &CStr = c"/dev/net/tun";
     // SAFETY: a valid NUL-terminated path; the result is checked and owned below.
