@@ -244,6 +244,16 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     s.push_str("mkdir -p /dev/pts /dev/shm; mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /dev/shm\n");
     s.push_str("modprobe kvm_amd 2>/dev/null || modprobe kvm_intel 2>/dev/null || echo 'lab: no kvm module'\n");
     s.push_str("ip link set lo up 2>/dev/null; hostname lab\n");
+    // One KVM VM held open until power-off, so that the tests' VMs never make the lab kernel
+    // patch its own code (xtask/src/kvm_hold.rs says why).
+    let me = std::env::current_exe().context("cannot find the xtask binary")?;
+    let _ = writeln!(
+        s,
+        "{me} lab-kvm-hold --ready /run/ferry-kvm-held &\n\
+         while [ ! -e /run/ferry-kvm-held ] && kill -0 $! 2>/dev/null; do sleep 0.1; done\n\
+         [ -e /run/ferry-kvm-held ] || echo 'lab: could not hold a KVM VM open (see above)'",
+        me = shell_quote(&me.display().to_string())
+    );
     if !opts.verbose {
         // The lab's own health on the second serial port (with the kernel's messages): when a
         // run hangs, the log says whether memory ran out, a CPU locked up or a task hung.

@@ -8,6 +8,7 @@
 
 mod cluster_demo;
 mod demo;
+mod kvm_hold;
 mod lab;
 
 use std::path::{Path, PathBuf};
@@ -88,6 +89,17 @@ enum Task {
         /// Guest sizes in MiB.
         #[arg(default_values_t = [256u64, 1024])]
         sizes: Vec<u64>,
+    },
+    /// Inside a lab host (started by its init): hold one KVM VM open until killed, so the lab
+    /// kernel never patches its code while tests run (xtask/src/kvm_hold.rs).
+    #[command(hide = true)]
+    LabKvmHold {
+        /// File written once the VM exists.
+        #[arg(long)]
+        ready: PathBuf,
+        /// Instead: create and drop this many VMs, then exit.
+        #[arg(long)]
+        cycles: Option<u32>,
     },
 }
 
@@ -306,5 +318,6 @@ fn main() -> Result<()> {
                 std::iter::once("compare-qemu".to_string()).chain(sizes.iter().map(u64::to_string));
             bench_in_lab(args.collect(), 8192, 7200)
         }
+        Task::LabKvmHold { ready, cycles } => kvm_hold::run(&ready, cycles),
     }
 }
