@@ -39,6 +39,44 @@ pub fn bad_lines(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Runs `ip ARGS…` (iproute2); panics if it fails (tests set up namespaces and bridges).
+pub fn ip(args: &[&str]) {
+    let st = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip {args:?}: {st}");
+}
+
+/// A host bridge for one test, up; deleted again however the test ends.
+pub struct TestBridge(String);
+
+impl TestBridge {
+    /// Creates bridge `name` (replacing one a killed run left) and brings it up.
+    pub fn new(name: &str) -> TestBridge {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        ip(&["link", "add", name, "type", "bridge"]);
+        ip(&["link", "set", name, "up"]);
+        TestBridge(name.to_string())
+    }
+
+    /// The bridge's name.
+    pub fn name(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
 /// A raw, non-blocking packet socket on host interface `ifname` for frames of `proto`
 /// (an ethertype; tests use it to inject and watch frames). Panics on failure.
 pub fn packet_socket(ifname: &str, proto: u16) -> std::os::fd::OwnedFd {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::Env;
+use ferry_guests::{ip, TestBridge};
 
 trait StartDirtier {
     fn start(&self, vm: &str, vcpus: &str);
@@ -448,32 +449,6 @@ fn start_small(env: &Env, name: &str, extra: &[&str]) -> std::process::Output {
     ];
     args.extend_from_slice(extra);
     env.ferry(&args)
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().unwrap();
-    assert!(st.success(), "ip {args:?}");
-}
-
-/// A host bridge for one test, up; deleted again however the test ends.
-struct TestBridge(String);
-
-impl TestBridge {
-    fn new(name: &str) -> TestBridge {
-        let _ = Command::new("ip")
-            .args(["link", "del", name])
-            .stderr(std::process::Stdio::null())
-            .status();
-        ip(&["link", "add", name, "type", "bridge"]);
-        ip(&["link", "set", name, "up"]);
-        TestBridge(name.to_string())
-    }
-}
-
-impl Drop for TestBridge {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
-    }
 }
 
 fn sysfs_net(dev: &str, what: &str) -> Option<String> {

@@ -16,6 +16,7 @@ fn guest_dir() -> PathBuf {
 mod common;
 
 use common::Env;
+use ferry_guests::ip;
 
 fn start_linux(env: &Env, vm: &str, kernel: &str, vcpus: u8) {
     let g = guest_dir();
@@ -509,14 +510,6 @@ fn net_ticks(text: &str) -> Vec<(u64, bool)> {
             Some((w.next()?.parse().ok()?, w.next()? == "ok"))
         })
         .collect()
-}
-
-fn ip(args: &[&str]) {
-    let st = std::process::Command::new("ip")
-        .args(args)
-        .status()
-        .unwrap();
-    assert!(st.success(), "ip {args:?}");
 }
 
 /// Whether a gratuitous ARP (sender IP = target IP = `ip`) from `mac` arrives on `fd` within

@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{bad_lines, beats, wait_beats, Env};
+use ferry_guests::ip;
 
 fn start(env: &Env, vm: &str, vcpus: &str, cmdline: &str) {
     start_env(env, vm, vcpus, cmdline, &[]);
@@ -352,11 +353,6 @@ struct Hosts {
     b: String,
     veth_a: String,
     ip_b: String,
-}
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip").args(args).status().unwrap();
-    assert!(st.success(), "ip {args:?}");
 }
 
 impl Hosts {

@@ -180,6 +180,8 @@ struct Shared {
     /// Set while the VM is paused: device poll threads leave guest memory alone (checked with
     /// the device's lock held, so once `pause` has taken every device lock none is mid-way).
     devices_paused: std::sync::atomic::AtomicBool,
+    /// The eventfds that wake device poll threads, so that a stop ends them at once.
+    poll_wakes: Mutex<Vec<EventFd>>,
     nvcpus: usize,
 }
 
@@ -193,6 +195,14 @@ impl Shared {
         if c.target != RunState::Stopped {
             c.target = RunState::Stopped;
             c.reason.get_or_insert(reason);
+            for w in self
+                .poll_wakes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+            {
+                let _ = w.write(1);
+            }
         }
         self.cv.notify_all();
     }
@@ -393,6 +403,7 @@ impl Machine {
                 serial: Mutex::new(serial),
                 mmio,
                 devices_paused: std::sync::atomic::AtomicBool::new(true),
+                poll_wakes: Mutex::new(Vec::new()),
                 nvcpus,
             }),
             msr_list,
@@ -414,17 +425,25 @@ impl Machine {
                 .map_err(MachineError::Threads)?;
             threads.push(t);
         }
-        drop(threads);
+        // Device poll threads are joined with the vCPUs' (the stop wakes them).
         for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
             let fds = dev.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
             if let Some((fds, wake)) = fds {
+                let stop_wake = wake.try_clone().map_err(MachineError::Threads)?;
+                self.shared
+                    .poll_wakes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(stop_wake);
                 let shared = Arc::clone(&self.shared);
-                std::thread::Builder::new()
+                let t = std::thread::Builder::new()
                     .name(format!("dev{index}-poll"))
                     .spawn(move || device_poll_loop(&shared, index, &fds, &wake))
                     .map_err(MachineError::Threads)?;
+                threads.push(t);
             }
         }
+        drop(threads);
         if initial == RunState::Paused {
             self.wait_parked(Duration::from_secs(10))?;
         } else {
@@ -889,7 +908,7 @@ impl Machine {
         Ok(h.finish())
     }
 
-    /// Stops the vCPUs for good and joins their threads.
+    /// Stops the vCPUs for good and joins their threads and the devices' poll threads.
     pub fn shutdown(&self) {
         self.shared
             .throttle
@@ -1080,7 +1099,9 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
 
 /// A device's poll thread: waits for input on `inputs` (each while the device has guest
 /// buffers for it) or a wake-up, and lets the device take the input, never while the VM is
-/// paused. Ends when the VM stops.
+/// paused. Ends when the VM stops (the stop wakes it). Whatever changes which inputs are
+/// watched wakes it too: the VM resuming, a driver becoming ready or being reset, a receive
+/// queue getting buffers again, the queue pairs in use changing.
 fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd], wake: &EventFd) {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering;
@@ -1114,7 +1135,7 @@ fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd]
             }
         }
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that outlives the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if r <= 0 {
             continue;
         }

@@ -177,6 +177,91 @@ fn failed_save_leaves_the_vm_running() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+/// CPU time (user + system, in clock ticks) of this process's thread named `name`.
+fn thread_ticks(name: &str) -> u64 {
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap();
+            // Fields after the parenthesised name: state is the 3rd field, utime the 14th.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let f: Vec<&str> = rest.split(' ').collect();
+            return f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        }
+    }
+    panic!("no thread {name}");
+}
+
+#[test]
+fn a_nic_vm_idles_until_its_driver_is_ready_and_lets_go_of_its_tap() {
+    let d = tmpdir("nic");
+    let log = d.join("a.log");
+    let br = ferry_guests::TestBridge::new(&format!("fevb{}", std::process::id() % 100_000));
+    let mut config = dirtier("a", 1);
+    config.nics.push(vmm::config::NicSpec {
+        bridge: br.name().to_string(),
+        mac: "52:54:00:00:0b:01".into(),
+        mtu: 1500,
+        queues: 2,
+        offloads: true,
+    });
+    let m = Machine::boot(config, console(&log)).unwrap();
+    wait_beats(&log, 2);
+    let tap = format!("fe{}n0", std::process::id());
+    assert!(
+        link_exists(&tap),
+        "the NIC's TAP {tap} is there while the VM runs"
+    );
+    assert!(
+        Path::new("/sys/class/net")
+            .join(&tap)
+            .join("master")
+            .exists(),
+        "and on the bridge"
+    );
+    // A frame for the guest, whose driver never comes up (the dirtier has none): it waits in
+    // the TAP, and the NIC's poll thread must not spin on it.
+    let sock = ferry_guests::packet_socket(&tap, 0x88b5);
+    let mut frame = [0u8; 60];
+    frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x00, 0x0b, 0x01]);
+    frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    // SAFETY: a valid socket and a buffer of the length given.
+    let sent = unsafe {
+        libc::send(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+        )
+    };
+    assert_eq!(sent, 60, "{}", std::io::Error::last_os_error());
+    let ticks = thread_ticks("dev0-poll");
+    let start = Instant::now();
+    let n = beats(&log).len();
+    wait_beats(&log, n + 5);
+    let busy = Duration::from_millis((thread_ticks("dev0-poll") - ticks) * 10);
+    assert!(
+        busy < start.elapsed() / 10,
+        "the NIC's poll thread used {busy:?} of CPU in {:?} with no driver to take input",
+        start.elapsed()
+    );
+    // Shutting down ends the NIC's poll thread too (it waits without a timeout; the stop
+    // wakes it, and shutdown joins it), so once the machine is dropped nothing holds the
+    // TAP's descriptors.
+    m.shutdown();
+    drop(m);
+    assert!(
+        !link_exists(&tap),
+        "the TAP outlived the dropped VM: something still holds its descriptors"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Rewrites the VCPU section of a state file through `edit`, with valid checksums.
 fn rewrite_vcpus(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<vmm::vcpu::VcpuState>)) {
     use vmm::snapshot::{encode, SnapshotReader, SnapshotWriter, MAX_CONFIG};

@@ -342,9 +342,14 @@ impl MmioTransport {
         self.device.poll_fds()
     }
 
-    /// Whether the poll thread should watch input `input` now.
+    /// Whether the poll thread should watch input `input` now: never before the driver is
+    /// ready (input waiting then would wake the poll thread again and again, since
+    /// [`MmioTransport::poll_input`] leaves it where it is); the device wakes the thread when
+    /// the driver becomes ready.
     pub fn wants_input(&self, input: usize) -> bool {
-        self.device.wants_input(input)
+        self.status & STATUS_DRIVER_OK != 0
+            && self.status & STATUS_NEEDS_RESET == 0
+            && self.device.wants_input(input)
     }
 
     /// Tells the network where the VM is (see [`VirtioDevice::announce`]): the device's own

@@ -84,7 +84,9 @@ pub trait VirtioDevice: Send {
         }
     }
     /// Descriptors to watch for input (a TAP's queues) and an eventfd that wakes the watcher,
-    /// for a device that receives on its own; the machine then runs a poll thread for it.
+    /// for a device that receives on its own; the machine then runs a poll thread for it. The
+    /// device signals the eventfd whenever [`VirtioDevice::wants_input`] may have turned true
+    /// (the poll thread waits without a timeout).
     fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, vmm_sys_util::eventfd::EventFd)> {
         None
     }

@@ -159,6 +159,8 @@ impl Net {
         for q in usize::from(n)..self.rx.len() {
             self.rx[q] = RxQueue::default();
         }
+        // The poll thread then watches the TAP queues of the pairs now in use.
+        let _ = self.kick.write(1);
     }
 
     /// Copies `frame` into the chain; returns the bytes written, or 0 when the chain cannot
