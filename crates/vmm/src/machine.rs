@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_cpuid_entry2, kvm_run};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -169,19 +169,30 @@ struct Control {
     reason: Option<StopReason>,
 }
 
+/// A virtio-mmio device in its window of guest-physical addresses.
+struct Slot {
+    base: u64,
+    dev: Mutex<MmioTransport>,
+    /// One eventfd per queue, which KVM signals when the guest writes that queue's index to
+    /// the notify register (`ioeventfd`: no exit to the VMM); the device's I/O thread then runs
+    /// the queue, so the vCPU goes straight back to the guest.
+    notifiers: Vec<EventFd>,
+}
+
 struct Shared {
     /// Percent of time vCPUs are kept out of the guest (auto-converge), 0 = none.
     throttle: std::sync::atomic::AtomicU8,
     ctl: Mutex<Control>,
     cv: Condvar,
     serial: Mutex<SerialDevice>,
-    /// virtio-mmio devices: (guest address of the window, transport).
-    mmio: Vec<(u64, Mutex<MmioTransport>)>,
-    /// Set while the VM is paused: device poll threads leave guest memory alone (checked with
+    /// virtio-mmio devices, each in its window.
+    mmio: Vec<Slot>,
+    /// Set while the VM is paused: device I/O threads leave guest memory alone (checked with
     /// the device's lock held, so once `pause` has taken every device lock none is mid-way).
     devices_paused: std::sync::atomic::AtomicBool,
-    /// The eventfds that wake device poll threads, so that a stop ends them at once.
-    poll_wakes: Mutex<Vec<EventFd>>,
+    /// The eventfds that wake the devices' I/O threads: a stop ends them at once, a resume
+    /// lets them watch their queues and inputs again.
+    io_wakes: Mutex<Vec<EventFd>>,
     nvcpus: usize,
 }
 
@@ -195,16 +206,20 @@ impl Shared {
         if c.target != RunState::Stopped {
             c.target = RunState::Stopped;
             c.reason.get_or_insert(reason);
-            for w in self
-                .poll_wakes
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-            {
-                let _ = w.write(1);
-            }
+            self.wake_io_threads();
         }
         self.cv.notify_all();
+    }
+
+    fn wake_io_threads(&self) {
+        for w in self
+            .io_wakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = w.write(1);
+        }
     }
 }
 
@@ -379,7 +394,7 @@ impl Machine {
         fds: Vec<VcpuFd>,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         serial: SerialDevice,
-        mmio: Vec<(u64, Mutex<MmioTransport>)>,
+        mmio: Vec<Slot>,
         ram: Arc<GuestRam>,
     ) -> Result<Machine, MachineError> {
         let msr_list = vcpu::saveable_msrs(&kvm, &fds[0])?;
@@ -403,7 +418,7 @@ impl Machine {
                 serial: Mutex::new(serial),
                 mmio,
                 devices_paused: std::sync::atomic::AtomicBool::new(true),
-                poll_wakes: Mutex::new(Vec::new()),
+                io_wakes: Mutex::new(Vec::new()),
                 nvcpus,
             }),
             msr_list,
@@ -425,23 +440,32 @@ impl Machine {
                 .map_err(MachineError::Threads)?;
             threads.push(t);
         }
-        // Device poll threads are joined with the vCPUs' (the stop wakes them).
-        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
-            let fds = dev.lock().unwrap_or_else(|p| p.into_inner()).poll_fds();
-            if let Some((fds, wake)) = fds {
-                let stop_wake = wake.try_clone().map_err(MachineError::Threads)?;
-                self.shared
-                    .poll_wakes
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(stop_wake);
-                let shared = Arc::clone(&self.shared);
-                let t = std::thread::Builder::new()
-                    .name(format!("dev{index}-poll"))
-                    .spawn(move || device_poll_loop(&shared, index, &fds, &wake))
-                    .map_err(MachineError::Threads)?;
-                threads.push(t);
-            }
+        // One I/O thread per device, joined with the vCPUs' (the stop wakes it).
+        for index in 0..self.shared.mmio.len() {
+            let (inputs, wake) = match self.shared.mmio[index]
+                .dev
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .poll_fds()
+            {
+                Some(fds) => fds,
+                None => (
+                    Vec::new(),
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?,
+                ),
+            };
+            let machine_wake = wake.try_clone().map_err(MachineError::Threads)?;
+            self.shared
+                .io_wakes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(machine_wake);
+            let shared = Arc::clone(&self.shared);
+            let t = std::thread::Builder::new()
+                .name(format!("dev{index}-io"))
+                .spawn(move || device_io_loop(&shared, index, &inputs, &wake))
+                .map_err(MachineError::Threads)?;
+            threads.push(t);
         }
         drop(threads);
         if initial == RunState::Paused {
@@ -518,8 +542,9 @@ impl Machine {
                 mmio.len()
             )));
         }
-        for ((_, dev), state) in mmio.iter().zip(&snap.devices.virtio) {
-            dev.lock()
+        for (slot, state) in mmio.iter().zip(&snap.devices.virtio) {
+            slot.dev
+                .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(state)?;
         }
@@ -720,16 +745,21 @@ impl Machine {
         Ok(true)
     }
 
-    /// Lets device poll threads work on guest memory, or stops them doing so: once this
-    /// returns with `true`, none is mid-way (each device's lock was taken after the flag).
+    /// Lets the devices' I/O threads work on guest memory, or stops them doing so: once this
+    /// returns, none is mid-way (each device's lock was taken after the flag). On the way out
+    /// of a pause every live queue is run once: a notify that came while paused (or before a
+    /// save, or on the source of a migration) was set aside, and the driver will not repeat it.
     fn set_devices_paused(&self, paused: bool) {
         use std::sync::atomic::Ordering;
         self.shared.devices_paused.store(paused, Ordering::SeqCst);
-        for (_, dev) in &self.shared.mmio {
-            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in &self.shared.mmio {
+            let mut d = slot.dev.lock().unwrap_or_else(|p| p.into_inner());
             if !paused {
-                d.wake();
+                d.run_live_queues();
             }
+        }
+        if !paused {
+            self.shared.wake_io_threads();
         }
     }
 
@@ -748,8 +778,11 @@ impl Machine {
                     if shared.lock().target == RunState::Stopped {
                         return;
                     }
-                    for (_, dev) in &shared.mmio {
-                        dev.lock().unwrap_or_else(|p| p.into_inner()).announce();
+                    for slot in &shared.mmio {
+                        slot.dev
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .announce();
                     }
                 }
             });
@@ -762,8 +795,9 @@ impl Machine {
         if self.state() != RunState::Paused {
             return Err(MachineError::WrongState(self.state()));
         }
-        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
-            dev.lock()
+        for (index, slot) in self.shared.mmio.iter().enumerate() {
+            slot.dev
+                .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .release()
                 .map_err(|source| MachineError::Backend { index, source })?;
@@ -775,9 +809,13 @@ impl Machine {
     /// holds a disk (a migration destination that has not yet given up).
     pub fn reacquire_devices(&self, patience: Duration) -> Result<(), MachineError> {
         let deadline = Instant::now() + patience;
-        for (index, (_, dev)) in self.shared.mmio.iter().enumerate() {
+        for (index, slot) in self.shared.mmio.iter().enumerate() {
             loop {
-                let r = dev.lock().unwrap_or_else(|p| p.into_inner()).reacquire();
+                let r = slot
+                    .dev
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .reacquire();
                 match r {
                     Ok(()) => break,
                     Err(virtio::BackendError::Disk(crate::disk::DiskError::InUse(..)))
@@ -799,7 +837,7 @@ impl Machine {
             .shared
             .mmio
             .iter()
-            .any(|(_, d)| d.lock().unwrap_or_else(|p| p.into_inner()).released())
+            .any(|s| s.dev.lock().unwrap_or_else(|p| p.into_inner()).released())
         {
             self.reacquire_devices(Duration::ZERO)?;
         }
@@ -843,7 +881,7 @@ impl Machine {
             .shared
             .mmio
             .iter()
-            .map(|(_, d)| d.lock().unwrap_or_else(|p| p.into_inner()).save())
+            .map(|s| s.dev.lock().unwrap_or_else(|p| p.into_inner()).save())
             .collect();
         Ok(VmSnapshot {
             vcpus: states,
@@ -908,7 +946,7 @@ impl Machine {
         Ok(h.finish())
     }
 
-    /// Stops the vCPUs for good and joins their threads and the devices' poll threads.
+    /// Stops the vCPUs for good and joins their threads and the devices' I/O threads.
     pub fn shutdown(&self) {
         self.shared
             .throttle
@@ -1097,40 +1135,51 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
     }
 }
 
-/// A device's poll thread: waits for input on `inputs` (each while the device has guest
-/// buffers for it) or a wake-up, and lets the device take the input, never while the VM is
-/// paused. Ends when the VM stops (the stop wakes it). Whatever changes which inputs are
-/// watched wakes it too: the VM resuming, a driver becoming ready or being reset, a receive
+/// What a device's I/O thread watches besides its wake-up.
+#[derive(Clone, Copy)]
+enum IoSource {
+    /// The guest notified queue `q` (its ioeventfd).
+    Queue(usize),
+    /// The device's input `i` (a TAP queue) is readable.
+    Input(usize),
+}
+
+/// A device's I/O thread: runs the queues the guest notifies (through their ioeventfds) and
+/// takes the device's input (each input while the device has guest buffers for it), never
+/// while the VM is paused. Ends when the VM stops (the stop wakes it). Whatever changes what
+/// is watched wakes it too: the VM resuming, a driver becoming ready or being reset, a receive
 /// queue getting buffers again, the queue pairs in use changing.
-fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd], wake: &EventFd) {
+fn device_io_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd], wake: &EventFd) {
     use std::os::fd::AsRawFd;
     use std::sync::atomic::Ordering;
-    let Some((_, dev)) = shared.mmio.get(index) else {
+    let Some(slot) = shared.mmio.get(index) else {
         return;
     };
-    let mut fds = Vec::with_capacity(inputs.len() + 1);
-    let mut watched = Vec::with_capacity(inputs.len());
+    let mut fds = Vec::with_capacity(1 + slot.notifiers.len() + inputs.len());
+    let mut sources = Vec::with_capacity(fds.capacity());
+    let mut ready = Vec::with_capacity(fds.capacity());
+    let pollfd = |fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     loop {
         if shared.lock().target == RunState::Stopped {
             return;
         }
         fds.clear();
-        watched.clear();
-        fds.push(libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
+        sources.clear();
+        fds.push(pollfd(wake.as_raw_fd()));
         if !shared.devices_paused.load(Ordering::SeqCst) {
-            let d = dev.lock().unwrap_or_else(|p| p.into_inner());
+            for (q, n) in slot.notifiers.iter().enumerate() {
+                sources.push(IoSource::Queue(q));
+                fds.push(pollfd(n.as_raw_fd()));
+            }
+            let d = slot.dev.lock().unwrap_or_else(|p| p.into_inner());
             for (input, &fd) in inputs.iter().enumerate() {
                 if d.wants_input(input) {
-                    watched.push(input);
-                    fds.push(libc::pollfd {
-                        fd,
-                        events: libc::POLLIN,
-                        revents: 0,
-                    });
+                    sources.push(IoSource::Input(input));
+                    fds.push(pollfd(fd));
                 }
             }
         }
@@ -1142,13 +1191,29 @@ fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd]
         if fds[0].revents != 0 {
             let _ = wake.read();
         }
-        let mut d = dev.lock().unwrap_or_else(|p| p.into_inner());
+        ready.clear();
+        for (source, pfd) in sources.iter().zip(&fds[1..]) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            if let IoSource::Queue(q) = *source {
+                // Consumed before the queue runs: a notify that comes while it runs is seen
+                // on the next round.
+                if let Some(n) = slot.notifiers.get(q) {
+                    let _ = n.read();
+                }
+            }
+            ready.push(*source);
+        }
+        let mut d = slot.dev.lock().unwrap_or_else(|p| p.into_inner());
         if shared.devices_paused.load(Ordering::SeqCst) {
+            // Set aside: resuming runs every live queue.
             continue;
         }
-        for (input, pfd) in watched.iter().zip(&fds[1..]) {
-            if pfd.revents != 0 {
-                d.poll_input(*input);
+        for source in &ready {
+            match *source {
+                IoSource::Queue(q) => d.queue_notified(q),
+                IoSource::Input(i) => d.poll_input(i),
             }
         }
     }
@@ -1156,19 +1221,20 @@ fn device_poll_loop(shared: &Shared, index: usize, inputs: &[std::os::fd::RawFd]
 
 /// The virtio-mmio device whose window holds `addr`, and the offset in it.
 fn mmio_device(shared: &Shared, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {
-    shared.mmio.iter().find_map(|(base, dev)| {
-        let off = addr.checked_sub(*base)?;
-        (off < virtio::MMIO_SIZE).then_some((off, dev))
+    shared.mmio.iter().find_map(|slot| {
+        let off = addr.checked_sub(slot.base)?;
+        (off < virtio::MMIO_SIZE).then_some((off, &slot.dev))
     })
 }
 
 /// Opens the VM's disks and creates its NICs' TAPs (in that order), and puts each behind a
-/// virtio-mmio transport in its slot with its interrupt line.
+/// virtio-mmio transport in its slot with its interrupt line (an irqfd) and one ioeventfd per
+/// queue on its notify register.
 fn attach_devices(
     config: &VmConfig,
     vmfd: &VmFd,
     ram: &Arc<GuestRam>,
-) -> Result<Vec<(u64, Mutex<MmioTransport>)>, MachineError> {
+) -> Result<Vec<Slot>, MachineError> {
     let mut backends: Vec<Box<dyn virtio::VirtioDevice>> = Vec::new();
     for d in &config.disks {
         let disk =
@@ -1221,8 +1287,25 @@ fn attach_devices(
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
         vmfd.register_irqfd(&evt, irq)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
+        let mut notifiers = Vec::new();
+        for q in 0..device.queue_max_sizes().len() {
+            let n = EventFd::new(libc::EFD_NONBLOCK).map_err(MachineError::Threads)?;
+            // The driver writes the queue's index, 32 bits wide (no NOTIFICATION_DATA).
+            let index = u32::try_from(q).unwrap_or(u32::MAX);
+            vmfd.register_ioevent(
+                &n,
+                &IoEventAddress::Mmio(base + virtio::mmio::QUEUE_NOTIFY),
+                index,
+            )
+            .map_err(|e| vm::VmError::Kvm("KVM_IOEVENTFD", e))?;
+            notifiers.push(n);
+        }
         let dev = MmioTransport::new(device, Arc::clone(ram), evt);
-        devices.push((base, Mutex::new(dev)));
+        devices.push(Slot {
+            base,
+            dev: Mutex::new(dev),
+            notifiers,
+        });
     }
     Ok(devices)
 }

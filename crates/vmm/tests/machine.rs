@@ -224,7 +224,7 @@ fn a_nic_vm_idles_until_its_driver_is_ready_and_lets_go_of_its_tap() {
         "and on the bridge"
     );
     // A frame for the guest, whose driver never comes up (the dirtier has none): it waits in
-    // the TAP, and the NIC's poll thread must not spin on it.
+    // the TAP, and the NIC's I/O thread must not spin on it.
     let sock = ferry_guests::packet_socket(&tap, 0x88b5);
     let mut frame = [0u8; 60];
     frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x00, 0x0b, 0x01]);
@@ -240,17 +240,17 @@ fn a_nic_vm_idles_until_its_driver_is_ready_and_lets_go_of_its_tap() {
         )
     };
     assert_eq!(sent, 60, "{}", std::io::Error::last_os_error());
-    let ticks = thread_ticks("dev0-poll");
+    let ticks = thread_ticks("dev0-io");
     let start = Instant::now();
     let n = beats(&log).len();
     wait_beats(&log, n + 5);
-    let busy = Duration::from_millis((thread_ticks("dev0-poll") - ticks) * 10);
+    let busy = Duration::from_millis((thread_ticks("dev0-io") - ticks) * 10);
     assert!(
         busy < start.elapsed() / 10,
-        "the NIC's poll thread used {busy:?} of CPU in {:?} with no driver to take input",
+        "the NIC's I/O thread used {busy:?} of CPU in {:?} with no driver to take input",
         start.elapsed()
     );
-    // Shutting down ends the NIC's poll thread too (it waits without a timeout; the stop
+    // Shutting down ends the NIC's I/O thread too (it waits without a timeout; the stop
     // wakes it, and shutdown joins it), so once the machine is dropped nothing holds the
     // TAP's descriptors.
     m.shutdown();

@@ -1,7 +1,7 @@
 //! virtio-blk over a raw disk image ([`crate::disk::Disk`]): read, write, flush, get-ID,
-//! discard and write-zeroes requests, synchronous on the notifying vCPU thread. Discard
-//! punches a hole in the (sparse) image; write-zeroes zeroes the range in place, or punches a
-//! hole when the guest allows unmapping.
+//! discard and write-zeroes requests, each done before it is answered, on the device's I/O
+//! thread. Discard punches a hole in the (sparse) image; write-zeroes zeroes the range in
+//! place, or punches a hole when the guest allows unmapping.
 //!
 //! Data the guest is told was written has reached the image file (`pwrite`); a FLUSH request
 //! is answered only after `fdatasync`. Every request is checked before anything is done: its
@@ -582,6 +582,26 @@ mod tests {
         // A driver that reset and set up again finds a working device.
         let mut b = Blk::new("garbage2", false);
         assert_eq!(b.request(T_IN, 0, 512, WRITE), S_OK);
+    }
+
+    #[test]
+    fn a_request_whose_notify_was_set_aside_runs_when_the_live_queues_are_run() {
+        // What a resume does for a notify that came while the VM was paused.
+        let mut b = Blk::new("aside", false);
+        b.header(T_IN, 0);
+        b.d.add(
+            0,
+            0,
+            &[(HDR, 16, 0), (DATA, 512, WRITE), (STATUS, 1, WRITE)],
+        );
+        assert_eq!(b.status(), 0xee, "nothing runs without a notify");
+        assert!(b.d.used(0).is_empty());
+        b.d.t.run_live_queues();
+        assert_eq!(b.status(), S_OK);
+        assert_eq!(b.d.used(0), vec![(0, 513)]);
+        // Run again: nothing new is available, nothing more is used.
+        b.d.t.run_live_queues();
+        assert!(b.d.used(0).is_empty());
     }
 
     #[test]

@@ -19,6 +19,9 @@ const VERSION: u32 = 2;
 /// Vendor ID reported to the guest ("FRRY").
 const VENDOR: u32 = 0x5952_5246;
 
+/// Offset of the queue notify register: the driver writes a queue's index there when it has
+/// made buffers available (KVM turns such writes into the queue's ioeventfd).
+pub const QUEUE_NOTIFY: u64 = 0x50;
 const STATUS_DRIVER_OK: u32 = 4;
 const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 64;
@@ -216,7 +219,7 @@ impl MmioTransport {
                 }
                 self.write_queue_register(offset, v);
             }
-            0x50 => self.notify(v),
+            QUEUE_NOTIFY => self.notify(v),
             0x64 => self.interrupt_status &= !v,
             0x70 => self.write_status(v),
             _ => self.warn("write to an unknown register"),
@@ -328,7 +331,7 @@ impl MmioTransport {
         }
     }
 
-    /// Takes what arrived on the device's input `input` (its poll thread saw that descriptor
+    /// Takes what arrived on the device's input `input` (its I/O thread saw that descriptor
     /// readable).
     pub fn poll_input(&mut self, input: usize) {
         if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
@@ -337,13 +340,13 @@ impl MmioTransport {
         }
     }
 
-    /// What the device's poll thread watches (see [`VirtioDevice::poll_fds`]).
+    /// What the device's I/O thread watches (see [`VirtioDevice::poll_fds`]).
     pub fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, EventFd)> {
         self.device.poll_fds()
     }
 
-    /// Whether the poll thread should watch input `input` now: never before the driver is
-    /// ready (input waiting then would wake the poll thread again and again, since
+    /// Whether the I/O thread should watch input `input` now: never before the driver is
+    /// ready (input waiting then would wake the I/O thread again and again, since
     /// [`MmioTransport::poll_input`] leaves it where it is); the device wakes the thread when
     /// the driver becomes ready.
     pub fn wants_input(&self, input: usize) -> bool {
@@ -362,9 +365,20 @@ impl MmioTransport {
         }
     }
 
-    /// Wakes the device's poll thread.
-    pub fn wake(&self) {
-        self.device.wake();
+    /// The guest notified queue `q` (seen by the device's I/O thread on the queue's
+    /// ioeventfd): runs it, as a write of `q` to the notify register would.
+    pub fn queue_notified(&mut self, q: usize) {
+        self.notify(u32::try_from(q).unwrap_or(u32::MAX));
+    }
+
+    /// Runs every live queue once, if the driver is ready (after a pause: a notify that came
+    /// meanwhile was set aside).
+    pub fn run_live_queues(&mut self) {
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+            for i in 0..self.queues.len() {
+                self.run_queue(i);
+            }
+        }
     }
 
     /// Lets go of the device's backend (see [`VirtioDevice::release`]).

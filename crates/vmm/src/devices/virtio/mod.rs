@@ -2,8 +2,10 @@
 //!
 //! The rings are `virtio-queue`'s: it walks descriptor chains with every address, length,
 //! loop and indirect table checked against guest memory, so a device here only decides what a
-//! well-formed chain means and answers anything else with an error status. Devices run their
-//! queues on the vCPU thread that wrote the queue's notify register.
+//! well-formed chain means and answers anything else with an error status. Each device's
+//! queues run on its own I/O thread ([`crate::machine`]), woken through one ioeventfd per queue
+//! when the guest writes the notify register; a notify KVM does not match (a queue the device
+//! lacks) reaches [`mmio::MmioTransport::write`] on the vCPU thread instead.
 
 pub mod block;
 pub mod mmio;
@@ -84,13 +86,13 @@ pub trait VirtioDevice: Send {
         }
     }
     /// Descriptors to watch for input (a TAP's queues) and an eventfd that wakes the watcher,
-    /// for a device that receives on its own; the machine then runs a poll thread for it. The
-    /// device signals the eventfd whenever [`VirtioDevice::wants_input`] may have turned true
-    /// (the poll thread waits without a timeout).
+    /// for a device that receives on its own; the device's I/O thread then watches them too.
+    /// The device signals the eventfd whenever [`VirtioDevice::wants_input`] may have turned
+    /// true (the thread waits without a timeout).
     fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, vmm_sys_util::eventfd::EventFd)> {
         None
     }
-    /// Whether the poll thread should watch input `input` now (false: no guest buffers for
+    /// Whether the I/O thread should watch input `input` now (false: no guest buffers for
     /// it, or not in use).
     fn wants_input(&self, _input: usize) -> bool {
         false
@@ -104,8 +106,6 @@ pub trait VirtioDevice: Send {
     fn announce(&mut self) -> bool {
         false
     }
-    /// Wakes the device's poll thread (the VM resumed).
-    fn wake(&self) {}
 }
 
 /// A device's own saved state (see [`VirtioDevice::save_state`]).

@@ -6,10 +6,10 @@
 //! QEMU's self-announce), and, when the driver took `VIRTIO_NET_F_GUEST_ANNOUNCE`, the
 //! guest's own gratuitous ARPs, asked for through the config space.
 //!
-//! Transmit runs on the vCPU thread that notified; receive runs there too when the guest adds
-//! buffers, and otherwise on the device's poll thread when a TAP queue has frames
-//! ([`crate::machine`] starts it). A frame that finds no buffer waits in its queue (one
-//! frame; the TAP queue holds the rest) until the guest adds some.
+//! Everything runs on the device's I/O thread ([`crate::machine`] starts it): transmit and
+//! receive when the guest notifies a queue (through its ioeventfd), receive when a TAP queue
+//! has frames. A frame that finds no buffer waits in its queue (one frame; the TAP queue holds
+//! the rest) until the guest adds some.
 
 use std::io::{Read, Write};
 
@@ -61,7 +61,7 @@ const MAX_FRAME: usize = VNET_HDR_LEN + 65550;
 struct RxQueue {
     /// A received frame that found no guest buffer yet.
     pending: Option<Vec<u8>>,
-    /// No receive buffers: the poll thread stops watching this TAP queue until the guest
+    /// No receive buffers: the I/O thread stops watching this TAP queue until the guest
     /// adds some.
     starved: bool,
 }
@@ -82,7 +82,8 @@ pub struct Net {
     /// Whether checksum and segmentation offloads are offered.
     offloads: bool,
     rx: Vec<RxQueue>,
-    /// Wakes the poll thread (the guest added receive buffers; the VM resumed).
+    /// Wakes the I/O thread (the guest added receive buffers, the pairs in use changed; the
+    /// machine's clone of it: the VM resumed or stopped).
     kick: EventFd,
     queue_sizes: Vec<u16>,
     buf: Vec<u8>,
@@ -159,7 +160,7 @@ impl Net {
         for q in usize::from(n)..self.rx.len() {
             self.rx[q] = RxQueue::default();
         }
-        // The poll thread then watches the TAP queues of the pairs now in use.
+        // The I/O thread then watches the TAP queues of the pairs now in use.
         let _ = self.kick.write(1);
     }
 
@@ -419,10 +420,6 @@ impl VirtioDevice for Net {
             return true;
         }
         false
-    }
-
-    fn wake(&self) {
-        let _ = self.kick.write(1);
     }
 }
 
