@@ -287,7 +287,13 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     );
     s.push_str("sync; poweroff -f\n");
     std::fs::write(rundir.join("stage2.sh"), s)?;
-    let mut append = format!("panic=-1 ferrylab.rw={ws} ferrylab.run=.lab/{id}");
+    // `tsc=reliable`: the emulated AMD CPU lacks the constant-TSC flag, so a 2-CPU lab kernel
+    // would mark its TSC unstable ("TSCs unsynchronized") although TCG's TSCs all follow the
+    // machine's. KVM then re-offsets each guest's TSC whenever a vCPU changes host CPU (and
+    // warns "SMP vm created on host with unstable TSC"), the guest finds its vCPUs' TSCs
+    // unsynchronized, and timer deadlines drift; production hosts have a constant,
+    // synchronized TSC, and so does the lab with this.
+    let mut append = format!("panic=-1 tsc=reliable ferrylab.rw={ws} ferrylab.run=.lab/{id}");
     let kernel_log = cache.join("last-kernel.log");
     std::fs::write(&kernel_log, b"").context("cannot create the lab kernel log")?;
     if opts.verbose {
