@@ -291,8 +291,9 @@ pub fn run(workspace: &Path, opts: &LabOpts, cmd: &[String]) -> Result<i32> {
     // would mark its TSC unstable ("TSCs unsynchronized") although TCG's TSCs all follow the
     // machine's. KVM then re-offsets each guest's TSC whenever a vCPU changes host CPU (and
     // warns "SMP vm created on host with unstable TSC"), the guest finds its vCPUs' TSCs
-    // unsynchronized, and timer deadlines drift; production hosts have a constant,
-    // synchronized TSC, and so does the lab with this.
+    // unsynchronized, and timer deadlines can drift (suspected, not proven, in a 2-vCPU guest
+    // that stalled at boot); production hosts have a constant, synchronized TSC, and so does
+    // the lab with this.
     let mut append = format!("panic=-1 tsc=reliable ferrylab.rw={ws} ferrylab.run=.lab/{id}");
     let kernel_log = cache.join("last-kernel.log");
     std::fs::write(&kernel_log, b"").context("cannot create the lab kernel log")?;
