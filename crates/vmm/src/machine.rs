@@ -167,6 +167,10 @@ struct Control {
     parked: usize,
     exited: usize,
     reason: Option<StopReason>,
+    /// When the last vCPU to park did so (µs since the Unix epoch; 0: never).
+    last_parked_us: u64,
+    /// When the first vCPU entered the guest after the last resume (0: none yet).
+    first_entry_us: u64,
 }
 
 /// A virtio-mmio device in its window of guest-physical addresses.
@@ -199,6 +203,29 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Control> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `done` holds for the control state, or `timeout` passes; returns the
+    /// locked state and whether `done` held.
+    fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Control) -> bool,
+    ) -> (MutexGuard<'_, Control>, bool) {
+        let deadline = Instant::now() + timeout;
+        let mut c = self.lock();
+        while !done(&c) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (c, false);
+            }
+            c = self
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        (c, true)
     }
 
     fn request_stop(&self, reason: StopReason) {
@@ -413,6 +440,8 @@ impl Machine {
                     parked: 0,
                     exited: 0,
                     reason: None,
+                    last_parked_us: 0,
+                    first_entry_us: 0,
                 }),
                 cv: Condvar::new(),
                 serial: Mutex::new(serial),
@@ -710,24 +739,30 @@ impl Machine {
     }
 
     fn wait_parked(&self, timeout: Duration) -> Result<(), MachineError> {
-        let deadline = Instant::now() + timeout;
-        let mut c = self.shared.lock();
-        while c.parked + c.exited < self.shared.nvcpus {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(MachineError::PauseTimeout(timeout));
-            }
-            c = self
-                .shared
-                .cv
-                .wait_timeout(c, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        let n = self.shared.nvcpus;
+        let (c, parked) = self.shared.wait_for(timeout, |c| c.parked + c.exited >= n);
+        if !parked {
+            return Err(MachineError::PauseTimeout(timeout));
         }
         if c.exited > 0 {
             return Err(MachineError::WrongState(RunState::Stopped));
         }
         Ok(())
+    }
+
+    /// When the last vCPU stopped at the latest pause (µs since the Unix epoch; `None` before
+    /// any): the instant the guest stopped running, for downtime measured from outside it.
+    pub fn paused_at_us(&self) -> Option<u64> {
+        Some(self.shared.lock().last_parked_us).filter(|&t| t != 0)
+    }
+
+    /// When the first vCPU entered the guest after the latest resume (µs since the Unix
+    /// epoch), waiting for it up to `timeout`; `None` if none did by then.
+    pub fn wait_first_entry(&self, timeout: Duration) -> Option<u64> {
+        let (c, _) = self.shared.wait_for(timeout, |c| {
+            c.first_entry_us != 0 || c.target != RunState::Running
+        });
+        Some(c.first_entry_us).filter(|&t| t != 0)
     }
 
     /// Stops every vCPU outside `KVM_RUN`. Returns whether it was running.
@@ -847,6 +882,7 @@ impl Machine {
             RunState::Stopped => Err(MachineError::WrongState(RunState::Stopped)),
             _ => {
                 c.target = RunState::Running;
+                c.first_entry_us = 0;
                 self.shared.cv.notify_all();
                 drop(c);
                 self.set_devices_paused(false);
@@ -1094,6 +1130,7 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
                             flush_pending(&mut fd.lock().unwrap_or_else(|p| p.into_inner()));
                             parked = true;
                             c.parked += 1;
+                            c.last_parked_us = crate::devices::serial::unix_us();
                             shared.cv.notify_all();
                         }
                         c = shared.cv.wait(c).unwrap_or_else(|p| p.into_inner());
@@ -1112,6 +1149,10 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
             if parked {
                 c.parked -= 1;
                 parked = false;
+            }
+            if c.first_entry_us == 0 {
+                c.first_entry_us = crate::devices::serial::unix_us();
+                shared.cv.notify_all();
             }
         }
         let mut f = fd.lock().unwrap_or_else(|p| p.into_inner());

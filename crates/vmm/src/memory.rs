@@ -39,6 +39,9 @@ pub enum MemoryError {
     /// Mapping failed.
     #[error("cannot map guest memory: {0}")]
     Map(String),
+    /// Writing or discarding through the memory file failed.
+    #[error("cannot write guest memory through its file")]
+    File(#[source] std::io::Error),
     /// An access out of guest memory.
     #[error("guest memory access at {addr:#x} (+{len}) is outside guest RAM")]
     OutOfRange {
@@ -298,6 +301,109 @@ impl GuestRam {
         pages
     }
 
+    /// Where `[addr, addr + len)` lies in the memfd, when it lies within one RAM range.
+    fn file_offset(&self, addr: u64, len: u64) -> Result<u64, MemoryError> {
+        let mut off = 0;
+        for (s, l) in ram_ranges(self.size) {
+            if addr >= s && addr.checked_add(len).is_some_and(|e| e <= s + l) {
+                return Ok(off + (addr - s));
+            }
+            off += l;
+        }
+        Err(MemoryError::OutOfRange {
+            addr,
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+        })
+    }
+
+    /// The guest-physical ranges of RAM that hold data, ascending: everything outside them is
+    /// a hole of the memfd — never written, or given back — and reads as zeros. Found with
+    /// `SEEK_DATA`/`SEEK_HOLE`, without touching a page: reading a hole through the mapping
+    /// would allocate and zero it (shmem has no shared zero page), which is what a naive scan
+    /// for zero pages costs. Ranges are page-aligned; a range may still contain zero pages.
+    pub fn data_ranges(&self) -> Result<Vec<(u64, u64)>, MemoryError> {
+        use std::os::fd::AsRawFd;
+        let fd = self.memfd.as_raw_fd();
+        let seek = |off: u64, whence: libc::c_int| -> Result<Option<u64>, MemoryError> {
+            let off = libc::off_t::try_from(off).map_err(|_| MemoryError::BadSize(off))?;
+            // SAFETY: lseek on the memfd this struct owns; nothing reads or writes through its
+            // file position (all I/O on it is positioned or through the mapping).
+            let r = unsafe { libc::lseek(fd, off, whence) };
+            if r >= 0 {
+                return Ok(u64::try_from(r).ok());
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None); // no data at or after `off`
+            }
+            Err(MemoryError::File(e))
+        };
+        let mut out = Vec::new();
+        let mut file_off = 0u64;
+        for (start, len) in ram_ranges(self.size) {
+            let end = file_off + len;
+            let mut at = file_off;
+            while at < end {
+                let Some(data) = seek(at, libc::SEEK_DATA)? else {
+                    break;
+                };
+                if data >= end {
+                    break;
+                }
+                let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+                let page = PAGE_SIZE as u64;
+                let (a, b) = (data / page * page, hole.div_ceil(page) * page);
+                out.push((start + (a - file_off), b.min(end) - a));
+                at = b.max(at + page);
+            }
+            file_off = end;
+        }
+        Ok(out)
+    }
+
+    /// Copies `buf` into guest memory at `addr` (one RAM range, page-aligned) with a write to
+    /// the memfd rather than through the mapping. A page of the memfd not yet backed is then
+    /// allocated by the write itself — no page fault, and a whole page is not zeroed first —
+    /// which makes this the fast way to fill memory nobody else writes (a migration
+    /// destination's). The mapping sees the data at once (one page cache).
+    pub fn store(&self, addr: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        use std::os::unix::fs::FileExt;
+        let off = self.file_offset(addr, buf.len() as u64)?;
+        self.memfd.write_all_at(buf, off).map_err(MemoryError::File)
+    }
+
+    /// Makes `[addr, addr + len)` (page-aligned, one RAM range) zero by giving its pages back
+    /// to the host (a hole in the memfd; it reads as zeros and takes no memory).
+    pub fn discard(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        let bad = MemoryError::OutOfRange {
+            addr,
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+        };
+        if !addr.is_multiple_of(PAGE_SIZE as u64) || !len.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad);
+        }
+        let off = self.file_offset(addr, len)?;
+        let (off, len) = match (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(bad),
+        };
+        // SAFETY: fallocate on the memfd this struct owns; punching a hole only changes the
+        // file's contents (to zeros), never the mappings' validity.
+        let rc = unsafe {
+            libc::fallocate(
+                self.memfd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::File(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Whether `[addr, addr + len)` lies entirely in RAM.
     pub fn contains(&self, addr: u64, len: u64) -> bool {
         ram_ranges(self.size)
@@ -338,6 +444,43 @@ mod tests {
                 (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
             ]
         );
+    }
+
+    #[test]
+    fn stores_and_discards_through_the_file_are_seen_in_the_mapping() {
+        let size = MMIO_GAP_START + (64 << 20);
+        let ram = GuestRam::new("store", size).unwrap();
+        for addr in [0x7000u64, MMIO_GAP_END + 0x3000] {
+            ram.store(addr, &[0xa5; 8192]).unwrap();
+            let mut buf = [0u8; 8192];
+            ram.read(addr, &mut buf).unwrap();
+            assert!(buf.iter().all(|&b| b == 0xa5), "{addr:#x}");
+            assert!(!ram.page_is_zero(addr + 4096).unwrap());
+            ram.discard(addr, 4096).unwrap();
+            assert!(ram.page_is_zero(addr).unwrap());
+            assert!(
+                !ram.page_is_zero(addr + 4096).unwrap(),
+                "the next page stays"
+            );
+        }
+        // The data is where it was stored, and only there (holes around it).
+        let ranges = ram.data_ranges().unwrap();
+        let covered = |a: u64| ranges.iter().any(|&(s, l)| a >= s && a < s + l);
+        assert!(
+            covered(0x8000) && covered(MMIO_GAP_END + 0x4000),
+            "{ranges:x?}"
+        );
+        assert!(
+            !covered(0x20_0000) && !covered(MMIO_GAP_END + (32 << 20)),
+            "{ranges:x?}"
+        );
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        assert!(total < (4 << 20), "{ranges:x?}");
+        // Nothing across the hole or past the end, nothing unaligned.
+        assert!(ram.store(MMIO_GAP_START - 4096, &[1; 8192]).is_err());
+        assert!(ram.store(MMIO_GAP_START, &[1; 16]).is_err());
+        assert!(ram.discard(0x7001, 4096).is_err());
+        assert!(ram.discard(size + (1 << 30), 4096).is_err());
     }
 
     #[test]
