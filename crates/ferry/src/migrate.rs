@@ -238,7 +238,13 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             name.to_string(),
             to.to_string(),
             format!("{} ms", report.total_ms),
-            format!("{} ms", report.downtime_ms),
+            match report.downtime_missed_by_ms {
+                Some(over) => format!(
+                    "{} ms (target {} ms, missed by {over} ms)",
+                    report.downtime_ms, report.downtime_target_ms
+                ),
+                None => format!("{} ms", report.downtime_ms),
+            },
             report
                 .guest_downtime_ms
                 .map(|g| format!("{g} ms"))
@@ -262,7 +268,27 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
             ),
         ]],
     );
+    if out == Output::Table {
+        println!("downtime: {}", downtime_steps(&report.downtime_steps));
+    }
     Ok(())
+}
+
+/// The downtime's steps on one line, in ms.
+pub fn downtime_steps(d: &migration::source::DowntimeSteps) -> String {
+    let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
+    format!(
+        "pause {} · dirty log {} · last pages {} · disks {} · state capture {} · state transfer {} · destination restore {} · pre-commit check {} · resume {} (ms)",
+        ms(d.pause_us),
+        ms(d.dirty_log_us),
+        ms(d.last_pages_us),
+        ms(d.disks_us),
+        ms(d.state_capture_us),
+        ms(d.state_transfer_us),
+        ms(d.dest_restore_us),
+        ms(d.precommit_us),
+        ms(d.resume_us),
+    )
 }
 
 fn phase_name(s: &MigrationStatus) -> String {

@@ -136,10 +136,23 @@ fn live_migration_between_workers_keeps_the_guest_running_and_intact() {
     assert!(report["downtime_ms"].as_u64().unwrap() < 5000, "{report}");
     // The default: mutually authenticated TLS, more than one connection.
     assert_eq!(report["tls"], true, "{report}");
+    // The guest beats every 100 ms: its console shows a gap of at least that much; the
+    // vCPUs' own stop and start stamps fit inside the downtime (pause → RESUMED), and the
+    // downtime's steps add up to no more than it.
+    assert!(report["console_gap_ms"].as_u64().unwrap() >= 80, "{report}");
+    let downtime = report["downtime_ms"].as_u64().unwrap();
     assert!(
-        report["guest_downtime_ms"].as_u64().unwrap() >= 80,
+        report["guest_downtime_ms"].as_u64().unwrap() <= downtime + 1,
         "{report}"
     );
+    let steps: u64 = report["downtime_steps"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(steps > 0 && steps / 1000 <= downtime + 1, "{report}");
+    assert_eq!(report["downtime_target_ms"], 100, "{report}");
     assert!(report["connections"].as_u64().unwrap() > 1, "{report}");
     assert!(
         report["zero_pages_skipped"].as_u64().unwrap() > 0,

@@ -7,14 +7,20 @@ use std::sync::Mutex;
 
 use vmm::devices::serial::{unix_us, ConsoleOut};
 use vmm::machine::{check_host_cpu, SavedConfig, VmSnapshot};
-use vmm::memory::{GuestRam, PAGE_SIZE};
+use vmm::memory::GuestRam;
 use vmm::Machine;
 
+use crate::protocol::message::{recv, recv_message, send, unexpected};
+use crate::protocol::pages::PageReader;
 use crate::protocol::{
-    decode_pages, handshake, read_frame, write_frame, Kind, MigrationError, Setup, IO_TIMEOUT,
-    MAX_CONNECTIONS,
+    handshake, Message, MigrationError, Ready, Received, Resumed, IO_TIMEOUT, MAX_CONNECTIONS,
 };
 use crate::tls::{Channel, Identity};
+
+/// The read buffer of a connection: large enough that headers and control messages take
+/// few reads, small enough that a page batch's body (1 MiB) is read straight into the page
+/// buffer, not copied through this one first.
+const READ_BUFFER: usize = 64 << 10;
 
 /// Free memory of this host (MemAvailable), when known.
 fn mem_available() -> Option<u64> {
@@ -27,36 +33,52 @@ fn mem_available() -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// Writes the pages of a PAGES frame (or, with `zero`, a ZERO_PAGES frame) into `ram`.
-fn apply(ram: &GuestRam, payload: &[u8], zero: bool) -> Result<(), MigrationError> {
-    let (pages, data) = decode_pages(payload, !zero)?;
-    for (i, p) in pages.iter().enumerate() {
-        let addr = p
-            .checked_mul(PAGE_SIZE as u64)
-            .filter(|a| ram.contains(*a, PAGE_SIZE as u64))
-            .ok_or_else(|| MigrationError::Corrupt(format!("page {p} is outside guest RAM")))?;
-        if zero {
-            ram.write(addr, &ZERO_PAGE)?;
-        } else {
-            ram.write(addr, &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
-        }
-    }
-    Ok(())
+/// The receiver's phases, as its status shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReceivePhase {
+    /// Waiting for the source; the last connection refused and why, if any.
+    Waiting(Option<String>),
+    /// Receiving memory; the last round the source finished, if any.
+    Precopy(Option<u32>),
+    /// Building the VM from the state.
+    Loading,
+    /// Holding the whole VM, paused, until COMMIT (or CANCEL).
+    Ready,
+    /// Committed and taken over paused.
+    Paused,
+    /// Committed and running here.
+    Running,
 }
 
-static ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+impl std::fmt::Display for ReceivePhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReceivePhase::Waiting(None) => write!(f, "waiting"),
+            ReceivePhase::Waiting(Some(why)) => write!(f, "waiting (refused a connection: {why})"),
+            ReceivePhase::Precopy(None) => write!(f, "precopy"),
+            ReceivePhase::Precopy(Some(r)) => write!(f, "precopy round {r} done"),
+            ReceivePhase::Loading => write!(f, "loading state"),
+            ReceivePhase::Ready => write!(f, "ready, waiting for commit"),
+            ReceivePhase::Paused => write!(f, "paused"),
+            ReceivePhase::Running => write!(f, "running"),
+        }
+    }
+}
 
 /// Receives pages on an additional connection until its DATA_END.
 fn data_lane(mut r: BufReader<Channel>, ram: &GuestRam) -> Result<(), MigrationError> {
     let mut buf = Vec::new();
+    let mut pages = PageReader::default();
     loop {
-        match read_frame(&mut r, &mut buf)? {
-            Kind::Pages => apply(ram, &buf, false)?,
-            Kind::ZeroPages => apply(ram, &buf, true)?,
-            Kind::DataEnd => return Ok(()),
-            k => {
+        match recv(&mut r, &mut buf)? {
+            Received::Pages(head) => {
+                pages.receive(&mut r, head, ram)?;
+            }
+            Received::Message(Message::DataEnd) => return Ok(()),
+            Received::Message(m) => {
                 return Err(MigrationError::Corrupt(format!(
-                    "unexpected {k:?} on a data connection"
+                    "unexpected {} on a data connection",
+                    m.name()
                 )))
             }
         }
@@ -126,10 +148,9 @@ fn accept_lanes(
             }
             Err(e) => break Err(e.into()),
         };
-        let mut r = BufReader::with_capacity(1 << 20, ch);
-        let joined = read_frame(&mut r, &mut buf);
-        match (joined, buf.get(..16), buf.get(16)) {
-            (Ok(Kind::Join), Some(s), Some(&lane)) if s == session => {
+        let mut r = BufReader::with_capacity(READ_BUFFER, ch);
+        match recv_message(&mut r, &mut buf) {
+            Ok(Message::Join { session: s, lane }) if &s == session => {
                 match lanes.get_mut(usize::from(lane).wrapping_sub(1)) {
                     Some(slot @ None) => *slot = Some(r),
                     _ => tracing::warn!(lane, "duplicate or unknown migration lane ignored"),
@@ -143,12 +164,17 @@ fn accept_lanes(
     Ok(lanes.into_iter().flatten().collect())
 }
 
+/// Writes `m` and flushes, ignoring failures (the migration is failing anyway).
+fn tell(w: &mut Channel, m: &Message) {
+    let _ = send(w, m).and_then(|_| Ok(w.flush()?));
+}
+
 /// Accepts one migration on `listener` and returns the VM, running, once the source has
 /// committed. `name` renames the VM; `id` is this host's TLS identity (`None`: plain TCP);
-/// `phase` is updated for status queries; with `paused` the VM is taken over but left
-/// paused (like `restore --paused`). Connections that fail TLS or HELLO are refused and
-/// logged while waiting for the source; once a source is accepted, any failure or cancel
-/// before the commit drops everything received.
+/// `phase` is updated for status queries (a [`ReceivePhase`], written out); with `paused` the
+/// VM is taken over but left paused (like `restore --paused`). Connections that fail TLS or
+/// HELLO are refused and logged while waiting for the source; once a source is accepted, any
+/// failure or cancel before the commit drops everything received.
 pub fn receive(
     listener: &TcpListener,
     name: &str,
@@ -157,26 +183,24 @@ pub fn receive(
     phase: &Mutex<String>,
     paused: bool,
 ) -> Result<Machine, MigrationError> {
-    let set = |p: &str| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p.to_string();
+    let set = |p: ReceivePhase| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p.to_string();
     let main = loop {
         match accept_one(listener, id)? {
             Ok(ch) => break ch,
-            Err(e) => set(&format!("waiting (refused a connection: {})", describe(&e))),
+            Err(e) => set(ReceivePhase::Waiting(Some(describe(&e)))),
         }
     };
     let main_tcp = main.tcp().try_clone()?;
-    let mut r = BufReader::with_capacity(1 << 20, main);
+    let mut r = BufReader::with_capacity(READ_BUFFER, main);
     let mut buf = Vec::new();
 
     // Setup: check before a single page is sent.
-    if read_frame(&mut r, &mut buf)? != Kind::Setup {
-        return Err(MigrationError::Corrupt("expected SETUP".into()));
-    }
-    let setup: Setup =
-        postcard::from_bytes(&buf).map_err(|e| MigrationError::Corrupt(format!("setup: {e}")))?;
+    let setup = match recv_message(&mut r, &mut buf)? {
+        Message::Setup(s) => s,
+        m => return Err(unexpected("SETUP", &m)),
+    };
     let refuse = |w: &mut Channel, reason: String| {
-        let _ = write_frame(w, Kind::Refuse, reason.as_bytes());
-        let _ = w.flush();
+        tell(w, &Message::Refuse(reason.clone()));
         MigrationError::Refused(reason)
     };
     let mut saved = match SavedConfig::decode(&setup.config_json) {
@@ -216,16 +240,16 @@ pub fn receive(
         Ok(r) => r,
         Err(e) => return Err(refuse(r.get_mut(), e.to_string())),
     };
-    write_frame(r.get_mut(), Kind::Accept, &[])?;
+    send(r.get_mut(), &Message::Accept)?;
     r.get_mut().flush()?;
     let lanes = accept_lanes(listener, id, &setup.session, setup.connections)?;
-    set("precopy");
+    set(ReceivePhase::Precopy(None));
 
     let lane_tcp: Vec<_> = lanes
         .iter()
         .map(|l| l.get_ref().tcp().try_clone())
         .collect::<Result<_, _>>()?;
-    let snap: VmSnapshot = std::thread::scope(|sc| {
+    let state: Vec<u8> = std::thread::scope(|sc| {
         let ram = &ram;
         let handles: Vec<_> = lanes
             .into_iter()
@@ -265,79 +289,81 @@ pub fn receive(
             (Err(MigrationError::Io(_)), Some(e)) if !matches!(e, MigrationError::Io(_)) => Err(e),
             (Err(e), _) => Err(e),
             (Ok(_), Some(e)) => Err(e),
-            (Ok(snap), None) => Ok(snap),
+            (Ok(state), None) => Ok(state),
         }
     })?;
-    set("loading state");
-    let m = match Machine::from_parts(saved, ram, &snap, console, true) {
+    set(ReceivePhase::Loading);
+    let t_restore = std::time::Instant::now();
+    let built = postcard::from_bytes::<VmSnapshot>(&state)
+        .map_err(|e| MigrationError::Corrupt(format!("state: {e}")))
+        .and_then(|snap| Ok(Machine::from_parts(saved, ram, &snap, console, true)?));
+    let m = match built {
         Ok(m) => m,
         Err(e) => {
-            let w = r.get_mut();
-            let _ = write_frame(w, Kind::Error, e.to_string().as_bytes());
-            let _ = w.flush();
-            return Err(e.into());
+            tell(r.get_mut(), &Message::Error(e.to_string()));
+            return Err(e);
         }
     };
-    write_frame(r.get_mut(), Kind::Ready, &[])?;
+    let restore_us = u64::try_from(t_restore.elapsed().as_micros()).unwrap_or(u64::MAX);
+    send(r.get_mut(), &Message::Ready(Ready { restore_us }))?;
     r.get_mut().flush()?;
-    set("ready, waiting for commit");
+    set(ReceivePhase::Ready);
     // Before COMMIT arrives the source may still resume: this side never runs a vCPU.
-    loop {
-        match read_frame(&mut r, &mut buf)? {
-            Kind::Commit => break,
-            Kind::Ping => {
+    let watch_ms = loop {
+        match recv_message(&mut r, &mut buf)? {
+            Message::Commit { watch_ms } => break watch_ms,
+            Message::Ping => {
                 let w = r.get_mut();
-                write_frame(w, Kind::Pong, &[])?;
+                send(w, &Message::Pong)?;
                 w.flush()?;
             }
-            Kind::Cancel => {
-                return Err(MigrationError::Cancelled(format!(
-                    " by the source: {}",
-                    String::from_utf8_lossy(&buf)
-                )))
+            Message::Cancel(why) => {
+                return Err(MigrationError::Cancelled(format!(" by the source: {why}")))
             }
-            k => {
-                return Err(MigrationError::Corrupt(format!(
-                    "expected COMMIT, got {k:?}"
-                )))
-            }
+            m => return Err(unexpected("COMMIT", &m)),
         }
-    }
+    };
+    let t_commit = std::time::Instant::now();
     crate::fault::hold("dest-committed", &std::sync::atomic::AtomicBool::new(false));
     // Committed: this side owns the VM now, whatever happens to the connection.
-    // COMMIT carries how long to watch for the guest's first console line (u32 ms).
-    let watch_ms = buf
-        .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .unwrap_or(0)
-        .min(MAX_OUTPUT_WATCH_MS);
+    let watch_ms = watch_ms.min(MAX_OUTPUT_WATCH_MS);
     let resumed_at = unix_us();
+    let mut first_entry_us = 0;
     if paused {
-        set("paused");
+        set(ReceivePhase::Paused);
     } else {
         m.resume()?;
+        // The instant the guest runs again, for the downtime it saw (a vCPU enters at once
+        // unless the host is starved; a second is far beyond that).
+        first_entry_us = m
+            .wait_first_entry(std::time::Duration::from_secs(1))
+            .unwrap_or(0);
         // Switches learn the VM's MACs here now.
         m.announce();
-        set("running");
+        set(ReceivePhase::Running);
     }
-    let w = r.get_mut();
-    let _ = write_frame(w, Kind::Resumed, &[]).and_then(|_| Ok(w.flush()?));
-    // The guest-observed downtime needs the first line the guest prints here; watch for it
-    // without holding the VM's worker up.
+    let resume_us = u64::try_from(t_commit.elapsed().as_micros()).unwrap_or(u64::MAX);
+    tell(
+        r.get_mut(),
+        &Message::Resumed(Resumed {
+            first_entry_us,
+            resume_us,
+        }),
+    );
+    // The console's view of the downtime needs the first line the guest prints here; watch
+    // for it without holding the VM's worker up.
     let clock = m.console_clock();
     let watch = if paused { 0 } else { watch_ms };
     std::thread::spawn(move || {
         let deadline = std::time::Instant::now() + std::time::Duration::from_millis(watch.into());
         let first = loop {
             match clock.last_line_us() {
-                Some(t) if t > resumed_at => break t,
-                _ if std::time::Instant::now() >= deadline => break 0,
+                Some(t) if t > resumed_at => break Some(t),
+                _ if std::time::Instant::now() >= deadline => break None,
                 _ => std::thread::sleep(std::time::Duration::from_millis(2)),
             }
         };
-        let w = r.get_mut();
-        let _ =
-            write_frame(w, Kind::FirstOutput, &first.to_le_bytes()).and_then(|_| Ok(w.flush()?));
+        tell(r.get_mut(), &Message::FirstOutput(first));
     });
     Ok(m)
 }
@@ -346,39 +372,27 @@ pub fn receive(
 pub const MAX_OUTPUT_WATCH_MS: u32 = 10_000;
 
 /// The main connection during pre-copy and stop-and-copy: its share of the pages, round
-/// ends, then STATE (or CANCEL/ERROR).
+/// ends, then STATE (or CANCEL/ERROR). Returns the encoded state.
 fn main_lane(
     r: &mut BufReader<Channel>,
     ram: &GuestRam,
-    set: &dyn Fn(&str),
-) -> Result<VmSnapshot, MigrationError> {
+    set: &dyn Fn(ReceivePhase),
+) -> Result<Vec<u8>, MigrationError> {
     let mut buf = Vec::new();
+    let mut pages = PageReader::default();
     loop {
-        match read_frame(r, &mut buf)? {
-            Kind::Pages => apply(ram, &buf, false)?,
-            Kind::ZeroPages => apply(ram, &buf, true)?,
-            Kind::RoundEnd => {
-                let round = buf
-                    .get(..4)
-                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                set(&format!("precopy round {} done", round.unwrap_or(0)));
+        match recv(r, &mut buf)? {
+            Received::Pages(head) => {
+                pages.receive(r, head, ram)?;
             }
-            Kind::State => {
-                return postcard::from_bytes(&buf)
-                    .map_err(|e| MigrationError::Corrupt(format!("state: {e}")));
-            }
-            Kind::Cancel => {
-                return Err(MigrationError::Cancelled(format!(
-                    " by the source: {}",
-                    String::from_utf8_lossy(&buf)
-                )))
-            }
-            Kind::Error => {
-                return Err(MigrationError::Peer(
-                    String::from_utf8_lossy(&buf).into_owned(),
-                ))
-            }
-            k => return Err(MigrationError::Corrupt(format!("unexpected {k:?}"))),
+            Received::Message(m) => match m {
+                Message::RoundEnd(round) => set(ReceivePhase::Precopy(Some(round))),
+                Message::State(state) => return Ok(state),
+                Message::Cancel(why) => {
+                    return Err(MigrationError::Cancelled(format!(" by the source: {why}")))
+                }
+                m => return Err(unexpected("pages or STATE", &m)),
+            },
         }
     }
 }

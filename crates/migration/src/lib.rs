@@ -8,6 +8,7 @@
 
 pub mod dest;
 mod fault;
+pub mod policy;
 pub mod protocol;
 pub mod source;
 pub mod tls;

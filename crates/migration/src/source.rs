@@ -11,10 +11,10 @@ use vmm::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 use vmm::Machine;
 
 use crate::dest::MAX_OUTPUT_WATCH_MS;
+use crate::policy::{Convergence, Decision, RoundStats};
 use crate::protocol::{
-    encode_pages, handshake, read_frame, write_frame, write_frame_flags, write_frame_parts,
-    Compression, Kind, MigrationError, Packer, Setup, BATCH_PAGES, IO_TIMEOUT, MAX_CONNECTIONS,
-    PRECOMMIT_TIMEOUT,
+    frame, handshake, message, pages, Compression, Kind, Message, MigrationError, Packer, Setup,
+    BATCH_PAGES, IO_TIMEOUT, MAX_CONNECTIONS, PRECOMMIT_TIMEOUT,
 };
 use crate::tls::{Channel, Identity};
 
@@ -127,6 +127,31 @@ pub struct MigrationStatus {
     pub error: Option<String>,
 }
 
+/// Where the downtime went: each step between the source pausing the VM and the
+/// destination's RESUMED arriving, in µs, as the source measures it (the destination's own
+/// share comes in READY and RESUMED).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DowntimeSteps {
+    /// Stopping every vCPU (from the pause request until the last one is out of the guest).
+    pub pause_us: u64,
+    /// Reading the dirty log a last time (KVM's and the devices').
+    pub dirty_log_us: u64,
+    /// Sending the last dirty pages, every connection drained.
+    pub last_pages_us: u64,
+    /// Handing the disks over (flush, close, unlock).
+    pub disks_us: u64,
+    /// Capturing and encoding the vCPU and device state.
+    pub state_capture_us: u64,
+    /// STATE on the wire and READY back, less the destination's restore.
+    pub state_transfer_us: u64,
+    /// The destination building the VM from the state (it reports this in READY).
+    pub dest_restore_us: u64,
+    /// The last check before the commit (PING → PONG).
+    pub precommit_us: u64,
+    /// COMMIT sent → RESUMED received, the destination letting the vCPUs go included.
+    pub resume_us: u64,
+}
+
 /// Summary of a completed migration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -134,6 +159,12 @@ pub struct MigrationReport {
     pub total_ms: u64,
     /// Source pause to destination resume acknowledged (ms).
     pub downtime_ms: u64,
+    /// The downtime target the switch-over aimed at (ms).
+    pub downtime_target_ms: u64,
+    /// By how much the downtime exceeded the target (ms), when it did.
+    pub downtime_missed_by_ms: Option<u64>,
+    /// Where the downtime went.
+    pub downtime_steps: DowntimeSteps,
     /// Pre-copy rounds after the full pass.
     pub rounds: u32,
     /// Bytes on the wire.
@@ -152,22 +183,28 @@ pub struct MigrationReport {
     pub connections: u8,
     /// Whether the connections were TLS (mutually authenticated, encrypted).
     pub tls: bool,
-    /// Downtime as the guest shows it: the largest gap between two of its console lines,
-    /// host-timestamped, from the start of the migration until its first line on the
-    /// destination (ms; `None` when the guest printed nothing to measure with). Across
-    /// hosts this relies on their clocks being synchronized (NTP).
+    /// Downtime as the guest lived it, measured from outside it: from the instant the last
+    /// vCPU stopped on the source to the instant the first vCPU entered the guest on the
+    /// destination (ms; `None` when the destination took the VM over paused). Across hosts
+    /// this relies on their clocks being synchronized (NTP).
     pub guest_downtime_ms: Option<u64>,
+    /// The largest gap between two of the guest's console lines, host-timestamped, from the
+    /// start of the migration until its first line on the destination (ms; `None` when the
+    /// guest printed nothing to measure with): what a guest that prints regularly saw.
+    pub console_gap_ms: Option<u64>,
 }
 
-/// How long a failed migration waits to take its disks back from a destination that still
-/// holds them (it lets go when its connection fails, at the latest after its I/O timeout).
+/// How a migration that failed before the commit gets its disks back from a destination that
+/// still holds them (it lets go when its connection fails, at the latest after its I/O
+/// timeout).
 const DISK_PATIENCE: Duration = Duration::from_secs(IO_TIMEOUT.as_secs() + 10);
-
-/// Fewest pages a round must move for its throughput to count.
-const MEASURE_PAGES: u64 = 64;
 
 /// Per-vCPU state estimate used in the downtime prediction before the real size is known.
 const STATE_ESTIMATE: u64 = 64 * 1024;
+
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
 
 /// Counters shared by the connections of one migration.
 struct Shared<'a> {
@@ -206,7 +243,7 @@ impl Shared<'_> {
 struct Lane {
     w: BufWriter<Channel>,
     packer: Packer,
-    payload: Vec<u8>,
+    index: Vec<u8>,
     data: Vec<u8>,
     batch: Vec<u64>,
     zeros: Vec<u64>,
@@ -221,7 +258,7 @@ impl Lane {
         Ok(Lane {
             w: BufWriter::with_capacity(1 << 20, ch),
             packer: Packer::new(opts.compression)?,
-            payload: Vec::new(),
+            index: Vec::new(),
             data: Vec::with_capacity(BATCH_PAGES * PAGE_SIZE),
             batch: Vec::new(),
             zeros: Vec::new(),
@@ -231,15 +268,17 @@ impl Lane {
         })
     }
 
-    /// Writes a control frame (never compressed).
-    fn control(
-        &mut self,
-        sh: &Shared<'_>,
-        kind: Kind,
-        payload: &[u8],
-    ) -> Result<(), MigrationError> {
-        write_frame(&mut self.w, kind, payload)?;
-        self.account(sh, 12 + payload.len() as u64);
+    /// Writes a control message (not flushed).
+    fn send_msg(&mut self, sh: &Shared<'_>, m: &Message) -> Result<(), MigrationError> {
+        let n = message::send(&mut self.w, m)?;
+        self.account(sh, n);
+        Ok(())
+    }
+
+    /// Writes a control message and flushes the connection.
+    fn say(&mut self, sh: &Shared<'_>, m: &Message) -> Result<(), MigrationError> {
+        self.send_msg(sh, m)?;
+        self.w.flush()?;
         Ok(())
     }
 
@@ -260,50 +299,40 @@ impl Lane {
         }
     }
 
-    /// Reads the peer's next frame (lane 0 only), after sending everything buffered.
-    fn read(&mut self, buf: &mut Vec<u8>) -> Result<Kind, MigrationError> {
+    /// Reads the peer's next message (lane 0 only), after sending everything buffered.
+    fn read(&mut self, buf: &mut Vec<u8>) -> Result<Message, MigrationError> {
         self.w.flush()?;
-        read_frame(self.w.get_mut(), buf)
+        message::recv_message(self.w.get_mut(), buf)
     }
 
     fn flush_batch(&mut self, sh: &Shared<'_>) -> Result<(), MigrationError> {
         if !self.batch.is_empty() {
-            // (raw payload bytes, bytes on the wire)
-            let (raw, wire_len) = if !self.packer.compresses() && !crate::fault::active() {
-                // Uncompressed: the page data goes out from the batch buffer as it is.
-                encode_pages(&self.batch, &[], &mut self.payload);
-                write_frame_parts(&mut self.w, Kind::Pages, &[&self.payload, &self.data])?;
-                let n = (self.payload.len() + self.data.len()) as u64;
-                (n, n)
-            } else {
-                encode_pages(&self.batch, &self.data, &mut self.payload);
-                let (flags, wire) = self.packer.pack(&self.payload)?;
-                if crate::fault::corrupt_this_batch() {
-                    let mut frame = Vec::new();
-                    write_frame_flags(&mut frame, Kind::Pages, flags, wire)?;
-                    let mid = frame.len() / 2;
-                    frame[mid] ^= 0x20;
-                    self.w.write_all(&frame)?;
-                } else {
-                    write_frame_flags(&mut self.w, Kind::Pages, flags, wire)?;
-                }
-                (self.payload.len() as u64, wire.len() as u64)
-            };
+            let corrupt = crate::fault::active() && crate::fault::corrupt_this_batch();
+            let (raw, wire_len) = pages::write_batch(
+                &mut self.w,
+                &mut self.packer,
+                &self.batch,
+                &self.data,
+                &mut self.index,
+                corrupt,
+            )?;
             sh.raw.fetch_add(raw, Ordering::Relaxed);
             sh.packed.fetch_add(wire_len, Ordering::Relaxed);
             sh.pages_sent
                 .fetch_add(self.batch.len() as u64, Ordering::Relaxed);
-            self.account(sh, 12 + wire_len);
+            self.account(
+                sh,
+                (frame::HEADER_LEN + frame::TRAILER_LEN) as u64 + wire_len,
+            );
             sh.update(|_| {}); // bytes and pages sent, live
             self.batch.clear();
             self.data.clear();
         }
         if !self.zeros.is_empty() {
-            encode_pages(&self.zeros, &[], &mut self.payload);
-            let p = std::mem::take(&mut self.payload);
-            let r = self.control(sh, Kind::ZeroPages, &p);
-            self.payload = p;
-            r?;
+            pages::encode_index(&self.zeros, &mut self.index);
+            frame::write(&mut self.w, Kind::ZeroPages, 0, &[&self.index])?;
+            let n = (frame::HEADER_LEN + frame::TRAILER_LEN + self.index.len()) as u64;
+            self.account(sh, n);
             self.zeros.clear();
         }
         sh.check_cancel()
@@ -333,7 +362,8 @@ impl Lane {
     ) -> Result<(), MigrationError> {
         for &p in pages {
             // Zero pages are recognised in place; only the others are copied, straight into
-            // the batch. (A page written after the check is in the dirty log.)
+            // the batch — the one copy a page takes, which is also the snapshot its CRC
+            // covers (the guest may write the page meanwhile: the dirty log has it).
             let addr = p * PAGE_SIZE as u64;
             if sh.ram.page_is_zero(addr)? {
                 if skip_zero {
@@ -364,11 +394,43 @@ fn lane_of(page: u64, lanes: usize) -> usize {
     ((page / BATCH_PAGES as u64) % lanes as u64) as usize
 }
 
+/// The sender's phases, in order; each is one method of [`Sender`] that returns the next.
+/// Any error before [`SendPhase::Commit`] takes the VM back (see [`migrate`]).
+enum SendPhase {
+    /// Memory rounds while the VM runs: `round` was just sent, from `started`, when
+    /// `pages_before` pages had been sent.
+    Precopy {
+        round: u32,
+        started: Instant,
+        pages_before: u64,
+    },
+    /// Pause, last dirty pages, disks, state; `pending` were dirty at the switch-over
+    /// decision.
+    StopAndCopy { pending: Vec<u64> },
+    /// STATE is out: wait for READY, then make sure the destination is still there.
+    Handover,
+    /// The point of no return: COMMIT, then RESUMED.
+    Commit,
+}
+
+/// What the sender has measured by the time it commits.
+#[derive(Default)]
+struct Progress {
+    rounds: u32,
+    pause_at: Option<Instant>,
+    steps: DowntimeSteps,
+}
+
 struct Sender<'a> {
     m: &'a Machine,
     sh: Shared<'a>,
     opts: &'a MigrateOptions,
     lanes: Vec<Lane>,
+    policy: Convergence,
+    progress: Progress,
+    /// Whether this migration paused the VM (so that a failure resumes it).
+    paused_here: bool,
+    buf: Vec<u8>,
 }
 
 impl Sender<'_> {
@@ -403,28 +465,213 @@ impl Sender<'_> {
         })
     }
 
-    fn all_pages(&self) -> Vec<u64> {
-        ram_ranges(self.m.ram().size())
-            .into_iter()
-            .flat_map(|(s, l)| (s / PAGE_SIZE as u64)..((s + l) / PAGE_SIZE as u64))
-            .collect()
+    /// Every page of RAM that may hold data, ascending: the holes of the RAM's memfd are
+    /// zero and never touched (reading one would allocate it), only counted as skipped.
+    fn all_pages(&self) -> Result<Vec<u64>, MigrationError> {
+        let ram = self.m.ram();
+        let ranges = ram.data_ranges()?;
+        let page = PAGE_SIZE as u64;
+        let pages: Vec<u64> = ranges
+            .iter()
+            .flat_map(|&(s, l)| (s / page)..((s + l) / page))
+            .collect();
+        let total: u64 = ram_ranges(ram.size()).iter().map(|r| r.1 / page).sum();
+        self.sh
+            .zero_skipped
+            .fetch_add(total.saturating_sub(pages.len() as u64), Ordering::Relaxed);
+        Ok(pages)
     }
 
     fn round_end(&mut self, round: u32) -> Result<(), MigrationError> {
         for l in &mut self.lanes {
             l.w.flush()?;
         }
-        self.lanes[0].control(&self.sh, Kind::RoundEnd, &round.to_le_bytes())?;
-        self.lanes[0].w.flush()?;
-        Ok(())
-    }
-
-    fn bytes(&self) -> u64 {
-        self.sh.bytes.load(Ordering::Relaxed)
+        self.lanes[0].say(&self.sh, &Message::RoundEnd(round))
     }
 
     fn pages(&self) -> u64 {
         self.sh.pages_sent.load(Ordering::Relaxed)
+    }
+
+    /// Runs the phases from the first page to RESUMED.
+    fn run(&mut self) -> Result<(), MigrationError> {
+        self.sh.check_cancel()?; // cancelled during setup: nothing was sent yet
+        let mut phase = if self.opts.quick {
+            self.paused_here = self.m.pause()?;
+            SendPhase::StopAndCopy {
+                pending: Vec::new(),
+            }
+        } else {
+            self.start_precopy()?
+        };
+        loop {
+            phase = match phase {
+                SendPhase::Precopy {
+                    round,
+                    started,
+                    pages_before,
+                } => self.precopy_round(round, started, pages_before)?,
+                SendPhase::StopAndCopy { pending } => self.stop_and_copy(pending)?,
+                SendPhase::Handover => self.handover()?,
+                SendPhase::Commit => return Ok(()),
+            };
+        }
+    }
+
+    /// Round 0: dirty logging on, then every non-zero page.
+    fn start_precopy(&mut self) -> Result<SendPhase, MigrationError> {
+        // Dirty logging on before the first page is read: nothing written later is missed.
+        self.m.set_dirty_logging(true)?;
+        self.sh.update(|st| st.phase = Phase::Precopy);
+        let (started, pages_before) = (Instant::now(), self.pages());
+        let all = self.all_pages()?;
+        self.send_pages(all, true)?;
+        self.round_end(0)?;
+        crate::fault::hold("precopy", self.sh.cancel);
+        Ok(SendPhase::Precopy {
+            round: 0,
+            started,
+            pages_before,
+        })
+    }
+
+    /// After round `round`: read the dirty log, ask the policy, and send another round or
+    /// switch over.
+    fn precopy_round(
+        &mut self,
+        round: u32,
+        started: Instant,
+        pages_before: u64,
+    ) -> Result<SendPhase, MigrationError> {
+        let dirty = self.m.dirty_pages()?;
+        let stats = RoundStats {
+            round,
+            dirty_pages: dirty.len() as u64,
+            moved_pages: self.pages() - pages_before,
+            elapsed: started.elapsed(),
+            since_start: self.sh.t0.elapsed(),
+            state_bytes: STATE_ESTIMATE * u64::from(self.m.config().vcpus),
+        };
+        let step = self.policy.decide(&stats);
+        let throttle = self.policy.throttle();
+        self.sh.update(|st| {
+            st.round = round;
+            st.pages_remaining = stats.dirty_pages;
+            st.dirty_rate_pps = step.dirty_rate as u64;
+            st.throughput_bps = step.throughput as u64;
+            st.expected_downtime_ms = u64::try_from(step.expected.as_millis()).unwrap_or(u64::MAX);
+            st.throttle_pct = throttle;
+        });
+        tracing::info!(
+            round,
+            dirty = stats.dirty_pages,
+            expected = ?step.expected,
+            throughput = step.throughput,
+            decision = ?step.decision,
+            "pre-copy round"
+        );
+        match step.decision {
+            Decision::SwitchOver => return Ok(SendPhase::StopAndCopy { pending: dirty }),
+            Decision::GiveUp(why) => return Err(MigrationError::NotConverged(why)),
+            Decision::Throttle(t) => self.m.set_throttle(t),
+            Decision::Continue => {}
+        }
+        let (started, pages_before) = (Instant::now(), self.pages());
+        let round = round + 1;
+        self.send_pages(dirty, false)?;
+        self.round_end(round)?;
+        self.progress.rounds = round;
+        Ok(SendPhase::Precopy {
+            round,
+            started,
+            pages_before,
+        })
+    }
+
+    /// Pause, the last pages, the disks, the state.
+    fn stop_and_copy(&mut self, pending: Vec<u64>) -> Result<SendPhase, MigrationError> {
+        let m = self.m;
+        self.sh.update(|st| st.phase = Phase::StopAndCopy);
+        let pause_at = Instant::now();
+        self.progress.pause_at = Some(pause_at);
+        if !self.paused_here {
+            self.paused_here = m.pause()?;
+        }
+        let lap = |t: &mut Instant| {
+            let d = us(t.elapsed());
+            *t = Instant::now();
+            d
+        };
+        self.progress.steps.pause_us = us(pause_at.elapsed());
+        crate::fault::hold("stop-and-copy", self.sh.cancel);
+        self.sh.check_cancel()?;
+        let mut t = Instant::now();
+        if self.opts.quick {
+            let all = self.all_pages()?;
+            self.progress.steps.dirty_log_us = lap(&mut t);
+            self.send_pages(all, true)?;
+        } else {
+            let mut last = pending;
+            last.extend(m.dirty_pages()?);
+            last.sort_unstable();
+            last.dedup();
+            self.progress.steps.dirty_log_us = lap(&mut t);
+            self.send_pages(last, false)?;
+        }
+        // Every additional connection is drained before the state goes out on the main one.
+        for l in self.lanes.iter_mut().skip(1) {
+            l.say(&self.sh, &Message::DataEnd)?;
+        }
+        self.progress.steps.last_pages_us = lap(&mut t);
+        // Disk hand-over: everything the guest was told is written gets to the image, then the
+        // images are closed and unlocked so the destination can open them before it says READY.
+        // Until the commit, any failure takes them back here (`migrate`'s error path).
+        m.release_devices()?;
+        self.progress.steps.disks_us = lap(&mut t);
+        let snap = m.capture()?;
+        let state =
+            postcard::to_stdvec(&snap).map_err(|e| MigrationError::Protocol(e.to_string()))?;
+        self.progress.steps.state_capture_us = lap(&mut t);
+        self.lanes[0].say(&self.sh, &Message::State(state))?;
+        Ok(SendPhase::Handover)
+    }
+
+    /// READY, then PING/PONG: the destination holds the whole VM and is still there.
+    fn handover(&mut self) -> Result<SendPhase, MigrationError> {
+        let t = Instant::now();
+        let ready = match self.lanes[0].read(&mut self.buf)? {
+            Message::Ready(r) => r,
+            m => return Err(message::unexpected("READY", &m)),
+        };
+        let round_trip = us(t.elapsed());
+        self.progress.steps.dest_restore_us = ready.restore_us.min(round_trip);
+        self.progress.steps.state_transfer_us = round_trip - self.progress.steps.dest_restore_us;
+        crate::fault::hold("ready", self.sh.cancel);
+        self.sh.check_cancel()?;
+        // Last check before the point of no return: the destination must answer right now.
+        // A dead destination or a cut link is found here, while the VM can still resume on the
+        // source; what is left is a failure in the one round trip between PONG and COMMIT.
+        let t = Instant::now();
+        let lane = &mut self.lanes[0];
+        lane.say(&self.sh, &Message::Ping)?;
+        lane.w
+            .get_ref()
+            .tcp()
+            .set_read_timeout(Some(PRECOMMIT_TIMEOUT))?;
+        let pong = lane.read(&mut self.buf);
+        lane.w.get_ref().tcp().set_read_timeout(Some(IO_TIMEOUT))?;
+        match pong {
+            Ok(Message::Pong) => {}
+            Ok(m) => return Err(message::unexpected("PONG", &m)),
+            Err(e) => {
+                return Err(MigrationError::Peer(format!(
+                    "the destination did not answer before the commit ({e}); the VM stays here"
+                )))
+            }
+        }
+        self.progress.steps.precommit_us = us(t.elapsed());
+        self.sh.check_cancel()?;
+        Ok(SendPhase::Commit)
     }
 }
 
@@ -490,6 +737,10 @@ pub fn migrate(
         sh,
         opts,
         lanes: vec![Lane::new(main, opts, opts.connections)?],
+        policy: Convergence::new(opts),
+        progress: Progress::default(),
+        paused_here: false,
+        buf: Vec::new(),
     };
     let session = session_id();
     let setup = Setup {
@@ -498,77 +749,25 @@ pub fn migrate(
         connections: opts.connections,
         session,
     };
-    let setup = postcard::to_stdvec(&setup).map_err(|e| MigrationError::Protocol(e.to_string()))?;
-    s.lanes[0].control(&s.sh, Kind::Setup, &setup)?;
-    let mut buf = Vec::new();
-    match s.lanes[0].read(&mut buf)? {
-        Kind::Accept => {}
-        Kind::Refuse => {
-            return Err(MigrationError::Refused(
-                String::from_utf8_lossy(&buf).into_owned(),
-            ))
-        }
-        k => {
-            return Err(MigrationError::Corrupt(format!(
-                "expected ACCEPT, got {k:?}"
-            )))
-        }
+    s.lanes[0].send_msg(&s.sh, &Message::Setup(Box::new(setup)))?;
+    match s.lanes[0].read(&mut s.buf)? {
+        Message::Accept => {}
+        m => return Err(message::unexpected("ACCEPT", &m)),
     }
     for lane in 1..opts.connections {
-        let mut join = session.to_vec();
-        join.push(lane);
         let mut l = Lane::new(open(&addr, id)?, opts, opts.connections)?;
-        l.control(&s.sh, Kind::Join, &join)?;
-        l.w.flush()?;
+        l.say(&s.sh, &Message::Join { session, lane })?;
         s.lanes.push(l);
     }
     crate::fault::hold("setup", cancel);
 
-    let mut paused_here = false;
-    let mut max_throttle = 0u8;
-    let result = precopy_and_stop(&mut s, &mut paused_here, &mut max_throttle);
-    let (rounds, pause_at) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            // Before the commit point: the VM stays, or becomes again, the source's.
-            let reason = e.to_string();
-            let kind = if matches!(e, MigrationError::Cancelled(_)) {
-                Kind::Cancel
-            } else {
-                Kind::Error
-            };
-            let w = &mut s.lanes[0].w;
-            let _ = write_frame(w, kind, reason.as_bytes()).and_then(|_| Ok(w.flush()?));
-            m.set_throttle(0);
-            let _ = m.set_dirty_logging(false);
-            let mut result = e;
-            if paused_here {
-                // Disks handed over come back first; a destination that has not noticed the
-                // failure yet gives them up within its I/O timeout.
-                let back = m.reacquire_devices(DISK_PATIENCE).and_then(|_| m.resume());
-                if let Err(cause) = back {
-                    tracing::error!("the VM cannot resume here: {cause}");
-                    result = MigrationError::SourcePaused {
-                        failure: reason,
-                        cause: cause.to_string(),
-                    };
-                }
-            }
-            let reason = result.to_string();
-            s.sh.update(|st| {
-                st.phase = if matches!(result, MigrationError::Cancelled(_)) {
-                    Phase::Cancelled
-                } else {
-                    Phase::Failed
-                };
-                st.error = Some(reason);
-            });
-            return Err(result);
-        }
-    };
+    if let Err(e) = s.run() {
+        return Err(roll_back(&mut s, e));
+    }
 
     // The commit point. From here on the source never resumes.
     s.sh.update(|st| st.phase = Phase::Commit);
+    let pause_at = s.progress.pause_at.unwrap_or(t0);
     // The guest is paused: its last line here is final. Ask the destination to watch for
     // the next one for three of the largest gaps seen (0: the guest printed nothing).
     let last_line = clock.last_line_us();
@@ -582,48 +781,54 @@ pub fn migrate(
     } else {
         0
     };
-    let committed = s.lanes[0]
-        .control(&s.sh, Kind::Commit, &watch_ms.to_le_bytes())
-        .and_then(|_| Ok(s.lanes[0].w.flush()?));
+    let t_commit = Instant::now();
+    let committed = s.lanes[0].say(&s.sh, &Message::Commit { watch_ms });
     m.set_throttle(0);
     if let Err(e) = committed {
         return Err(MigrationError::CommitUnknown(e.to_string()));
     }
     crate::fault::hold("committed", &AtomicBool::new(false));
-    match s.lanes[0].read(&mut buf) {
-        Ok(Kind::Resumed) => {}
-        Ok(k) => {
+    let resumed = match s.lanes[0].read(&mut s.buf) {
+        Ok(Message::Resumed(r)) => r,
+        Ok(other) => {
             return Err(MigrationError::CommitUnknown(format!(
-                "got {k:?} instead of RESUMED"
+                "got {} instead of RESUMED",
+                other.name()
             )))
         }
         Err(e) => return Err(MigrationError::CommitUnknown(e.to_string())),
-    }
+    };
     let downtime = pause_at.elapsed();
     let total = t0.elapsed();
+    s.progress.steps.resume_us = us(t_commit.elapsed());
     s.sh.update(|st| st.phase = Phase::Completed);
-    // Committed and resumed: a missing FIRST_OUTPUT only loses the measurement.
-    let first_there = match s.lanes[0].read(&mut buf) {
-        Ok(Kind::FirstOutput) => buf
-            .get(..8)
-            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-            .filter(|&t| t != 0),
+    // Committed and resumed: a missing FIRST_OUTPUT only loses the console measurement.
+    let first_there = match s.lanes[0].read(&mut s.buf) {
+        Ok(Message::FirstOutput(t)) => t,
         _ => None,
     };
-    let guest_downtime_ms = match (last_line, first_there) {
+    let console_gap_ms = match (last_line, first_there) {
         (Some(a), Some(b)) => Some(b.saturating_sub(a).max(gap_before) / 1000),
+        _ => None,
+    };
+    let guest_downtime_ms = match (m.paused_at_us(), resumed.first_entry_us) {
+        (Some(a), b) if b != 0 => Some(b.saturating_sub(a) / 1000),
         _ => None,
     };
     let raw = s.sh.raw.load(Ordering::Relaxed);
     let packed = s.sh.packed.load(Ordering::Relaxed).max(1);
+    let downtime_ms = u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX);
     Ok(MigrationReport {
         total_ms: u64::try_from(total.as_millis()).unwrap_or(u64::MAX),
-        downtime_ms: u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX),
-        rounds,
-        bytes_sent: s.bytes(),
-        pages_sent: s.sh.pages_sent.load(Ordering::Relaxed),
+        downtime_ms,
+        downtime_target_ms: opts.downtime_ms,
+        downtime_missed_by_ms: downtime_ms.checked_sub(opts.downtime_ms).filter(|&d| d > 0),
+        downtime_steps: s.progress.steps.clone(),
+        rounds: s.progress.rounds,
+        bytes_sent: s.sh.bytes.load(Ordering::Relaxed),
+        pages_sent: s.pages(),
         zero_pages_skipped: s.sh.zero_skipped.load(Ordering::Relaxed),
-        max_throttle_pct: max_throttle,
+        max_throttle_pct: s.policy.max_throttle(),
         compression: opts.compression,
         compression_ratio: if raw == 0 {
             1.0
@@ -633,185 +838,45 @@ pub fn migrate(
         connections: opts.connections,
         tls,
         guest_downtime_ms,
+        console_gap_ms,
     })
 }
 
-fn precopy_and_stop(
-    s: &mut Sender<'_>,
-    paused_here: &mut bool,
-    max_throttle: &mut u8,
-) -> Result<(u32, Instant), MigrationError> {
+/// Before the commit point: the VM stays, or becomes again, the source's. Tells the
+/// destination, takes the disks back and resumes the VM if this migration paused it;
+/// returns the error to report.
+fn roll_back(s: &mut Sender<'_>, e: MigrationError) -> MigrationError {
     let m = s.m;
-    let target = Duration::from_millis(s.opts.downtime_ms);
-    let mut round = 0u32;
-    // Pages dirty at the switch-over decision: sent after the pause.
-    let mut pending = Vec::new();
-    s.sh.check_cancel()?; // cancelled during setup: nothing was sent yet
-    if s.opts.quick {
-        *paused_here = m.pause()?;
+    let reason = e.to_string();
+    let msg = if matches!(e, MigrationError::Cancelled(_)) {
+        Message::Cancel(reason.clone())
     } else {
-        // Dirty logging on before the first page is read: nothing written later is missed.
-        m.set_dirty_logging(true)?;
-        s.sh.update(|st| st.phase = Phase::Precopy);
-        let mut round_start = Instant::now();
-        let mut round_pages = s.pages();
-        // Effective rate in guest bytes per second (pages moved, whatever their size on the
-        // wire): what the downtime estimate needs. Kept from the last round that moved
-        // enough pages to measure it.
-        let mut throughput = 1.0f64;
-        let all = s.all_pages();
-        s.send_pages(all, true)?;
-        s.round_end(0)?;
-        crate::fault::hold("precopy", s.sh.cancel);
-        let mut prev_dirty = u64::MAX;
-        let mut throttle = 0u8;
-        let mut stalled = 0;
-        loop {
-            let dirty = m.dirty_pages()?;
-            let el = round_start.elapsed().as_secs_f64().max(1e-3);
-            let moved = s.pages() - round_pages;
-            if moved >= MEASURE_PAGES || throughput <= 1.0 {
-                throughput = (moved as f64 * PAGE_SIZE as f64 / el).max(1.0);
-            }
-            let dirty_rate = dirty.len() as f64 / el;
-            let remaining = dirty.len() as u64 * PAGE_SIZE as u64
-                + STATE_ESTIMATE * u64::from(m.config().vcpus);
-            let expected = Duration::from_secs_f64(remaining as f64 / throughput);
-            s.sh.update(|st| {
-                st.round = round;
-                st.pages_remaining = dirty.len() as u64;
-                st.dirty_rate_pps = dirty_rate as u64;
-                st.throughput_bps = throughput as u64;
-                st.expected_downtime_ms = u64::try_from(expected.as_millis()).unwrap_or(u64::MAX);
-                st.throttle_pct = throttle;
-            });
-            tracing::info!(
-                round,
-                dirty = dirty.len(),
-                ?expected,
-                throughput,
-                "pre-copy round"
-            );
-            // Fewer dirty pages than a round needs to measure throughput: what is left is
-            // below any link's resolution (< 256 KiB), and a throughput measured on a tiny
-            // round is latency, not bandwidth — waiting for a better estimate would only spin
-            // (seen: "still dirties 0 pages per round, expected downtime 101 ms").
-            let tiny = (dirty.len() as u64) < MEASURE_PAGES;
-            if expected <= target || tiny {
-                // Put the pages back in the log's place: they are sent after the pause.
-                pending = dirty;
-                break;
-            }
-            let over_time = s.sh.t0.elapsed() > Duration::from_secs(s.opts.timeout_s);
-            if over_time || round >= s.opts.max_rounds {
-                match s.opts.on_timeout {
-                    TimeoutPolicy::Cancel => {
-                        return Err(MigrationError::NotConverged(format!(
-                            "after {round} rounds the guest still dirties {} pages per round (expected downtime {} ms, target {} ms)",
-                            dirty.len(),
-                            expected.as_millis(),
-                            target.as_millis()
-                        )))
-                    }
-                    TimeoutPolicy::SwitchOver => {
-                        pending = dirty;
-                        break;
-                    }
-                }
-            }
-            if s.opts.auto_converge && round >= 1 {
-                if dirty.len() as u64 * 10 >= prev_dirty * 9 {
-                    stalled += 1;
-                } else {
-                    stalled = 0;
-                }
-                if stalled >= 1 && throttle < 90 {
-                    throttle = if throttle == 0 {
-                        20
-                    } else {
-                        (throttle + 10).min(90)
-                    };
-                    *max_throttle = (*max_throttle).max(throttle);
-                    m.set_throttle(throttle);
-                    stalled = 0;
-                }
-            }
-            prev_dirty = dirty.len() as u64;
-            round += 1;
-            round_start = Instant::now();
-            round_pages = s.pages();
-            s.send_pages(dirty, false)?;
-            s.round_end(round)?;
+        Message::Error(reason.clone())
+    };
+    let _ = s.lanes[0].say(&s.sh, &msg);
+    m.set_throttle(0);
+    let _ = m.set_dirty_logging(false);
+    let mut result = e;
+    if s.paused_here {
+        // Disks handed over come back first; a destination that has not noticed the failure
+        // yet gives them up within its I/O timeout.
+        let back = m.reacquire_devices(DISK_PATIENCE).and_then(|_| m.resume());
+        if let Err(cause) = back {
+            tracing::error!("the VM cannot resume here: {cause}");
+            result = MigrationError::SourcePaused {
+                failure: reason,
+                cause: cause.to_string(),
+            };
         }
     }
-
-    // Stop-and-copy.
-    s.sh.update(|st| st.phase = Phase::StopAndCopy);
-    let pause_at = Instant::now();
-    if !*paused_here {
-        *paused_here = m.pause()?;
-    }
-    crate::fault::hold("stop-and-copy", s.sh.cancel);
-    s.sh.check_cancel()?;
-    if s.opts.quick {
-        let all = s.all_pages();
-        s.send_pages(all, true)?;
-    } else {
-        let mut last = pending;
-        last.extend(m.dirty_pages()?);
-        last.sort_unstable();
-        last.dedup();
-        s.send_pages(last, false)?;
-    }
-    // Every additional connection is drained before the state goes out on the main one.
-    for l in s.lanes.iter_mut().skip(1) {
-        l.control(&s.sh, Kind::DataEnd, &[])?;
-        l.w.flush()?;
-    }
-    // Disk hand-over: everything the guest was told is written gets to the image, then the
-    // images are closed and unlocked so the destination can open them before it says READY.
-    // Until the commit, any failure takes them back here (`migrate`'s error path).
-    m.release_devices()?;
-    let snap = m.capture()?;
-    let state = postcard::to_stdvec(&snap).map_err(|e| MigrationError::Protocol(e.to_string()))?;
-    s.lanes[0].control(&s.sh, Kind::State, &state)?;
-    let mut buf = Vec::new();
-    match s.lanes[0].read(&mut buf)? {
-        Kind::Ready => {}
-        Kind::Error | Kind::Refuse => {
-            return Err(MigrationError::Peer(
-                String::from_utf8_lossy(&buf).into_owned(),
-            ))
-        }
-        k => {
-            return Err(MigrationError::Corrupt(format!(
-                "expected READY, got {k:?}"
-            )))
-        }
-    }
-    crate::fault::hold("ready", s.sh.cancel);
-    s.sh.check_cancel()?;
-    // Last check before the point of no return: the destination must answer right now.
-    // A dead destination or a cut link is found here, while the VM can still resume on the
-    // source; what is left is a failure in the one round trip between PONG and COMMIT.
-    let lane = &mut s.lanes[0];
-    lane.control(&s.sh, Kind::Ping, &[])?;
-    lane.w.flush()?;
-    lane.w
-        .get_ref()
-        .tcp()
-        .set_read_timeout(Some(PRECOMMIT_TIMEOUT))?;
-    let pong = lane.read(&mut buf);
-    lane.w.get_ref().tcp().set_read_timeout(Some(IO_TIMEOUT))?;
-    match pong {
-        Ok(Kind::Pong) => {}
-        Ok(k) => return Err(MigrationError::Corrupt(format!("expected PONG, got {k:?}"))),
-        Err(e) => {
-            return Err(MigrationError::Peer(format!(
-                "the destination did not answer before the commit ({e}); the VM stays here"
-            )))
-        }
-    }
-    s.sh.check_cancel()?;
-    Ok((round, pause_at))
+    let reason = result.to_string();
+    s.sh.update(|st| {
+        st.phase = if matches!(result, MigrationError::Cancelled(_)) {
+            Phase::Cancelled
+        } else {
+            Phase::Failed
+        };
+        st.error = Some(reason);
+    });
+    result
 }

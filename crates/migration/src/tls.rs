@@ -339,6 +339,19 @@ impl Write for Channel {
         }
     }
 
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Channel::Plain(t) => t.write_vectored(bufs),
+            // rustls' owned stream writes only the first slice; its borrowed one takes all.
+            Channel::Client(s) => {
+                rustls::Stream::new(&mut s.conn, &mut s.sock).write_vectored(bufs)
+            }
+            Channel::Server(s) => {
+                rustls::Stream::new(&mut s.conn, &mut s.sock).write_vectored(bufs)
+            }
+        }
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Channel::Plain(t) => t.flush(),

@@ -349,7 +349,7 @@ fn anonymous_client(addr: &str) {
 
 #[test]
 fn peers_outside_the_cluster_are_refused_and_the_receiver_keeps_waiting() {
-    use migration::protocol::{write_frame, Kind, MAGIC};
+    use migration::protocol::{frame, Kind, MAGIC};
     let d = tmpdir("auth");
     let (la, lb) = (d.join("a.log"), d.join("b.log"));
     let src = Machine::boot(dirtier(1, "mb=2 rate=1000 beat_ms=100"), console(&la)).unwrap();
@@ -400,17 +400,17 @@ fn peers_outside_the_cluster_are_refused_and_the_receiver_keeps_waiting() {
     );
     refusals(3);
 
-    // 4. A cluster member speaking another protocol version.
+    // 4. A cluster member speaking the previous protocol version (4).
     let id = identity(false);
     let tcp = std::net::TcpStream::connect(&addr).unwrap();
     let mut ch = migration::tls::Channel::connect(tcp, Some(&id)).unwrap();
     let mut hello = MAGIC.to_vec();
-    hello.extend_from_slice(&1u16.to_le_bytes());
-    hello.extend_from_slice(&1u16.to_le_bytes());
-    write_frame(&mut ch, Kind::Hello, &hello).unwrap();
+    hello.extend_from_slice(&4u16.to_le_bytes());
+    hello.extend_from_slice(&4u16.to_le_bytes());
+    frame::write(&mut ch, Kind::Hello, 0, &[&hello]).unwrap();
     std::io::Write::flush(&mut ch).unwrap();
     let p = refusals(4);
-    assert!(p.contains("version 1"), "{p}");
+    assert!(p.contains("version 4"), "{p}");
     drop(ch);
 
     // The VM never stopped on the source, and the right source still gets through.
@@ -426,7 +426,7 @@ fn peers_outside_the_cluster_are_refused_and_the_receiver_keeps_waiting() {
 
 #[test]
 fn a_destination_of_another_protocol_version_is_refused_before_anything_is_sent() {
-    use migration::protocol::{read_frame, write_frame, Kind, MAGIC};
+    use migration::protocol::{frame, Kind, MAGIC};
     let d = tmpdir("version");
     let la = d.join("a.log");
     let src = Machine::boot(dirtier(1, "mb=2 rate=1000 beat_ms=100"), console(&la)).unwrap();
@@ -441,13 +441,13 @@ fn a_destination_of_another_protocol_version_is_refused_before_anything_is_sent(
         let other = migration::protocol::VERSION + 1;
         hello.extend_from_slice(&other.to_le_bytes());
         hello.extend_from_slice(&other.to_le_bytes());
-        write_frame(&mut ch, Kind::Hello, &hello).unwrap();
+        frame::write(&mut ch, Kind::Hello, 0, &[&hello]).unwrap();
         std::io::Write::flush(&mut ch).unwrap();
         // Whatever comes after the peer's HELLO: the source must send nothing more.
         let mut buf = Vec::new();
-        let first = read_frame(&mut ch, &mut buf);
+        let first = frame::read(&mut ch, &mut buf);
         assert!(matches!(first, Ok(Kind::Hello)), "{first:?}");
-        let second = read_frame(&mut ch, &mut buf);
+        let second = frame::read(&mut ch, &mut buf);
         assert!(
             second.is_err(),
             "the source went on after the version mismatch"
