@@ -13,11 +13,15 @@
 //! `ferry-bench compare-qemu [MiB ...]` (module `qemu`) compares live migration with QEMU's on
 //! a Linux guest; it needs a KVM that runs Linux: `cargo xtask bench-qemu` runs it in a lab host.
 //!
+//! `ferry-bench wire [MiB]` (module `wire`) measures a live migration's rate of guest memory
+//! moved over loopback against plain and TLS loopback transfers of the same bytes.
+//!
 //! `ferry-bench devices` (module `devices`) measures virtio-blk and virtio-net in a Linux
 //! guest against the host; `cargo xtask bench-devices` runs it in a lab host.
 
 mod devices;
 mod qemu;
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -120,10 +124,21 @@ fn ms(d: Duration) -> String {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("compare-qemu") {
-        let sizes = args[1..]
-            .iter()
-            .map(|a| a.parse::<u64>().context("sizes are MiB numbers"))
-            .collect::<Result<Vec<_>>>()?;
+        let mut sizes = Vec::new();
+        let mut filter = qemu::Filter::default();
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            let slot = match a.as_str() {
+                "--load" => &mut filter.load,
+                "--link" => &mut filter.link,
+                "--only" => &mut filter.only,
+                n => {
+                    sizes.push(n.parse::<u64>().context("sizes are MiB numbers")?);
+                    continue;
+                }
+            };
+            *slot = Some(it.next().context("a value after the option")?.clone());
+        }
         let b = Bench::fresh("ferry-bench-qemu")?;
         return qemu::run(
             &b,
@@ -132,7 +147,16 @@ fn main() -> Result<()> {
             } else {
                 &sizes
             },
+            &filter,
         );
+    }
+    if args.first().map(String::as_str) == Some("wire") {
+        let mib = match args.get(1) {
+            Some(a) => a.parse::<u64>().context("the size is a MiB number")?,
+            None => 512,
+        };
+        let b = Bench::fresh("ferry-bench-wire")?;
+        return wire::run(&b.dir, mib);
     }
     if args.first().map(String::as_str) == Some("devices") {
         let b = Bench::fresh("ferry-bench-devices")?;

@@ -4,10 +4,25 @@
 //! `cargo xtask bench-qemu`.
 //!
 //! QEMU: `-M microvm,acpi=off -accel kvm -cpu host`, migrated with QMP `migrate` to an
-//! `-incoming` twin, polled with `query-migrate`; `downtime-limit` 100 ms, `max-bandwidth`
-//! unlimited, `auto-converge` on (Ferry's is on by default). Ferry: `ferry vm migrate
-//! --downtime-ms 100` with its defaults (TLS, 2 connections) and, like QEMU, plain TCP over one
-//! connection (`--insecure --connections 1`).
+//! `-incoming defer` twin, polled with `query-migrate`; `downtime-limit` 100 ms,
+//! `max-bandwidth` unlimited, `auto-converge` on (Ferry's is on by default); plain TCP, and
+//! again with `tls-creds-x509` (QEMU's TLS, with the same certificates Ferry uses). Ferry:
+//! `ferry vm migrate --downtime-ms 100` with its defaults (mutual TLS, default connections),
+//! and plain over one connection (`--insecure --connections 1`).
+//!
+//! Every guest has a virtio-net NIC on one bridge (10.78.0.2); a network namespace on the same
+//! bridge pings it every 10 ms (`ping -i 0.01 -D`) through each migration, and the longest
+//! gap between two replies and the pings lost are what the guest's users saw, measured from
+//! outside it the same way for both.
+//!
+//! Each (guest, link) prints one line a script can read:
+//!
+//! ```text
+//! row <MiB>M-<idle|dirtying> <link> ferry_total_ms=… ferry_down_ms=… qemu_total_ms=… qemu_down_ms=… ferry_gap_ms=… qemu_gap_ms=… …
+//! ```
+//! (`ferry_*` Ferry's defaults, `qemu_*` QEMU plain; `ferry_plain_*` and `qemu_tls_*` the
+//! like-for-like variants; a figure that could not be read is `NA`, never 0). The run exits
+//! non-zero when any migration lost the guest or damaged its memory.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -19,13 +34,37 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::Bench;
 
-/// One migration's numbers.
+/// The guest's address on the bench bridge, the bridge's, and the pinging namespace's.
+const GUEST_IP: &str = "10.78.0.2";
+const BRIDGE: &str = "fqbr";
+const BRIDGE_IP: &str = "10.78.0.1/24";
+const NS: &str = "fqns";
+const NS_IP: &str = "10.78.0.3/24";
+const MAC: &str = "52:54:00:78:00:02";
+/// A gap between ping replies longer than this counts as a stall (pings go every 10 ms).
+const STALL_MS: f64 = 40.0;
+
+/// What the pinging namespace saw through one migration.
+#[derive(Clone, Debug, Default)]
+struct Pings {
+    /// Longest time between two replies (ms).
+    gap_ms: f64,
+    /// Pings sent in the window that got no reply.
+    lost: u64,
+    /// Gaps longer than [`STALL_MS`].
+    stalls: u32,
+}
+
+/// One migration's numbers; `None` where a figure could not be read.
 #[derive(Clone, Debug, Default)]
 struct Outcome {
-    total_ms: u64,
-    downtime_ms: u64,
+    total_ms: Option<u64>,
+    downtime_ms: Option<u64>,
     guest_ms: Option<u64>,
-    bytes: u64,
+    bytes: Option<u64>,
+    pings: Option<Pings>,
+    /// Ferry only: rounds, highest throttle and the downtime's steps, as its report gives them.
+    detail: String,
     note: String,
 }
 
@@ -35,12 +74,169 @@ fn guest_dir() -> PathBuf {
         .unwrap_or_else(|| crate::ws().join("../shared/guest"))
 }
 
-/// Sets (or clears, with `None`) a rate limit on loopback, in Mbit/s.
-fn set_link(mbit: Option<u64>) -> Result<()> {
-    let _ = Command::new("tc")
-        .args(["qdisc", "del", "dev", "lo", "root"])
+fn sh(cmd: &str, args: &[&str]) -> Result<()> {
+    let st = Command::new(cmd)
+        .args(args)
+        .status()
+        .with_context(|| format!("{cmd} {args:?}"))?;
+    if !st.success() {
+        bail!("{cmd} {args:?}: {st}");
+    }
+    Ok(())
+}
+
+fn quiet(cmd: &str, args: &[&str]) {
+    let _ = Command::new(cmd)
+        .args(args)
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// The bench network: bridge, pinging namespace, one TAP per QEMU; removed on drop.
+struct Net;
+
+impl Net {
+    fn up() -> Result<Net> {
+        quiet("modprobe", &["tun"]);
+        Net::clean();
+        sh("ip", &["link", "add", BRIDGE, "type", "bridge"])?;
+        sh("ip", &["addr", "add", BRIDGE_IP, "dev", BRIDGE])?;
+        sh("ip", &["link", "set", BRIDGE, "up"])?;
+        sh("ip", &["netns", "add", NS])?;
+        sh(
+            "ip",
+            &[
+                "link", "add", "fqvh", "type", "veth", "peer", "name", "fqvn",
+            ],
+        )?;
+        sh("ip", &["link", "set", "fqvh", "master", BRIDGE, "up"])?;
+        sh("ip", &["link", "set", "fqvn", "netns", NS])?;
+        sh("ip", &["-n", NS, "addr", "add", NS_IP, "dev", "fqvn"])?;
+        sh("ip", &["-n", NS, "link", "set", "fqvn", "up"])?;
+        sh("ip", &["-n", NS, "link", "set", "lo", "up"])?;
+        for tap in ["fqtqs", "fqtqd"] {
+            sh("ip", &["tuntap", "add", tap, "mode", "tap"])?;
+            sh("ip", &["link", "set", tap, "master", BRIDGE, "up"])?;
+        }
+        Ok(Net)
+    }
+
+    fn clean() {
+        for args in [
+            vec!["link", "del", BRIDGE],
+            vec!["link", "del", "fqvh"],
+            vec!["link", "del", "fqtqs"],
+            vec!["link", "del", "fqtqd"],
+            vec!["netns", "del", NS],
+        ] {
+            quiet("ip", &args);
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        Net::clean();
+    }
+}
+
+/// Pings the guest from the namespace every 10 ms until stopped.
+struct Pinger {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Pinger {
+    /// Starts pinging and waits for the first reply (the guest's NIC is up, ARP done).
+    fn start(dir: &Path) -> Result<Pinger> {
+        let out = dir.join("ping.out");
+        let child = Command::new("ip")
+            .args(["netns", "exec", NS, "ping", "-i", "0.01", "-D", "-W", "1"])
+            .arg(GUEST_IP)
+            .stdout(std::fs::File::create(&out)?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("ping (iputils-ping)")?;
+        let p = Pinger { child, out };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while p.replies()?.is_empty() {
+            if Instant::now() > deadline {
+                bail!("the guest does not answer pings");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(p)
+    }
+
+    /// (time in s since the epoch, icmp_seq) of every reply so far.
+    fn replies(&self) -> Result<Vec<(f64, u64)>> {
+        let text = std::fs::read_to_string(&self.out)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let t = l
+                    .strip_prefix('[')?
+                    .split(']')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()?;
+                let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?;
+                Some((t, seq.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// What the pings saw between `from` and `to` (s since the epoch).
+    fn window(&self, from: f64, to: f64) -> Result<Pings> {
+        let r: Vec<_> = self
+            .replies()?
+            .into_iter()
+            .filter(|&(t, _)| t >= from && t <= to)
+            .collect();
+        if r.len() < 2 {
+            bail!("{} ping replies during the migration", r.len());
+        }
+        let mut p = Pings::default();
+        for w in r.windows(2) {
+            let gap = (w[1].0 - w[0].0) * 1000.0;
+            p.gap_ms = p.gap_ms.max(gap);
+            if gap > STALL_MS {
+                p.stalls += 1;
+            }
+            p.lost += w[1].1.saturating_sub(w[0].1 + 1);
+        }
+        Ok(p)
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Pings through `migrate`: from just before it to a second after it returns.
+fn pinged<T>(dir: &Path, migrate: impl FnOnce() -> Result<T>) -> Result<(T, Result<Pings>)> {
+    let p = Pinger::start(dir)?;
+    let from = now_s();
+    let out = migrate()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pings = p.window(from, now_s());
+    Ok((out, pings))
+}
+
+/// Sets (or clears, with `None`) a rate limit on loopback, in Mbit/s.
+fn set_link(mbit: Option<u64>) -> Result<()> {
+    quiet("tc", &["qdisc", "del", "dev", "lo", "root"]);
     if let Some(m) = mbit {
         let st = Command::new("tc")
             .args(["qdisc", "add", "dev", "lo", "root", "tbf", "rate"])
@@ -63,10 +259,30 @@ fn ticks(log: &Path) -> usize {
         .count()
 }
 
-fn intact(log: &Path) -> bool {
-    !std::fs::read_to_string(log)
+/// Damage a migration did to the guest (the run fails for it, not just the row).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Damage(String);
+
+/// The guest goes on ticking on the destination, with its memory intact.
+fn check_guest(who: &str, log: &Path) -> Result<()> {
+    let before = ticks(log);
+    if wait_ticks(log, before + 2, Duration::from_secs(120)).is_err() {
+        return Err(Damage(format!(
+            "{who}: the guest stopped ticking after the migration"
+        ))
+        .into());
+    }
+    if std::fs::read_to_string(log)
         .unwrap_or_default()
         .contains("DIRTIER-ERROR")
+    {
+        return Err(Damage(format!(
+            "{who}: the guest found its memory damaged after the migration"
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn wait_ticks(log: &Path, n: usize, timeout: Duration) -> Result<()> {
@@ -79,6 +295,20 @@ fn wait_ticks(log: &Path, n: usize, timeout: Duration) -> Result<()> {
     }
     Ok(())
 }
+
+/// The guest's /init: eth0 up at [`GUEST_IP`], then the dirtier as the shared guest runs it.
+const INIT: &str = r#"ip link set eth0 up
+ip addr add 10.78.0.2/24 dev eth0
+MB=64
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	dirtier.mb=*) MB="${arg#dirtier.mb=}" ;;
+	esac
+done
+/bin/dirtier "$MB"
+echo "dirtier exited with status $?"
+while true; do sleep 1; done
+"#;
 
 struct Qmp {
     r: BufReader<UnixStream>,
@@ -144,7 +374,9 @@ fn qemu(
     tag: &str,
     mem_mib: u64,
     cmdline: &str,
-    incoming: Option<u16>,
+    initrd: &Path,
+    tls: Option<(&Path, &str)>,
+    incoming: bool,
 ) -> Result<Child> {
     let g = guest_dir();
     let mut c = Command::new("qemu-system-x86_64");
@@ -169,8 +401,12 @@ fn qemu(
     .arg("-kernel")
     .arg(g.join("bzImage"))
     .arg("-initrd")
-    .arg(g.join("initramfs.cpio.gz"))
+    .arg(initrd)
     .args(["-append", cmdline])
+    .arg("-netdev")
+    .arg(format!("tap,id=n0,ifname=fqt{tag},script=no,downscript=no"))
+    .arg("-device")
+    .arg(format!("virtio-net-device,netdev=n0,mac={MAC}"))
     .arg("-chardev")
     .arg(format!(
         "file,id=con,path={}",
@@ -182,13 +418,36 @@ fn qemu(
         "unix:{},server=on,wait=off",
         dir.join(format!("{tag}.qmp")).display()
     ));
-    if let Some(p) = incoming {
-        c.arg("-incoming").arg(format!("tcp:127.0.0.1:{p}"));
+    if let Some((creds, endpoint)) = tls {
+        c.arg("-object").arg(format!(
+            "tls-creds-x509,id=tls0,endpoint={endpoint},dir={},verify-peer=on",
+            creds.display()
+        ));
+    }
+    if incoming {
+        c.args(["-incoming", "defer"]);
     }
     c.stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("{tag}.stderr")))?)
         .spawn()
         .context("cannot start qemu-system-x86_64")
+}
+
+/// QEMU's TLS credentials directory made from a Ferry host identity (the same CA and
+/// certificate, which is good for both ends).
+fn qemu_creds(pki: &Path, dir: &Path) -> Result<PathBuf> {
+    let d = dir.join("qemu-tls");
+    std::fs::create_dir_all(&d)?;
+    for (from, to) in [
+        ("ca.pem", "ca-cert.pem"),
+        ("cert.pem", "server-cert.pem"),
+        ("key.pem", "server-key.pem"),
+        ("cert.pem", "client-cert.pem"),
+        ("key.pem", "client-key.pem"),
+    ] {
+        std::fs::copy(pki.join(from), d.join(to))?;
+    }
+    Ok(d)
 }
 
 fn free_port() -> Result<u16> {
@@ -197,58 +456,100 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn run_qemu(dir: &Path, mem_mib: u64, cmdline: &str) -> Result<Outcome> {
+fn run_qemu(
+    dir: &Path,
+    mem_mib: u64,
+    cmdline: &str,
+    initrd: &Path,
+    creds: Option<&Path>,
+) -> Result<Outcome> {
     let _ = std::fs::remove_file(dir.join("qs.console"));
     let _ = std::fs::remove_file(dir.join("qd.console"));
     let port = free_port()?;
-    let src = qemu(dir, "qs", mem_mib, cmdline, None)?;
-    let dst = qemu(dir, "qd", mem_mib, cmdline, Some(port))?;
+    let src = qemu(
+        dir,
+        "qs",
+        mem_mib,
+        cmdline,
+        initrd,
+        creds.map(|c| (c, "client")),
+        false,
+    )?;
+    let dst = qemu(
+        dir,
+        "qd",
+        mem_mib,
+        cmdline,
+        initrd,
+        creds.map(|c| (c, "server")),
+        true,
+    )?;
     let _guard = Kill(vec![src, dst]);
     wait_ticks(&dir.join("qs.console"), 3, Duration::from_secs(300))?;
-    let mut q = Qmp::connect(&dir.join("qs.qmp"))?;
-    q.cmd(
-        "migrate-set-capabilities",
-        serde_json::json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
-    )?;
-    q.cmd(
-        "migrate-set-parameters",
-        serde_json::json!({"downtime-limit": 100, "max-bandwidth": 1u64 << 40}),
-    )?;
-    q.cmd(
-        "migrate",
+    let mut params = serde_json::json!({"downtime-limit": 100, "max-bandwidth": 1u64 << 40});
+    if creds.is_some() {
+        params["tls-creds"] = "tls0".into();
+        params["tls-hostname"] = "member.ferry-cluster".into();
+    }
+    let mut qd = Qmp::connect(&dir.join("qd.qmp"))?;
+    let caps =
+        serde_json::json!({"capabilities": [{"capability": "auto-converge", "state": true}]});
+    if creds.is_some() {
+        let mut p = serde_json::json!({"tls-creds": "tls0"});
+        p["tls-hostname"] = "member.ferry-cluster".into();
+        qd.cmd("migrate-set-parameters", p)?;
+    }
+    qd.cmd(
+        "migrate-incoming",
         serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")}),
     )?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let info = loop {
-        let v = q.cmd("query-migrate", serde_json::json!({}))?;
-        match v["status"].as_str() {
-            Some("completed") => break v,
-            Some("failed") | Some("cancelled") => bail!("QEMU migration {}: {v}", v["status"]),
-            _ if Instant::now() > deadline => {
-                let _ = q.cmd("migrate_cancel", serde_json::json!({}));
-                return Ok(Outcome {
-                    note: "did not complete in 300 s".into(),
-                    ..Default::default()
-                });
+    let mut q = Qmp::connect(&dir.join("qs.qmp"))?;
+    q.cmd("migrate-set-capabilities", caps)?;
+    q.cmd("migrate-set-parameters", params)?;
+    let (info, pings) = pinged(dir, || {
+        q.cmd(
+            "migrate",
+            serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let v = q.cmd("query-migrate", serde_json::json!({}))?;
+            match v["status"].as_str() {
+                Some("completed") => break Ok(Some(v)),
+                Some("failed") | Some("cancelled") => {
+                    bail!("QEMU migration {}: {v}", v["status"])
+                }
+                _ if Instant::now() > deadline => {
+                    let _ = q.cmd("migrate_cancel", serde_json::json!({}));
+                    break Ok(None);
+                }
+                _ => std::thread::sleep(Duration::from_millis(50)),
             }
-            _ => std::thread::sleep(Duration::from_millis(50)),
         }
+    })?;
+    let Some(info) = info else {
+        return Ok(Outcome {
+            note: "did not complete in 300 s".into(),
+            ..Default::default()
+        });
     };
-    let before = ticks(&dir.join("qd.console"));
-    wait_ticks(
-        &dir.join("qd.console"),
-        before + 2,
-        Duration::from_secs(120),
-    )?;
-    if !intact(&dir.join("qd.console")) {
-        bail!("QEMU: the guest found its memory damaged after the migration");
-    }
+    check_guest("QEMU", &dir.join("qd.console"))?;
+    // A completed migration that does not show its figures is reported as unreadable.
+    let total_ms = info["total-time"].as_u64();
+    let downtime_ms = info["downtime"].as_u64();
+    let note = if total_ms.is_none() || downtime_ms.is_none() {
+        format!("query-migrate had no total-time/downtime: {info}")
+    } else {
+        String::new()
+    };
     Ok(Outcome {
-        total_ms: info["total-time"].as_u64().unwrap_or(0),
-        downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+        total_ms,
+        downtime_ms,
         guest_ms: None,
-        bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
-        note: String::new(),
+        bytes: info["ram"]["transferred"].as_u64(),
+        pings: pings.ok(),
+        detail: String::new(),
+        note,
     })
 }
 
@@ -257,6 +558,7 @@ fn run_ferry(
     dir: &Path,
     mem_mib: u64,
     cmdline: &str,
+    initrd: &Path,
     extra: &[&str],
 ) -> Result<Outcome> {
     let g = guest_dir();
@@ -268,6 +570,7 @@ fn run_ferry(
             .map(str::to_string)
             .ok_or_else(|| anyhow!("path"))
     };
+    let nic = format!("bridge={BRIDGE},mac={MAC}");
     b.ferry(&[
         "vm",
         "start",
@@ -275,11 +578,13 @@ fn run_ferry(
         "--kernel",
         &s(&g.join("vmlinux"))?,
         "--initrd",
-        &s(&g.join("initramfs.cpio.gz"))?,
+        &s(initrd)?,
         "--cmdline",
         cmdline,
         "--memory",
         &format!("{mem_mib}M"),
+        "--nic",
+        &nic,
         "--console-log",
         &s(&a)?,
     ])?;
@@ -302,106 +607,244 @@ fn run_ferry(
         let addr = r["listen"].as_str().context("listen")?.to_string();
         let mut m = vec!["vm", "migrate", "fs", "--to", &addr, "--downtime-ms", "100"];
         m.extend_from_slice(extra);
-        let rep = b.ferry(&m)?;
-        let before = ticks(&c);
-        wait_ticks(&c, before + 2, Duration::from_secs(120))?;
-        if !intact(&c) {
-            bail!("Ferry: the guest found its memory damaged after the migration");
-        }
+        let (rep, pings) = pinged(dir, || b.ferry(&m))?;
+        check_guest("Ferry", &c)?;
+        let steps = rep["downtime_steps"]
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .map(|(k, v)| {
+                        let ms = v.as_u64().unwrap_or(0) as f64 / 1000.0;
+                        format!("{}={ms:.1}", k.trim_end_matches("_us"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .unwrap_or_default();
         Ok(Outcome {
-            total_ms: rep["total_ms"].as_u64().unwrap_or(0),
-            downtime_ms: rep["downtime_ms"].as_u64().unwrap_or(0),
+            total_ms: rep["total_ms"].as_u64(),
+            downtime_ms: rep["downtime_ms"].as_u64(),
             guest_ms: rep["guest_downtime_ms"].as_u64(),
-            bytes: rep["bytes_sent"].as_u64().unwrap_or(0),
+            bytes: rep["bytes_sent"].as_u64(),
+            pings: pings.ok(),
+            detail: format!(
+                "rounds {} throttle {}% downtime steps (ms): {steps}",
+                rep["rounds"], rep["max_throttle_pct"]
+            ),
             note: String::new(),
         })
     })();
+    if res.is_err() {
+        keep_logs(b, dir);
+    }
     let _ = b.ferry(&["vm", "stop", "fd"]);
     let _ = b.ferry(&["vm", "stop", "fs"]);
     res
 }
 
+/// Copies a failed run's consoles and worker logs into the workspace (`target/bench-qemu-failed/
+/// N/`), which outlives the lab host.
+fn keep_logs(b: &Bench, dir: &Path) {
+    let base = crate::ws().join("target/bench-qemu-failed");
+    let n = std::fs::read_dir(&base).map(|d| d.count()).unwrap_or(0);
+    let to = base.join(n.to_string());
+    if std::fs::create_dir_all(&to).is_err() {
+        return;
+    }
+    for d in [dir.to_path_buf(), b.dir.join("run")] {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "console" || x == "log") {
+                let _ = std::fs::copy(&p, to.join(e.file_name()));
+            }
+        }
+    }
+    println!("  (logs of the failed run kept in {})", to.display());
+}
+
+fn na<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "NA".into())
+}
+
 fn cell(o: &Outcome) -> String {
-    if !o.note.is_empty() {
+    if o.total_ms.is_none() && !o.note.is_empty() {
         return o.note.clone();
     }
     format!(
-        "{:>6} ms, down {:>4} ms{}, {:>7.1} MiB",
-        o.total_ms,
-        o.downtime_ms,
+        "{:>6} ms, down {:>4} ms{}, {:>7} MiB, ping gap {} ms, lost {}, stalls {}{}",
+        na(o.total_ms),
+        na(o.downtime_ms),
         o.guest_ms
             .map(|g| format!(" (guest {g} ms)"))
             .unwrap_or_default(),
-        o.bytes as f64 / 1048576.0
+        na(o.bytes.map(|b| format!("{:.1}", b as f64 / 1048576.0))),
+        na(o.pings.as_ref().map(|p| format!("{:.0}", p.gap_ms))),
+        na(o.pings.as_ref().map(|p| p.lost)),
+        na(o.pings.as_ref().map(|p| p.stalls)),
+        if o.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", o.note)
+        }
     )
 }
 
-fn ratio(a: u64, b: u64) -> String {
-    if a == 0 || b == 0 {
-        "-".into()
-    } else {
-        format!("{:.2}", a as f64 / b as f64)
+fn ratio(a: Option<u64>, b: Option<u64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if a > 0 && b > 0 => format!("{:.2}", a as f64 / b as f64),
+        _ => "NA".into(),
     }
 }
 
-/// `ferry-bench compare-qemu [SIZES_MIB]`.
-pub fn run(b: &Bench, sizes: &[u64]) -> Result<()> {
+/// The `key=value` fields of one outcome under `prefix`.
+fn fields(prefix: &str, o: &Outcome) -> String {
+    let p = o.pings.as_ref();
+    format!(
+        "{prefix}_total_ms={} {prefix}_down_ms={} {prefix}_gap_ms={} {prefix}_lost={} {prefix}_stalls={} {prefix}_bytes={}",
+        na(o.total_ms),
+        na(o.downtime_ms),
+        na(p.map(|p| format!("{:.0}", p.gap_ms))),
+        na(p.map(|p| p.lost)),
+        na(p.map(|p| p.stalls)),
+        na(o.bytes),
+    )
+}
+
+/// Which cases to run (all by default).
+#[derive(Debug, Default)]
+pub struct Filter {
+    /// `idle` or `dirtying`.
+    pub load: Option<String>,
+    /// `unlimited`, `10GbE` or `1GbE`.
+    pub link: Option<String>,
+    /// `ferry` or `qemu`: only that side's runs.
+    pub only: Option<String>,
+}
+
+impl Filter {
+    fn want(v: &Option<String>, x: &str) -> bool {
+        v.as_deref().is_none_or(|w| w == x)
+    }
+}
+
+/// `ferry-bench compare-qemu [SIZES_MIB] [--load L] [--link L] [--only ferry|qemu]`.
+pub fn run(b: &Bench, sizes: &[u64], filter: &Filter) -> Result<()> {
     let dir = b.dir.join("qemu");
     std::fs::create_dir_all(&dir)?;
-    b.ferry(&["pki", "init", b.dir.join("pki").to_str().context("path")?])?;
+    let pki = b.dir.join("pki");
+    b.ferry(&["pki", "init", pki.to_str().context("path")?])?;
+    let creds = qemu_creds(&pki, &dir)?;
+    let initrd = dir.join("initrd-net");
+    std::fs::write(
+        &initrd,
+        ferry_guests::linux_initrd(&guest_dir(), INIT, &[])?,
+    )?;
+    let _net = Net::up()?;
     println!("# Ferry vs QEMU live migration, same guest and host, downtime limit 100 ms");
-    println!(
-        "# (ratios Ferry/QEMU: lower is better; guest ticks are 1 s apart, so the guest-observed"
-    );
-    println!("#  downtime is only measured to that resolution, and only for Ferry)\n");
+    println!("# (ratios Ferry/QEMU: lower is better; ping gap: the longest time between two");
+    println!("#  replies to pings every 10 ms from a namespace on the guest's bridge)\n");
     let links: [(&str, Option<u64>); 3] = [
         ("unlimited", None),
-        ("10 GbE", Some(10_000)),
-        ("1 GbE", Some(1_000)),
+        ("10GbE", Some(10_000)),
+        ("1GbE", Some(1_000)),
     ];
+    let mut damage = Vec::new();
     for &mem in sizes {
         for (load, mb) in [("idle", 0), ("dirtying", mem / 4)] {
+            if !Filter::want(&filter.load, load) {
+                continue;
+            }
             let cmdline = format!("console=ttyS0 dirtier.mb={mb}");
             for (link, rate) in links {
+                if !Filter::want(&filter.link, link) {
+                    continue;
+                }
                 set_link(rate)?;
-                // A failed run is reported in its row; the others go on.
-                let failed = |e: anyhow::Error| Outcome {
-                    note: format!("FAILED: {e:#}"),
+                // A failed run is reported in its row; the others go on. Damage to a guest
+                // fails the whole run at the end.
+                let mut failed = |e: anyhow::Error| {
+                    if e.downcast_ref::<Damage>().is_some() {
+                        damage.push(format!("{mem} MiB {load} {link}: {e}"));
+                    }
+                    Outcome {
+                        note: format!("FAILED: {e:#}"),
+                        ..Default::default()
+                    }
+                };
+                let skipped = || Outcome {
+                    note: "not run".into(),
                     ..Default::default()
                 };
-                let q = run_qemu(&dir, mem, &cmdline).unwrap_or_else(failed);
+                let (qemu_on, ferry_on) = (
+                    Filter::want(&filter.only, "qemu"),
+                    Filter::want(&filter.only, "ferry"),
+                );
+                let q = match qemu_on {
+                    true => {
+                        run_qemu(&dir, mem, &cmdline, &initrd, None).unwrap_or_else(&mut failed)
+                    }
+                    false => skipped(),
+                };
+                let qt = match qemu_on {
+                    true => run_qemu(&dir, mem, &cmdline, &initrd, Some(&creds))
+                        .unwrap_or_else(&mut failed),
+                    false => skipped(),
+                };
                 let plain = ["--insecure", "--connections", "1"];
-                let f = run_ferry(b, &dir, mem, &cmdline, &plain).unwrap_or_else(failed);
-                let ft = run_ferry(b, &dir, mem, &cmdline, &[]).unwrap_or_else(failed);
+                let f = match ferry_on {
+                    true => {
+                        run_ferry(b, &dir, mem, &cmdline, &initrd, &[]).unwrap_or_else(&mut failed)
+                    }
+                    false => skipped(),
+                };
+                let fp = match ferry_on {
+                    true => run_ferry(b, &dir, mem, &cmdline, &initrd, &plain)
+                        .unwrap_or_else(&mut failed),
+                    false => skipped(),
+                };
                 set_link(None)?;
-                let frac = |o: &Outcome| match rate {
-                    Some(m) if o.total_ms > 0 => format!(
+                let frac = |o: &Outcome| match (rate, o.total_ms, o.bytes) {
+                    (Some(m), Some(t), Some(bytes)) if t > 0 => format!(
                         "{:.2}",
-                        (o.bytes as f64 * 8.0 / (o.total_ms as f64 / 1000.0)) / (m as f64 * 1e6)
+                        (bytes as f64 * 8.0 / (t as f64 / 1000.0)) / (m as f64 * 1e6)
                     ),
                     _ => "-".into(),
                 };
                 println!("{mem} MiB {load}, {link}:");
-                println!(
-                    "  QEMU                        {}  link use {}",
-                    cell(&q),
-                    frac(&q)
-                );
-                for (name, o) in [
-                    ("Ferry plain, 1 connection", &f),
-                    ("Ferry TLS, 2 connections", &ft),
+                for (name, o, base) in [
+                    ("QEMU plain", &q, None),
+                    ("QEMU TLS", &qt, None),
+                    ("Ferry defaults (TLS)", &f, Some(&q)),
+                    ("Ferry TLS vs QEMU TLS", &f, Some(&qt)),
+                    ("Ferry plain, 1 connection", &fp, Some(&q)),
                 ] {
-                    println!(
-                        "  {name:<27} {}  link use {}  total {}× downtime {}× bytes {}×",
-                        cell(o),
-                        frac(o),
-                        ratio(o.total_ms, q.total_ms),
-                        ratio(o.downtime_ms, q.downtime_ms),
-                        ratio(o.bytes, q.bytes)
-                    );
+                    let vs = base
+                        .map(|q| {
+                            format!(
+                                "  total {}× downtime {}× bytes {}×",
+                                ratio(o.total_ms, q.total_ms),
+                                ratio(o.downtime_ms, q.downtime_ms),
+                                ratio(o.bytes, q.bytes)
+                            )
+                        })
+                        .unwrap_or_default();
+                    println!("  {name:<26} {}  link use {}{vs}", cell(o), frac(o));
+                    if !o.detail.is_empty() {
+                        println!("  {:<26} {}", "", o.detail);
+                    }
                 }
+                println!(
+                    "row {mem}M-{load} {link} {} {} {} {}",
+                    fields("ferry", &f),
+                    fields("qemu", &q),
+                    fields("ferry_plain", &fp),
+                    fields("qemu_tls", &qt),
+                );
             }
         }
+    }
+    if !damage.is_empty() {
+        bail!("guests lost or damaged:\n{}", damage.join("\n"));
     }
     Ok(())
 }

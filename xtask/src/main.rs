@@ -89,6 +89,15 @@ enum Task {
         /// Guest sizes in MiB.
         #[arg(default_values_t = [256u64, 1024])]
         sizes: Vec<u64>,
+        /// Only this load: idle or dirtying.
+        #[arg(long)]
+        load: Option<String>,
+        /// Only this link: unlimited, 10GbE or 1GbE.
+        #[arg(long)]
+        link: Option<String>,
+        /// Only this side's runs: ferry or qemu.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Inside a lab host (started by its init): hold one KVM VM open until killed, so the lab
     /// kernel never patches its code while tests run (xtask/src/kvm_hold.rs).
@@ -313,10 +322,22 @@ fn main() -> Result<()> {
             let args = std::iter::once("devices".to_string()).chain(only);
             bench_in_lab(args.collect(), 4096, 3600)
         }
-        Task::BenchQemu { sizes } => {
-            let args =
-                std::iter::once("compare-qemu".to_string()).chain(sizes.iter().map(u64::to_string));
-            bench_in_lab(args.collect(), 8192, 7200)
+        Task::BenchQemu {
+            sizes,
+            load,
+            link,
+            only,
+        } => {
+            let mut args: Vec<String> = std::iter::once("compare-qemu".to_string())
+                .chain(sizes.iter().map(u64::to_string))
+                .collect();
+            for (flag, v) in [("--load", load), ("--link", link), ("--only", only)] {
+                if let Some(v) = v {
+                    args.push(flag.into());
+                    args.push(v);
+                }
+            }
+            bench_in_lab(args, 8192, 7200)
         }
         Task::LabKvmHold { ready, cycles } => kvm_hold::run(&ready, cycles),
     }
