@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::Mutex;
 
 use vmm::devices::serial::{unix_us, ConsoleOut};
-use vmm::machine::{check_host_cpu, SavedConfig, VmSnapshot};
+use vmm::machine::{check_host_cpu, SavedConfig, Skeleton, VmSnapshot};
 use vmm::memory::GuestRam;
 use vmm::Machine;
 
@@ -236,8 +236,13 @@ pub fn receive(
             ));
         }
     }
-    let ram = match GuestRam::new(name, need) {
-        Ok(r) => r,
+    // The VM, all but its state, before a page is sent: between the source's pause and the
+    // resume only the state is left to load, and a host that cannot create the VM says so now.
+    let skeleton = match GuestRam::new(name, need)
+        .map_err(vmm::MachineError::from)
+        .and_then(|ram| Skeleton::new(saved, ram))
+    {
+        Ok(s) => s,
         Err(e) => return Err(refuse(r.get_mut(), e.to_string())),
     };
     send(r.get_mut(), &Message::Accept)?;
@@ -250,7 +255,7 @@ pub fn receive(
         .map(|l| l.get_ref().tcp().try_clone())
         .collect::<Result<_, _>>()?;
     let state: Vec<u8> = std::thread::scope(|sc| {
-        let ram = &ram;
+        let ram = skeleton.ram();
         let handles: Vec<_> = lanes
             .into_iter()
             .map(|lane| {
@@ -296,7 +301,7 @@ pub fn receive(
     let t_restore = std::time::Instant::now();
     let built = postcard::from_bytes::<VmSnapshot>(&state)
         .map_err(|e| MigrationError::Corrupt(format!("state: {e}")))
-        .and_then(|snap| Ok(Machine::from_parts(saved, ram, &snap, console, true)?));
+        .and_then(|snap| Ok(skeleton.restore(&snap, console, true)?));
     let m = match built {
         Ok(m) => m,
         Err(e) => {

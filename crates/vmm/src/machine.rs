@@ -541,18 +541,67 @@ impl Machine {
         paused: bool,
     ) -> Result<Machine, MachineError> {
         snap.check(&saved.config)?;
+        Skeleton::new(saved, ram)?.restore(snap, console, paused)
+    }
+}
+
+/// A VM built but for its state: the KVM VM with its irqchip, PIT and memory slots, and its
+/// vCPUs, over guest RAM that may still be filling. A migration destination builds it at
+/// setup, so that between the source's pause and the resume only the state is loaded (and a
+/// host that cannot create the VM says so before a page is sent).
+pub struct Skeleton {
+    saved: SavedConfig,
+    ram: GuestRam,
+    kvm: Kvm,
+    vmfd: VmFd,
+    fds: Vec<VcpuFd>,
+}
+
+impl Skeleton {
+    /// The KVM VM and `saved.config.vcpus` vCPUs (ids 0 …) over `ram`.
+    pub fn new(saved: SavedConfig, ram: GuestRam) -> Result<Skeleton, MachineError> {
         let (kvm, vmfd) = vm::create(&ram)?;
+        let mut fds = Vec::new();
+        for id in 0..saved.config.vcpus {
+            let fd = vmfd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            fds.push(fd);
+        }
+        Ok(Skeleton {
+            saved,
+            ram,
+            kvm,
+            vmfd,
+            fds,
+        })
+    }
+
+    /// The guest RAM, to be filled before [`Skeleton::restore`].
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Loads the vCPU, VM and device state, opens the devices' backends (disks, TAPs) and
+    /// starts the vCPU threads; they run unless `paused`.
+    pub fn restore(
+        self,
+        snap: &VmSnapshot,
+        console: ConsoleOut,
+        paused: bool,
+    ) -> Result<Machine, MachineError> {
+        let Skeleton {
+            saved,
+            ram,
+            kvm,
+            vmfd,
+            fds,
+        } = self;
+        snap.check(&saved.config)?;
         let host = crate::host::cpuid(&kvm)?;
         let missing = cpuid::incompatibilities(&snap.vcpus[0].cpuid, host.as_slice());
         if !missing.is_empty() {
             return Err(MachineError::IncompatibleCpu(missing));
-        }
-        let mut fds = Vec::new();
-        for s in &snap.vcpus {
-            let fd = vmfd
-                .create_vcpu(u64::from(s.id))
-                .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            fds.push(fd);
         }
         vm::restore(&vmfd, &snap.vm)?;
         for (fd, s) in fds.iter().zip(&snap.vcpus) {
@@ -600,7 +649,9 @@ impl Machine {
         }
         Ok(m)
     }
+}
 
+impl Machine {
     /// What the CONF section of this VM's state holds.
     pub fn saved_config(&self) -> SavedConfig {
         SavedConfig {
