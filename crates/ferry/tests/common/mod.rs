@@ -149,7 +149,40 @@ impl Drop for Env {
         for n in self.names() {
             let _ = self.ferry(&["vm", "stop", &n]);
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Env {
+    /// A failed test's consoles and worker logs, copied to `target/failed-tests/<dir>/` in the
+    /// workspace, which outlives the test's temporary directory (and a lab host's /tmp).
+    fn keep_logs(&self) {
+        let Some(name) = self.dir.file_name() else {
+            return;
+        };
+        let to = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/failed-tests")
+            .join(name);
+        let mut stack = vec![self.dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "log" || x == "console") {
+                    let rel = p.strip_prefix(&self.dir).unwrap_or(&p);
+                    let dst = to.join(rel);
+                    if let Some(parent) = dst.parent() {
+                        let _ = std::fs::create_dir_all(parent);
+                    }
+                    let _ = std::fs::copy(&p, &dst);
+                }
+            }
+        }
+        eprintln!("logs of the failed test kept in {}", to.display());
     }
 }
 
