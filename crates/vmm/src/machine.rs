@@ -767,8 +767,7 @@ impl Machine {
 
     /// Keeps the vCPUs out of the guest `pct` percent of the time (0 to 99; 0 = full speed):
     /// live migration's auto-converge. A helper thread kicks the vCPUs every 10 ms and each
-    /// one stays out for `pct`% of that period before re-entering the guest, so the guest
-    /// runs in slices and is never stopped by the throttle for longer than 10 ms at a time.
+    /// one sleeps in proportion before re-entering the guest.
     pub fn set_throttle(&self, pct: u8) {
         use std::sync::atomic::Ordering;
         let pct = pct.min(99);
@@ -1214,16 +1213,7 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
                 let t = u32::from(shared.throttle.load(std::sync::atomic::Ordering::Relaxed));
                 if t > 0 {
                     drop(f);
-                    // One slice: out of the guest for t% of a period, then in it until the
-                    // throttle's next kick. A kick that lands during the sleep is dropped
-                    // here: left set, it would make the next KVM_RUN return at once and the
-                    // vCPU sleep again and again, never running (a guest frozen for seconds
-                    // at a high throttle). A pause is not lost: the top of the loop reads the
-                    // target state, set before any pause kick, before the next KVM_RUN.
-                    std::thread::sleep(THROTTLE_PERIOD * t / 100);
-                    fd.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set_kvm_immediate_exit(0);
+                    std::thread::sleep(THROTTLE_PERIOD * t / (100 - t));
                     continue;
                 }
                 None
