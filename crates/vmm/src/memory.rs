@@ -57,6 +57,8 @@ pub enum MemoryError {
 pub struct GuestRam {
     memfd: File,
     size: u64,
+    /// [`ram_ranges`] of `size`, computed once: the page paths look them up per page.
+    ranges: Vec<(u64, u64)>,
     mem: GuestMemoryMmap,
     device_log: DeviceLog,
 }
@@ -162,6 +164,7 @@ impl GuestRam {
         Ok(GuestRam {
             memfd,
             size,
+            ranges: ram_ranges(size),
             mem,
             device_log: DeviceLog::default(),
         })
@@ -304,7 +307,7 @@ impl GuestRam {
     /// Where `[addr, addr + len)` lies in the memfd, when it lies within one RAM range.
     fn file_offset(&self, addr: u64, len: u64) -> Result<u64, MemoryError> {
         let mut off = 0;
-        for (s, l) in ram_ranges(self.size) {
+        for &(s, l) in &self.ranges {
             if addr >= s && addr.checked_add(len).is_some_and(|e| e <= s + l) {
                 return Ok(off + (addr - s));
             }
@@ -340,7 +343,7 @@ impl GuestRam {
         };
         let mut out = Vec::new();
         let mut file_off = 0u64;
-        for (start, len) in ram_ranges(self.size) {
+        for &(start, len) in &self.ranges {
             let end = file_off + len;
             let mut at = file_off;
             while at < end {
@@ -406,7 +409,7 @@ impl GuestRam {
 
     /// Whether `[addr, addr + len)` lies entirely in RAM.
     pub fn contains(&self, addr: u64, len: u64) -> bool {
-        ram_ranges(self.size)
+        self.ranges
             .iter()
             .any(|&(s, l)| addr >= s && addr.checked_add(len).is_some_and(|e| e <= s + l))
     }
