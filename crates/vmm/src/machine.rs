@@ -540,6 +540,8 @@ impl Machine {
         console: ConsoleOut,
         paused: bool,
     ) -> Result<Machine, MachineError> {
+        // Checked before the KVM VM is built; `restore` checks the state again only because it
+        // may be given one later (a migration's).
         snap.check(&saved.config)?;
         Skeleton::new(saved, ram)?.restore(snap, console, paused)
     }

@@ -139,9 +139,12 @@ impl Message {
         }
     }
 
-    /// The payload.
-    fn encode(&self) -> Result<Vec<u8>, MigrationError> {
-        Ok(match self {
+    /// The payload (the state is not copied: it is the largest message, sent in the downtime).
+    fn encode(&self) -> Result<std::borrow::Cow<'_, [u8]>, MigrationError> {
+        if let Message::State(s) = self {
+            return Ok(std::borrow::Cow::Borrowed(s));
+        }
+        Ok(std::borrow::Cow::Owned(match self {
             Message::Setup(s) => postcard(s.as_ref())?,
             Message::Accept | Message::DataEnd | Message::Ping | Message::Pong => Vec::new(),
             Message::Refuse(r) | Message::Cancel(r) | Message::Error(r) => r.as_bytes().to_vec(),
@@ -151,12 +154,12 @@ impl Message {
                 b
             }
             Message::RoundEnd(r) => r.to_le_bytes().to_vec(),
-            Message::State(s) => s.clone(),
+            Message::State(_) => Vec::new(), // borrowed above
             Message::Ready(r) => postcard(r)?,
             Message::Commit { watch_ms } => watch_ms.to_le_bytes().to_vec(),
             Message::Resumed(r) => postcard(r)?,
             Message::FirstOutput(t) => t.unwrap_or(0).to_le_bytes().to_vec(),
-        })
+        }))
     }
 
     /// The message of a `kind` frame with payload `b` (not a page frame).
