@@ -15,12 +15,14 @@ use crate::source::{MigrateOptions, TimeoutPolicy};
 /// and a throughput measured on a tiny round is latency, not bandwidth).
 pub const MEASURE_PAGES: u64 = 64;
 
-/// First throttle step of auto-converge (percent of the vCPUs' time kept out of the guest).
-pub const THROTTLE_FIRST: u8 = 20;
-/// Each further step.
-pub const THROTTLE_STEP: u8 = 10;
+/// The throttle steps of auto-converge (percent of the vCPUs' time kept out of the guest), one
+/// per stalled round. The last ones are closer together: going from 90% to 99% divides the
+/// guest's speed by ten, and a guest rewriting a fixed working set each second only slows
+/// once its share is below what the rewrite costs it (the vCPUs run in slices of
+/// `vmm::throttle::PERIOD` at every step, so even 99% never stops the guest for long).
+pub const THROTTLE_STEPS: [u8; 10] = [20, 30, 40, 50, 60, 70, 80, 90, 95, 99];
 /// The most auto-converge throttles.
-pub const THROTTLE_MAX: u8 = 90;
+pub const THROTTLE_MAX: u8 = THROTTLE_STEPS[THROTTLE_STEPS.len() - 1];
 
 /// What one pre-copy round measured.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -156,11 +158,10 @@ impl Convergence {
             .prev_dirty
             .is_some_and(|prev| r.dirty_pages.saturating_mul(10) >= prev.saturating_mul(9));
         if self.auto_converge && r.round >= 1 && stalled && self.throttle < THROTTLE_MAX {
-            let next = if self.throttle == 0 {
-                THROTTLE_FIRST
-            } else {
-                (self.throttle + THROTTLE_STEP).min(THROTTLE_MAX)
-            };
+            let next = THROTTLE_STEPS
+                .into_iter()
+                .find(|&t| t > self.throttle)
+                .unwrap_or(THROTTLE_MAX);
             return Decision::Throttle(next);
         }
         Decision::Continue
@@ -219,14 +220,14 @@ mod tests {
             Decision::Continue
         );
         let mut seen = Vec::new();
-        for round in 1..12 {
+        for round in 1..14 {
             if let Decision::Throttle(t) = c.decide(&stats(round, 50_000, 25_600, 1000)).decision {
                 seen.push(t);
             }
         }
-        assert_eq!(seen, vec![20, 30, 40, 50, 60, 70, 80, 90]);
-        assert_eq!(c.max_throttle(), 90);
-        assert_eq!(c.throttle(), 90);
+        assert_eq!(seen, vec![20, 30, 40, 50, 60, 70, 80, 90, 95, 99]);
+        assert_eq!(c.max_throttle(), 99);
+        assert_eq!(c.throttle(), 99);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod host;
 pub mod machine;
 pub mod memory;
 pub mod snapshot;
+pub mod throttle;
 pub mod vcpu;
 pub mod vm;
 

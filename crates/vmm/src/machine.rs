@@ -238,6 +238,25 @@ impl Shared {
         self.cv.notify_all();
     }
 
+    /// A throttled vCPU's rest: until `until`, or sooner when the VM is no longer running
+    /// (a pause or stop must not wait out the period) or the throttle is lifted.
+    fn rest_until(&self, until: Instant) {
+        let mut c = self.lock();
+        while c.target == RunState::Running
+            && self.throttle.load(std::sync::atomic::Ordering::SeqCst) > 0
+        {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            c = self
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     fn wake_io_threads(&self) {
         for w in self
             .io_wakes
@@ -768,25 +787,20 @@ impl Machine {
     }
 
     /// Keeps the vCPUs out of the guest `pct` percent of the time (0 to 99; 0 = full speed):
-    /// live migration's auto-converge. A helper thread kicks the vCPUs every 10 ms and each
-    /// one sleeps in proportion before re-entering the guest.
+    /// live migration's auto-converge. Each vCPU then runs in slices of a fixed period
+    /// ([`crate::throttle`]), so the throttle never stops the guest for longer than one period.
     pub fn set_throttle(&self, pct: u8) {
         use std::sync::atomic::Ordering;
-        let pct = pct.min(99);
+        let pct = pct.min(crate::throttle::MAX_PCT);
         let was = self.shared.throttle.swap(pct, Ordering::SeqCst);
         if was == 0 && pct > 0 {
-            let shared = Arc::clone(&self.shared);
-            let threads = Arc::clone(&self.threads);
-            let _ = std::thread::Builder::new()
-                .name("throttle".into())
-                .spawn(move || {
-                    while shared.throttle.load(Ordering::SeqCst) > 0
-                        && shared.lock().target != RunState::Stopped
-                    {
-                        kick_threads(&threads);
-                        std::thread::sleep(THROTTLE_PERIOD);
-                    }
-                });
+            // A vCPU that never leaves the guest on its own (in-kernel HLT and timers) learns
+            // of the throttle by this kick; from then on its own timer ends each slice.
+            self.kick_all();
+        } else if pct == 0 {
+            // Wake the vCPUs resting out their period.
+            let _c = self.shared.lock();
+            self.shared.cv.notify_all();
         }
     }
 
@@ -826,6 +840,8 @@ impl Machine {
                 RunState::Paused => return Ok(false),
                 RunState::Running => c.target = RunState::Paused,
             }
+            // A vCPU resting out a throttle period parks now, not at the period's end.
+            self.shared.cv.notify_all();
         }
         self.set_devices_paused(true);
         self.kick_all();
@@ -1141,8 +1157,6 @@ pub fn check_host_cpu(guest: &[kvm_cpuid_entry2]) -> Result<(), MachineError> {
     }
 }
 
-const THROTTLE_PERIOD: Duration = Duration::from_millis(10);
-
 fn kick_threads(threads: &Mutex<Vec<JoinHandle<()>>>) {
     let threads = threads.lock().unwrap_or_else(|p| p.into_inner());
     for t in threads.iter() {
@@ -1171,6 +1185,7 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
         KVM_RUN_PTR.with(|c| c.set(p));
     }
     let mut parked = false;
+    let mut slices = crate::throttle::Slices::new(kick_signal());
     loop {
         {
             let mut c = shared.lock();
@@ -1207,17 +1222,17 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
                 shared.cv.notify_all();
             }
         }
+        let throttle = shared.throttle.load(std::sync::atomic::Ordering::Relaxed);
+        slices.before_run(id, throttle);
         let mut f = fd.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rest = None;
         let stop = match f.run() {
             Ok(exit) => handle_exit(id, exit, shared),
             Err(e) if is_interrupted(&e) => {
+                // A kick (pause, stop, throttle start) or the end of a throttle slice; either
+                // way the top of the loop reads the target state before the next KVM_RUN.
                 f.set_kvm_immediate_exit(0);
-                let t = u32::from(shared.throttle.load(std::sync::atomic::Ordering::Relaxed));
-                if t > 0 {
-                    drop(f);
-                    std::thread::sleep(THROTTLE_PERIOD * t / (100 - t));
-                    continue;
-                }
+                rest = slices.rest_until(throttle);
                 None
             }
             Err(e) => Some(StopReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
@@ -1225,6 +1240,9 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
         drop(f);
         if let Some(reason) = stop {
             shared.request_stop(reason);
+        }
+        if let Some(until) = rest {
+            shared.rest_until(until);
         }
     }
 }

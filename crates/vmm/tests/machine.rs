@@ -358,3 +358,74 @@ fn a_host_lacking_what_the_guest_saw_refuses_the_restore_and_names_it() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// CPU time (user + system) the thread named `name` of this process has used so far.
+fn thread_cpu(name: &str) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        return Duration::from_millis((f[0] + f[1]) * 1000 / hz);
+    }
+    panic!("no thread named {name}");
+}
+
+#[test]
+fn a_throttled_guest_runs_in_short_slices_and_only_its_share() {
+    let d = tmpdir("throttle");
+    let log = d.join("console.log");
+    // A guest that dirties as fast as it can keeps its vCPU thread busy all the time it may run.
+    let mut cfg = dirtier("throttle", 1);
+    cfg.cmdline = "mb=2 rate=0 beat_ms=100".into();
+    let m = Machine::boot(cfg, console(&log)).unwrap();
+    wait_beats(&log, 3);
+    m.set_throttle(90);
+    let clock = m.console_clock();
+    clock.reset_gap();
+    let before = beats(&log).len();
+    let (cpu0, t0) = (thread_cpu("vcpu0"), Instant::now());
+    // The guest goes on beating (its beats follow the TSC, i.e. wall time)...
+    let b = wait_beats(&log, before + 20);
+    let share = (thread_cpu("vcpu0") - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    // ...with about a tenth of its time (it had all of a core a moment ago)...
+    assert!(
+        share < 0.3,
+        "a 90% throttle left the guest {share:.2} of a CPU"
+    );
+    // ...in slices: a throttle that stops the guest for long leaves the console silent.
+    let gap_ms = clock.max_gap_us() / 1000;
+    assert!(
+        gap_ms < 1000,
+        "the throttled guest was silent for {gap_ms} ms"
+    );
+    assert!(b.iter().all(|b| b.1), "memory damaged: {b:?}");
+    // A pause and resume while throttled (a cancelled migration's) leave the guest intact, and
+    // lifting the throttle gives it its time back.
+    m.pause().unwrap();
+    m.resume().unwrap();
+    m.set_throttle(0);
+    let (cpu1, t1) = (thread_cpu("vcpu0"), Instant::now());
+    let after = wait_beats(&log, before + 30);
+    let share0 = (thread_cpu("vcpu0") - cpu1).as_secs_f64() / t1.elapsed().as_secs_f64();
+    eprintln!("vCPU share: throttled to 90% {share:.3}, unthrottled {share0:.3}");
+    assert!(
+        share0 > share,
+        "unthrottled {share0:.2} of a CPU, throttled {share:.2}"
+    );
+    assert!(after.iter().all(|b| b.1), "memory damaged: {after:?}");
+    m.shutdown();
+    let _ = std::fs::remove_dir_all(&d);
+}
