@@ -426,7 +426,10 @@ impl Machine {
         vmfd.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(|e| vm::VmError::Kvm("KVM_IRQFD", e))?;
         let serial = SerialDevice::new(serial_irq, console);
-        let m = Machine::assemble(config, kind, kvm, vmfd, fds, cpuids, serial, mmio, ram)?;
+        let msr_list = vcpu::saveable_msrs(&kvm, &fds[0])?;
+        let m = Machine::assemble(
+            config, kind, kvm, vmfd, fds, msr_list, cpuids, serial, mmio, ram,
+        )?;
         m.start_threads(RunState::Running)?;
         Ok(m)
     }
@@ -438,12 +441,12 @@ impl Machine {
         kvm: Kvm,
         vmfd: VmFd,
         fds: Vec<VcpuFd>,
+        msr_list: Vec<u32>,
         cpuids: Vec<Vec<kvm_cpuid_entry2>>,
         serial: SerialDevice,
         mmio: Vec<Slot>,
         ram: Arc<GuestRam>,
     ) -> Result<Machine, MachineError> {
-        let msr_list = vcpu::saveable_msrs(&kvm, &fds[0])?;
         let nvcpus = fds.len();
         Ok(Machine {
             config,
@@ -576,6 +579,11 @@ pub struct Skeleton {
     kvm: Kvm,
     vmfd: VmFd,
     fds: Vec<VcpuFd>,
+    /// The MSRs this host's KVM saves (probed one by one: hundreds of ioctls, kept out of
+    /// the downtime).
+    msr_list: Vec<u32>,
+    /// What this host's KVM can give a guest (checked against the state's CPUID).
+    host_cpuid: kvm_bindings::CpuId,
 }
 
 impl Skeleton {
@@ -589,12 +597,19 @@ impl Skeleton {
                 .map_err(|e| vm::VmError::Kvm("KVM_CREATE_VCPU", e))?;
             fds.push(fd);
         }
+        let Some(probe) = fds.first() else {
+            return Err(MachineError::Inconsistent("a VM without vCPUs".into()));
+        };
+        let msr_list = vcpu::saveable_msrs(&kvm, probe)?;
+        let host_cpuid = crate::host::cpuid(&kvm)?;
         Ok(Skeleton {
             saved,
             ram,
             kvm,
             vmfd,
             fds,
+            msr_list,
+            host_cpuid,
         })
     }
 
@@ -617,10 +632,11 @@ impl Skeleton {
             kvm,
             vmfd,
             fds,
+            msr_list,
+            host_cpuid,
         } = self;
         snap.check(&saved.config)?;
-        let host = crate::host::cpuid(&kvm)?;
-        let missing = cpuid::incompatibilities(&snap.vcpus[0].cpuid, host.as_slice());
+        let missing = cpuid::incompatibilities(&snap.vcpus[0].cpuid, host_cpuid.as_slice());
         if !missing.is_empty() {
             return Err(MachineError::IncompatibleCpu(missing));
         }
@@ -654,6 +670,7 @@ impl Skeleton {
             kvm,
             vmfd,
             fds,
+            msr_list,
             cpuids,
             serial,
             mmio,

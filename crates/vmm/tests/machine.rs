@@ -405,10 +405,13 @@ fn a_throttled_guest_runs_in_short_slices_and_only_its_share() {
         share < 0.3,
         "a 90% throttle left the guest {share:.2} of a CPU"
     );
-    // ...in slices: a throttle that stops the guest for long leaves the console silent.
+    // ...in slices: a throttle that stops the guest for long leaves the console silent (the
+    // old one: no beat in 20 s). The bound is loose: this machine's KVM emulates the guest at
+    // a few million instructions a second, so with 5 ms of every 50 and other tests on both
+    // cores a beat (one exit per character) can take most of a second.
     let gap_ms = clock.max_gap_us() / 1000;
     assert!(
-        gap_ms < 1000,
+        gap_ms < 5000,
         "the throttled guest was silent for {gap_ms} ms"
     );
     assert!(b.iter().all(|b| b.1), "memory damaged: {b:?}");
