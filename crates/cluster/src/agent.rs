@@ -223,6 +223,7 @@ impl Agent {
                             info!("joined the cluster (lease {l:x})");
                         }
                     }
+                    self.renew_worker_deadlines().await;
                     if let Err(e) = self.publish_host(l).await {
                         warn!("cannot publish the host record: {e}");
                     }
@@ -237,6 +238,56 @@ impl Agent {
             }
             tokio::time::sleep(every.saturating_sub(sent.elapsed())).await;
         }
+    }
+
+    /// Until when (CLOCK_BOOTTIME ms) this host's VMs may run: the instant the agent's own
+    /// watchdog would fence them, `TTL - FENCE_MARGIN` after the last renewal was sent, before
+    /// the lease can expire. `None` while the host holds no lease or is fenced.
+    fn fence_deadline_ms(&self) -> Option<u64> {
+        let st = self.st();
+        if st.lease.is_none() || self.is_fenced() {
+            return None;
+        }
+        let since = st.last_renewal?.elapsed();
+        let valid = self.cfg.ttl().saturating_sub(FENCE_MARGIN);
+        let left = u64::try_from(valid.saturating_sub(since).as_millis()).unwrap_or(0);
+        Some(ferry_worker::fence::boottime_ms() + left)
+    }
+
+    /// Tells every worker here that its VM may run until the new fence deadline. A worker
+    /// that is not told stops its VM by itself at the last one (`ferry_worker::fence`): the
+    /// fence does not depend on this agent being able to run.
+    async fn renew_worker_deadlines(&self) {
+        let Some(until_ms) = self.fence_deadline_ms() else {
+            return;
+        };
+        let res = self
+            .run_blocking(move |w| {
+                for s in w.list() {
+                    if let Err(e) = w.request(&s.name, &Request::RenewDeadline { until_ms }) {
+                        warn!("{}: cannot renew its fence deadline: {e}", s.name);
+                    }
+                }
+            })
+            .await;
+        if let Err(e) = res {
+            warn!("cannot renew the workers' fence deadlines: {e}");
+        }
+    }
+
+    /// The arguments every worker of this host gets: its console on the shared directory,
+    /// its end with this agent, and its fence deadline. `None` when the host may not run VMs
+    /// (no lease, or fenced).
+    fn worker_args(&self, vm: &str) -> Option<Vec<OsString>> {
+        let until = self.fence_deadline_ms()?;
+        Some(vec![
+            "--console-log".into(),
+            self.console_log(vm).into_os_string(),
+            "--stop-with".into(),
+            std::process::id().to_string().into(),
+            "--fence-deadline".into(),
+            until.to_string().into(),
+        ])
     }
 
     /// Fences the host when its lease has not been renewed for `TTL - FENCE_MARGIN`. Runs on
@@ -556,15 +607,9 @@ impl Agent {
                 }
             }
         }
-        let extra: Vec<OsString> = vec![
-            "--console-log".into(),
-            self.console_log(name).into_os_string(),
-            "--stop-with".into(),
-            std::process::id().to_string().into(),
-        ];
-        if self.is_fenced() {
+        let Some(extra) = self.worker_args(name) else {
             return;
-        }
+        };
         info!("{name}: starting (epoch {})", v.epoch);
         match self.run_blocking(move |w| w.start(&cfg, &extra)).await {
             Ok(Ok(ready)) if self.is_fenced() => {
@@ -633,16 +678,19 @@ impl Agent {
         let Some((_, vm)) = self.get::<VmRecord>(&vm_key(&m.vm)).await? else {
             return Err(ClusterError::Request(404, format!("no VM {}", m.vm)));
         };
+        let Some(common) = self.worker_args(&m.vm) else {
+            return Err(ClusterError::Request(
+                503,
+                format!("{} is not in the cluster right now (fenced)", self.cfg.host),
+            ));
+        };
         let mut args: Vec<OsString> = vec![
             "--receive".into(),
             format!("{}:0", self.cfg.migration_ip).into(),
             "--name".into(),
             m.vm.clone().into(),
-            "--console-log".into(),
-            self.console_log(&m.vm).into_os_string(),
-            "--stop-with".into(),
-            std::process::id().to_string().into(),
         ];
+        args.extend(common);
         if let Some(p) = &self.cfg.pki_dir {
             args.push("--pki".into());
             args.push(p.clone().into_os_string());

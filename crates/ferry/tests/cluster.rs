@@ -28,6 +28,8 @@ struct Host {
     child: Option<Child>,
     /// Extra environment of its ferryd (and so of its workers).
     env: Vec<(String, String)>,
+    /// Its agent is stopped (SIGSTOP): its API does not answer.
+    frozen: bool,
 }
 
 struct Cluster {
@@ -190,6 +192,7 @@ endpoints = ["http://127.0.0.1:{proxy}"]
                     .filter(|(host, _, _)| *host == h)
                     .map(|(_, k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                frozen: false,
             });
             c.start_host(&h);
         }
@@ -237,11 +240,21 @@ endpoints = ["http://127.0.0.1:{proxy}"]
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) host `h`'s agent; its workers go on.
+    fn freeze_host(&mut self, h: &str, frozen: bool) {
+        let host = self.host(h);
+        let pid = host.child.as_ref().unwrap().id() as i32;
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: signalling a child of this test.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+        host.frozen = frozen;
+    }
+
     /// An API on a live host.
     fn api(&self) -> String {
         self.hosts
             .iter()
-            .find(|h| h.child.is_some())
+            .find(|h| h.child.is_some() && !h.frozen)
             .map(|h| h.api.clone())
             .unwrap()
     }
@@ -367,6 +380,10 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for h in &mut self.hosts {
             if let Some(mut c) = h.child.take() {
+                if h.frozen {
+                    // SAFETY: signalling a child of this test.
+                    unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+                }
                 // SIGTERM: the agent stops its VMs and leaves.
                 // SAFETY: signalling a child of this test.
                 unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -755,6 +772,61 @@ fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
     );
     let log = std::fs::read_to_string(&c.host(&host_a2).log).unwrap();
     assert!(log.contains("fenced"), "{log}");
+}
+
+#[test]
+fn a_frozen_agent_s_vms_stop_by_themselves_before_they_run_elsewhere() {
+    let mut c = Cluster::new("frozen", 3, "");
+    let host = c.create("a", &[]);
+    let (_, old_pid) = c.workers_of("a")[0].clone();
+    // An agent that cannot run renews nothing and fences nothing; its worker must stop the VM
+    // by itself before the lease expires and the cluster restarts it elsewhere.
+    c.freeze_host(&host, true);
+    let t = Instant::now();
+    let mut stopped_at = None;
+    let mut moved = false;
+    while t.elapsed() < Duration::from_secs(40) {
+        let w = c.workers_of("a");
+        assert!(w.len() <= 1, "the VM runs on two hosts at once: {w:?}");
+        if stopped_at.is_none() && !ferry_worker::client::process_alive(old_pid) {
+            stopped_at = Some(t.elapsed());
+        }
+        if w.len() == 1 && w[0].0 != host {
+            moved = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(moved, "a did not move off the frozen host\n{}", c.logs());
+    let stopped_at = stopped_at.expect("the frozen host's worker still runs");
+    // Lease TTL 3 s: the worker's deadline is 1.5 s after the agent's last renewal was sent.
+    assert!(
+        stopped_at < Duration::from_secs(3),
+        "the frozen host's worker stopped {stopped_at:?} after the freeze"
+    );
+    let wlog = c.dir.join(format!("run-{host}/vms/a/worker.log"));
+    let wlog = std::fs::read_to_string(&wlog).unwrap_or_default();
+    assert!(
+        wlog.contains("fenced: the host agent did not renew"),
+        "{wlog}"
+    );
+    // The VM boots afresh on its new host (next epoch) and checks its memory there.
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 3);
+    assert!(beats(&std::fs::read_to_string(c.console("a")).unwrap())
+        .iter()
+        .all(|b| b.1));
+    // Thawed, the old host learns it lost its lease and starts nothing of "a".
+    let new_host = c.workers_of("a")[0].0.clone();
+    c.freeze_host(&host, false);
+    c.wait_until(
+        "the thawed host back in the cluster",
+        Duration::from_secs(30),
+        |c| c.api_get(&format!("/v1/hosts/{host}"))["state"] == "up",
+    );
+    let w = c.workers_of("a");
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].0, new_host);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! The control protocol: one JSON request per line, one JSON response per line, over the VM's
-//! UNIX socket. Version 1, documented in `docs/worker-api.md`.
+//! UNIX socket. Version 2, documented in `docs/worker-api.md`.
 
 use std::path::PathBuf;
 
@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use vmm::machine::{RunState, StopReason};
 
 /// Protocol version, reported in every status.
-pub const API_VERSION: u32 = 1;
+pub const API_VERSION: u32 = 2;
 /// Largest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
@@ -48,6 +48,13 @@ pub enum Request {
     MigrationStatus,
     /// Cancel the running migration (before its commit point).
     MigrationCancel,
+    /// Move the self-fencing deadline of a worker started with `--fence-deadline` on to
+    /// `until_ms` (CLOCK_BOOTTIME, milliseconds; an earlier value changes nothing). Refused
+    /// once the deadline has passed: the worker is then stopping its VM.
+    RenewDeadline {
+        /// The new deadline.
+        until_ms: u64,
+    },
 }
 
 /// A response.

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod client;
+pub mod fence;
 pub mod paths;
 pub mod server;
 

@@ -18,6 +18,7 @@ use vmm::VmConfig;
 use migration::{MigrateOptions, MigrationError, MigrationStatus};
 
 use crate::api::{Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST};
+use crate::fence::{boottime_ms, Deadline};
 use crate::paths;
 
 /// Errors of the worker.
@@ -47,6 +48,9 @@ pub enum WorkerError {
     /// The TLS identity cannot be used.
     #[error(transparent)]
     Tls(#[from] migration::tls::TlsError),
+    /// The fencing deadline had passed before the VM could start.
+    #[error("the fencing deadline passed {0} ms before the worker started: the host may no longer own this VM")]
+    Fenced(u64),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkerError {
@@ -90,6 +94,12 @@ pub struct Args {
     /// (ferryd) is the only one that can fence it, so the VM does not outlive it.
     #[arg(long, value_name = "PID")]
     pub stop_with: Option<u32>,
+    /// Run the VM only until this instant (CLOCK_BOOTTIME, milliseconds), unless a
+    /// `renew-deadline` request moves it on: a cluster host's agent passes the time its lease
+    /// is certain to live and renews it after every lease renewal, so a frozen agent's VMs
+    /// stop by themselves before the cluster may restart them elsewhere (docs/worker-api.md).
+    #[arg(long, value_name = "BOOTTIME_MS")]
+    pub fence_deadline: Option<u64>,
 }
 
 /// Ends this process as soon as process `pid` exits (watched through a pidfd, so a reused pid
@@ -184,6 +194,8 @@ struct Worker {
     migration: Mutex<Option<Arc<Outgoing>>>,
     /// Set once a migration has committed (or may have): the VM must never run here again.
     fenced: AtomicBool,
+    /// The self-fencing deadline of a cluster worker (none outside a cluster).
+    deadline: Option<Arc<Deadline>>,
 }
 
 struct Outgoing {
@@ -280,6 +292,23 @@ impl Worker {
         }
         if matches!(req, Request::Shutdown) {
             return (Response::ok(serde_json::json!({"state": "stopped"})), true);
+        }
+        if let Request::RenewDeadline { until_ms } = req {
+            return match &self.deadline {
+                None => (
+                    Response::err(
+                        "this worker runs without a fencing deadline (not a cluster worker)",
+                    ),
+                    false,
+                ),
+                Some(d) => match d.renew(until_ms) {
+                    Ok(until_ms) => (
+                        Response::ok(serde_json::json!({ "until_ms": until_ms })),
+                        false,
+                    ),
+                    Err(e) => (Response::err(e.to_string()), false),
+                },
+            };
         }
         if let Request::MigrationStatus = req {
             return match self.outgoing() {
@@ -528,6 +557,31 @@ fn run(args: Args) -> Result<(), WorkerError> {
         let _ = std::fs::remove_file(dir.join("control.sock"));
         e
     };
+    // The deadline holds from the first instant: a VM must not start after it.
+    let deadline = match args.fence_deadline {
+        Some(until) => {
+            let d = Deadline::new(until);
+            if d.passed() {
+                return Err(fail(WorkerError::Fenced(boottime_ms() - until)));
+            }
+            let dir = dir.clone();
+            d.watch(move |late| {
+                tracing::error!(
+                    late_ms = late,
+                    "fenced: the host agent did not renew this worker's deadline in time (its lease may expire and the VM run elsewhere): stopping the VM"
+                );
+                let _ = std::fs::remove_file(dir.join("control.sock"));
+                let _ = std::fs::remove_file(dir.join("worker.pid"));
+                // Ends the vCPUs with the process at once; nothing here may wait on a lock
+                // a stuck thread could hold.
+                std::process::exit(4);
+            })
+            .map_err(io("cannot start the fencing watchdog"))
+            .map_err(fail)?;
+            Some(d)
+        }
+        None => None,
+    };
     let console_log = if args.foreground && args.console_log.is_none() {
         None
     } else {
@@ -595,6 +649,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
         }),
         migration: Mutex::new(None),
         fenced: AtomicBool::new(false),
+        deadline,
     });
     if let Some(m) = machine {
         let _ = worker.machine.set(m);
