@@ -608,7 +608,27 @@ fn run_ferry(
         let mut m = vec!["vm", "migrate", "fs", "--to", &addr, "--downtime-ms", "100"];
         m.extend_from_slice(extra);
         let (rep, pings) = pinged(dir, || b.ferry(&m))?;
-        check_guest("Ferry", &c)?;
+        // Kept with the logs if the guest then fails its check.
+        let _ = std::fs::write(dir.join("ferry-report.log"), format!("{rep:#}\n"));
+        if let Err(e) = check_guest("Ferry", &c) {
+            // What the destination's worker thinks of its VM (stop reason, state).
+            let st = b
+                .ferry(&["vm", "status", "fd"])
+                .map(|v| format!("{v:#}"))
+                .unwrap_or_else(|e| format!("{e:#}"));
+            // Whether the guest's kernel still answers on its NIC (alive but silent on its
+            // console, or not running at all).
+            let ping = Command::new("ip")
+                .args([
+                    "netns", "exec", NS, "ping", "-c", "5", "-i", "0.2", "-W", "1",
+                ])
+                .arg(GUEST_IP)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("ping: {e}"));
+            let _ = std::fs::write(dir.join("fd-status.log"), format!("{st}\n{ping}"));
+            return Err(e);
+        }
         let steps = rep["downtime_steps"]
             .as_object()
             .map(|o| {
@@ -628,8 +648,10 @@ fn run_ferry(
             bytes: rep["bytes_sent"].as_u64(),
             pings: pings.ok(),
             detail: format!(
-                "rounds {} throttle {}% downtime steps (ms): {steps}",
-                rep["rounds"], rep["max_throttle_pct"]
+                "rounds {} throttle {}% downtime steps (ms): {steps}{}",
+                rep["rounds"],
+                rep["max_throttle_pct"],
+                restore_line(b)
             ),
             note: String::new(),
         })
@@ -640,6 +662,18 @@ fn run_ferry(
     let _ = b.ferry(&["vm", "stop", "fd"]);
     let _ = b.ferry(&["vm", "stop", "fs"]);
     res
+}
+
+/// The destination worker's account of its restore (`restored the skeleton VM in …`), if
+/// its log has one.
+fn restore_line(b: &Bench) -> String {
+    std::fs::read_to_string(b.dir.join("run/vms/fd/worker.log"))
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(|l| l.split_once("restored the skeleton VM in "))
+        .map(|(_, rest)| format!("\n                             destination restore {rest}"))
+        .unwrap_or_default()
 }
 
 /// Copies a failed run's consoles and worker logs into the workspace (`target/bench-qemu-failed/
@@ -658,6 +692,18 @@ fn keep_logs(b: &Bench, dir: &Path) {
                 let _ = std::fs::copy(&p, to.join(e.file_name()));
             }
         }
+    }
+    // Each worker's own log, from its run directory.
+    for e in std::fs::read_dir(b.dir.join("run/vms"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let _ = std::fs::copy(
+            e.path().join("worker.log"),
+            to.join(format!("{name}-worker.log")),
+        );
     }
     println!("  (logs of the failed run kept in {})", to.display());
 }
