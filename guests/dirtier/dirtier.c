@@ -14,7 +14,9 @@
  *     cpuid 1.ecx=<hex> 1.edx=<hex> 7.ebx=<hex> 7.ecx=<hex> 7.edx=<hex> d.eax=<hex> x1.ecx=<hex> x1.edx=<hex>
  *
  * Parameters come from the command line in the boot-info block: `mb=<MiB> rate=<pages/s>
- * beat_ms=<ms> period=<words>` (defaults: mb=4, rate=2000, beat_ms=200, period=512).
+ * beat_ms=<ms> period=<words> reset_after=<beats>` (defaults: mb=4, rate=2000, beat_ms=200,
+ * period=512, reset_after=0 = never). With reset_after=N, vCPU 0 resets the machine through
+ * the i8042 (port 0x64, 0xfe) after beat N: a guest that stops on its own, for tests.
  * rate=0 dirties as fast as it can. The pattern of a page repeats every `period` 8-byte words:
  * 512 gives incompressible pages, small values pages that compress well (like real memory).
  */
@@ -257,6 +259,7 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 	if (rate > 1000000)
 		rate = 1000000;
 	uint64_t beat_ms = parse_param(cmdline, "beat_ms", 200);
+	uint64_t reset_after = parse_param(cmdline, "reset_after", 0);
 	period = parse_param(cmdline, "period", WORDS);
 	if (period == 0 || period > WORDS)
 		period = WORDS;
@@ -369,6 +372,10 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 			puts_serial(" ok\n");
 		}
 		beat_counter++;
+		if (reset_after && beat_counter >= reset_after) {
+			puts_serial("dirtier: resetting through the i8042\n");
+			outb(0x64, 0xfe);
+		}
 		next_beat += beat_ticks;
 		if (now >= next_beat)
 			next_beat = now + beat_ticks;

@@ -549,3 +549,35 @@ fn a_nic_is_a_tap_on_its_bridge_and_a_moved_or_restored_vm_is_announced_from_its
     );
     ip(&["link", "del", &br]);
 }
+
+#[test]
+fn a_guest_that_stops_on_its_own_says_how_and_where() {
+    let env = Env::new("reset");
+    let k = dirtier();
+    let o = env.ferry(&[
+        "vm",
+        "start",
+        "r",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--cmdline",
+        "mb=1 beat_ms=50 reset_after=3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The guest resets itself after its third beat; the worker stops with it.
+    let sock = env.dir.join("run/vms/r/control.sock");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sock.exists() {
+        assert!(Instant::now() < deadline, "the worker outlived its guest");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = std::fs::read_to_string(env.dir.join("run/vms/r/worker.log")).unwrap();
+    assert!(
+        log.contains("the guest reset itself through the i8042"),
+        "{log}"
+    );
+    assert!(log.contains("stopped at rip="), "{log}");
+    assert!(log.contains("GuestShutdown"), "{log}");
+}

@@ -1273,12 +1273,39 @@ fn vcpu_loop(id: usize, fd: &Mutex<VcpuFd>, shared: &Shared) {
             }
             Err(e) => Some(StopReason::Error(format!("vCPU {id}: KVM_RUN failed: {e}"))),
         };
+        if matches!(stop, Some(StopReason::GuestShutdown | StopReason::Error(_))) {
+            log_registers(id, &f);
+        }
         drop(f);
         if let Some(reason) = stop {
             shared.request_stop(reason);
         }
         if let Some(until) = rest {
             shared.rest_until(until);
+        }
+    }
+}
+
+/// Logs where a vCPU was when the guest stopped on its own (a shutdown, a triple fault, an
+/// error): enough to tell a guest's reboot from a VMM bug.
+fn log_registers(id: usize, fd: &VcpuFd) {
+    match (fd.get_regs(), fd.get_sregs()) {
+        (Ok(r), Ok(s)) => tracing::warn!(
+            vcpu = id,
+            "stopped at rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            r.rip,
+            r.rsp,
+            r.rflags,
+            r.rax,
+            s.cs.selector,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer
+        ),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(vcpu = id, "stopped; its registers cannot be read: {e}")
         }
     }
 }
@@ -1497,6 +1524,7 @@ fn handle_exit(id: usize, exit: VcpuExit<'_>, shared: &Shared) -> Option<StopRea
                         .write(off, b);
                 }
             } else if port == 0x64 && data.first() == Some(&0xfe) {
+                tracing::warn!(vcpu = id, "the guest reset itself through the i8042");
                 return Some(StopReason::GuestShutdown); // i8042 reset line
             }
             None
@@ -1537,7 +1565,13 @@ fn handle_exit(id: usize, exit: VcpuExit<'_>, shared: &Shared) -> Option<StopRea
             None
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen => None,
-        VcpuExit::Shutdown => Some(StopReason::GuestShutdown),
+        VcpuExit::Shutdown => {
+            tracing::warn!(
+                vcpu = id,
+                "KVM_EXIT_SHUTDOWN: the guest triple-faulted (or its CPU was reset)"
+            );
+            Some(StopReason::GuestShutdown)
+        }
         VcpuExit::SystemEvent(t, _) => {
             tracing::info!(vcpu = id, "guest system event {t}");
             Some(StopReason::GuestShutdown)
