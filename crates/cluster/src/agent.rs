@@ -187,7 +187,7 @@ impl Agent {
             .collect())
     }
 
-    async fn run_blocking<T: Send + 'static>(
+    pub(crate) async fn run_blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(Workers) -> T + Send + 'static,
     ) -> Result<T, ClusterError> {
@@ -435,7 +435,9 @@ impl Agent {
                 .get(&s.name)
                 .is_some_and(|(_, v)| v.desired == Desired::Running);
             let receiving = incoming.contains(&s.name);
-            if !owned && !receiving {
+            // A source whose migration committed in the store keeps its worker until the
+            // migration ends (the worker exits by itself once the destination confirms).
+            if !owned && !receiving && !outgoing.contains(&s.name) {
                 warn!(
                     "{}: not owned by this host any more: stopping its worker",
                     s.name
@@ -466,6 +468,13 @@ impl Agent {
                 }
             }
         }
+
+        // Receivers whose source went away after READY: the store says whether they run.
+        self.resolve_receivers(&local, |n| {
+            vms.get(n)
+                .is_some_and(|(_, v)| v.owner.as_deref() == Some(me.as_str()))
+        })
+        .await;
 
         // VMs this host should run but does not.
         for (name, (rev, v)) in &vms {
@@ -689,6 +698,8 @@ impl Agent {
             format!("{}:0", self.cfg.migration_ip).into(),
             "--name".into(),
             m.vm.clone().into(),
+            // The store decides the commit: a lost COMMIT must not drop the VM here.
+            "--commit-by-store".into(),
         ];
         args.extend(common);
         if let Some(p) = &self.cfg.pki_dir {
@@ -714,9 +725,21 @@ impl Agent {
     async fn drive_migration(self: &Arc<Self>, m: MigrationRecord) {
         let id = m.id;
         info!("{}: migration {id} to {} starting", m.vm, m.to);
-        let result = self.migrate_once(&m).await;
+        let committed = Arc::new(AtomicBool::new(false));
+        let result = self.migrate_once(&m, &committed).await;
+        let committed = committed.load(Ordering::SeqCst);
         let (state, error, report) = match result {
             Ok(report) => (MigrationState::Succeeded, None, Some(report)),
+            // The store names the destination: the migration happened, whatever the source
+            // heard afterwards. The destination runs the VM (on COMMIT, or on its agent's word
+            // from the store); this host's paused copy goes with the reconcile loop.
+            Err(e) if committed => (
+                MigrationState::Succeeded,
+                Some(format!(
+                    "committed in the store; the source did not hear the destination confirm: {e}"
+                )),
+                None,
+            ),
             Err(e) => {
                 let cancelled = self
                     .get::<MigrationRecord>(&migration_key(id))
@@ -733,24 +756,15 @@ impl Agent {
             }
         };
         if state == MigrationState::Succeeded {
-            // The commit point of the engine has passed: the VM runs on the destination.
-            // Hand ownership over with the next epoch.
-            let to = m.to.clone();
-            let from = m.from.clone();
-            if let Err(e) = self
-                .update::<VmRecord, _>(&vm_key(&m.vm), |r| {
-                    if r.owner.as_deref() != Some(from.as_str()) {
-                        return false;
-                    }
-                    r.owner = Some(to.clone());
-                    r.epoch += 1;
-                    true
-                })
-                .await
-            {
-                warn!("{}: cannot record the new owner: {e}", m.vm);
-            }
+            // Ownership moved at the commit point (the swap in the store).
             self.st().epochs.remove(&m.vm);
+        } else if !committed {
+            // A worker whose commit answer was lost is paused, COMMIT unsent; the store still
+            // names this host, so it takes the VM back (any other worker refuses this).
+            let vm = m.vm.clone();
+            let _ = self
+                .run_blocking(move |w| w.request(&vm, &Request::MigrationResolve { commit: false }))
+                .await;
         }
         info!(
             "{}: migration {id} {state:?}{}",
@@ -777,7 +791,18 @@ impl Agent {
     async fn migrate_once(
         self: &Arc<Self>,
         m: &MigrationRecord,
+        committed: &Arc<AtomicBool>,
     ) -> Result<serde_json::Value, ClusterError> {
+        // The epoch this host owns the VM under: the commit swaps it for the next one.
+        let epoch = match self.get::<VmRecord>(&vm_key(&m.vm)).await? {
+            Some((_, v)) if v.owner.as_deref() == Some(self.cfg.host.as_str()) => v.epoch,
+            _ => {
+                return Err(ClusterError::Request(
+                    409,
+                    format!("{} is not owned by {}", m.vm, self.cfg.host),
+                ))
+            }
+        };
         let dest = self
             .hosts()
             .await?
@@ -835,17 +860,34 @@ impl Agent {
         let options = m.options.clone();
         let pki = self.cfg.pki_dir.clone();
         let p2 = Arc::clone(&progress);
+        // The commit point: the swap in the store, asked from the worker's blocking call.
+        let rt = tokio::runtime::Handle::current();
+        let (me, rec, won) = (Arc::clone(self), m.clone(), Arc::clone(committed));
+        let gate = move || -> Result<(), String> {
+            let r = rt.block_on(me.commit_migration(&rec, epoch));
+            if r.is_ok() {
+                won.store(true, Ordering::SeqCst);
+            }
+            r
+        };
         let r = self
             .run_blocking(move |w| {
-                w.migrate(&vm, &listen, options, pki, |st| {
-                    *p2.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
-                        "{:?} round {} sent {} MiB, {} MiB remaining",
-                        st.phase,
-                        st.round,
-                        st.bytes_sent >> 20,
-                        (st.pages_remaining * 4096) >> 20
-                    ));
-                })
+                w.migrate(
+                    &vm,
+                    &listen,
+                    options,
+                    pki,
+                    |st| {
+                        *p2.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!(
+                            "{:?} round {} sent {} MiB, {} MiB remaining",
+                            st.phase,
+                            st.round,
+                            st.bytes_sent >> 20,
+                            (st.pages_remaining * 4096) >> 20
+                        ));
+                    },
+                    Some(&gate),
+                )
             })
             .await;
         done.store(true, Ordering::SeqCst);

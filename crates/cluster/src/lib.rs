@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod api;
+mod commit;
 pub mod config;
 pub mod coordinator;
 pub mod inventory;

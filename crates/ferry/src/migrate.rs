@@ -203,16 +203,23 @@ pub fn run(name: &str, to: &str, a: MigrateArgs, out: Output) -> Result<()> {
         None
     };
     let mut last_phase = String::new();
-    let result = Workers::from_env()?.migrate(name, to, options, pki, |st| {
-        let phase = phase_name(st);
-        let msg = progress_line(st);
-        match &bar {
-            Some(b) => b.set_message(msg),
-            None if out == Output::Table && phase != last_phase => eprintln!("{msg}"),
-            None => {}
-        }
-        last_phase = phase;
-    });
+    let result = Workers::from_env()?.migrate(
+        name,
+        to,
+        options,
+        pki,
+        |st| {
+            let phase = phase_name(st);
+            let msg = progress_line(st);
+            match &bar {
+                Some(b) => b.set_message(msg),
+                None if out == Output::Table && phase != last_phase => eprintln!("{msg}"),
+                None => {}
+            }
+            last_phase = phase;
+        },
+        None,
+    );
     if let Some(b) = &bar {
         b.finish_and_clear();
     }

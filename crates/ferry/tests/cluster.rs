@@ -1237,3 +1237,63 @@ fn a_running_cluster_migration_is_cancelled_and_the_vm_stays() {
     let e = c.fails(&["migration", "cancel", &id.to_string()]);
     assert!(e.contains("already ended"), "{e}");
 }
+
+#[test]
+fn a_migration_that_loses_its_source_at_the_commit_resolves_from_the_store() {
+    let mark =
+        std::env::temp_dir().join(format!("ferry-cluster-commit-{}.mark", std::process::id()));
+    let _ = std::fs::remove_file(&mark);
+    let m = mark.to_str().unwrap();
+    // h1's workers hold once the store has swapped the VM's owner but before COMMIT is sent;
+    // h2's hold once COMMIT is sent, before RESUMED is read.
+    let c = Cluster::with_env(
+        "commit",
+        2,
+        "",
+        &[
+            ("h1", "FERRY_FAULT", "hold:gated"),
+            ("h1", "FERRY_FAULT_MARK", m),
+            ("h2", "FERRY_FAULT", "hold:committed"),
+            ("h2", "FERRY_FAULT_MARK", m),
+        ],
+    );
+    assert_eq!(c.create("a", &[]), "h1", "equal hosts: the first by name");
+    for (from, to) in [("h1", "h2"), ("h2", "h1")] {
+        let id = c.json(&["vm", "migrate", "a", "--no-wait"])["id"]
+            .as_u64()
+            .unwrap();
+        c.wait_until(
+            "the migration held at the commit",
+            Duration::from_secs(60),
+            |_| mark.exists(),
+        );
+        // The store already names the destination; the source dies before the destination
+        // hears of it (h1→h2: COMMIT never sent; h2→h1: RESUMED never read).
+        assert_eq!(c.vm("a")["host"], to, "{}", c.vm("a"));
+        let (_, pid) = c
+            .workers_of("a")
+            .into_iter()
+            .find(|(h, _)| h == from)
+            .unwrap();
+        // SAFETY: signalling a worker of this test's cluster.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let _ = std::fs::remove_file(&mark);
+        c.wait_until(
+            &format!("a running on {to} only, the migration succeeded"),
+            Duration::from_secs(60),
+            |c| {
+                let w = c.workers_of("a");
+                assert!(w.len() <= 2, "{w:?}");
+                c.vm("a")["state"] == "running"
+                    && w.len() == 1
+                    && w[0].0 == to
+                    && c.api_get(&format!("/v1/migrations/{id}"))["state"] == "succeeded"
+            },
+        );
+        // The same run of the guest goes on there, its memory intact: nothing was lost, and
+        // nothing restarted it.
+        let n = beats_now(&c.console("a"));
+        wait_beats(&c.console("a"), n + 3);
+        assert_one_run_intact(&c.console("a"));
+    }
+}

@@ -10,6 +10,7 @@ use vmm::machine::{check_host_cpu, SavedConfig, Skeleton, VmSnapshot};
 use vmm::memory::GuestRam;
 use vmm::Machine;
 
+use crate::commit::Decision;
 use crate::protocol::message::{recv, recv_message, send, unexpected};
 use crate::protocol::pages::PageReader;
 use crate::protocol::{
@@ -33,6 +34,9 @@ fn mem_available() -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
+/// How a receiver waiting for the cluster's decision shows its phase (its agent looks for it).
+pub const AWAITING_DECISION: &str = "ready, source gone: awaiting the cluster's decision";
+
 /// The receiver's phases, as its status shows them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ReceivePhase {
@@ -44,6 +48,9 @@ pub enum ReceivePhase {
     Loading,
     /// Holding the whole VM, paused, until COMMIT (or CANCEL).
     Ready,
+    /// Holding the whole VM, paused; the source went away after READY, and the cluster's
+    /// store decides whether it committed ([`crate::commit::Decision`]).
+    AwaitingDecision,
     /// Committed and taken over paused.
     Paused,
     /// Committed and running here.
@@ -59,6 +66,7 @@ impl std::fmt::Display for ReceivePhase {
             ReceivePhase::Precopy(Some(r)) => write!(f, "precopy round {r} done"),
             ReceivePhase::Loading => write!(f, "loading state"),
             ReceivePhase::Ready => write!(f, "ready, waiting for commit"),
+            ReceivePhase::AwaitingDecision => write!(f, "{AWAITING_DECISION}"),
             ReceivePhase::Paused => write!(f, "paused"),
             ReceivePhase::Running => write!(f, "running"),
         }
@@ -182,6 +190,22 @@ pub fn receive(
     console: ConsoleOut,
     phase: &Mutex<String>,
     paused: bool,
+) -> Result<Machine, MigrationError> {
+    receive_decided(listener, name, id, console, phase, paused, None)
+}
+
+/// [`receive`] for a cluster, whose store decides the commit ([`crate::commit`]): a source
+/// lost after READY (its COMMIT, or the connection, gone) does not make this side drop the
+/// VM; it waits in [`ReceivePhase::AwaitingDecision`] until `decision` is decided — run the
+/// VM (the store names this host) or discard it.
+pub fn receive_decided(
+    listener: &TcpListener,
+    name: &str,
+    id: Option<&Identity>,
+    console: ConsoleOut,
+    phase: &Mutex<String>,
+    paused: bool,
+    decision: Option<&Decision>,
 ) -> Result<Machine, MigrationError> {
     let set = |p: ReceivePhase| *phase.lock().unwrap_or_else(|e| e.into_inner()) = p.to_string();
     let main = loop {
@@ -315,17 +339,42 @@ pub fn receive(
     set(ReceivePhase::Ready);
     // Before COMMIT arrives the source may still resume: this side never runs a vCPU.
     let watch_ms = loop {
-        match recv_message(&mut r, &mut buf)? {
-            Message::Commit { watch_ms } => break watch_ms,
+        let got = recv_message(&mut r, &mut buf).and_then(|m| match m {
             Message::Ping => {
                 let w = r.get_mut();
                 send(w, &Message::Pong)?;
                 w.flush()?;
+                Ok(None)
             }
-            Message::Cancel(why) => {
+            m => Ok(Some(m)),
+        });
+        match got {
+            Ok(None) => {}
+            Ok(Some(Message::Commit { watch_ms })) => break watch_ms,
+            Ok(Some(Message::Cancel(why))) => {
                 return Err(MigrationError::Cancelled(format!(" by the source: {why}")))
             }
-            m => return Err(unexpected("COMMIT", &m)),
+            Ok(Some(m)) => return Err(unexpected("COMMIT", &m)),
+            // The source is gone after READY: in a cluster the store knows whether it
+            // committed; between two workers alone the VM is dropped (the source keeps it).
+            Err(e) => match decision {
+                None => return Err(e),
+                Some(d) => {
+                    tracing::warn!(
+                        "the source went away after READY ({}): waiting for the cluster's decision",
+                        describe(&e)
+                    );
+                    set(ReceivePhase::AwaitingDecision);
+                    if !d.wait() {
+                        return Err(MigrationError::Cancelled(
+                            " by the cluster: the store did not name this host the VM's owner"
+                                .into(),
+                        ));
+                    }
+                    tracing::info!("the cluster committed the migration: this host runs the VM");
+                    break 0;
+                }
+            },
         }
     };
     let t_commit = std::time::Instant::now();

@@ -4,7 +4,8 @@
 //! `FERRY_FAULT` in a worker's environment:
 //! - `hold:<point>` — on reaching `<point>` (`setup`: ACCEPT received; `precopy`: round 0
 //!   sent; `stop-and-copy`: VM paused, nothing of the last pages sent yet; `ready`: READY
-//!   received, COMMIT not sent; `committed`: COMMIT sent, RESUMED not read; and in a
+//!   received, COMMIT not sent; `gated`: the cluster's commit gate answered commit, COMMIT
+//!   not sent; `committed`: COMMIT sent, RESUMED not read; and in a
 //!   receiving worker `dest-committed`: COMMIT received, VM not resumed), create the file
 //!   named by `FERRY_FAULT_MARK` and wait there while it exists (up to 120 s, or until the
 //!   migration is cancelled), so that a test can kill a process, cut the link or cancel at

@@ -6,6 +6,7 @@
 //! anything fails.
 #![deny(missing_docs)]
 
+pub mod commit;
 pub mod dest;
 mod fault;
 pub mod policy;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmm::memory::{ram_ranges, GuestRam, PAGE_SIZE};
 use vmm::Machine;
 
+use crate::commit::{Gate, GateAnswer};
 use crate::dest::MAX_OUTPUT_WATCH_MS;
 use crate::policy::{Convergence, Decision, RoundStats};
 use crate::protocol::{
@@ -148,6 +149,10 @@ pub struct DowntimeSteps {
     pub dest_restore_us: u64,
     /// The last check before the commit (PING → PONG).
     pub precommit_us: u64,
+    /// The cluster's commit point: its compare-and-swap in the store (0 between two workers
+    /// alone).
+    #[serde(default)]
+    pub commit_gate_us: u64,
     /// COMMIT sent → RESUMED received, the destination letting the vCPUs go included.
     pub resume_us: u64,
 }
@@ -705,6 +710,22 @@ pub fn migrate(
     status: &Mutex<MigrationStatus>,
     cancel: &AtomicBool,
 ) -> Result<MigrationReport, MigrationError> {
+    migrate_gated(m, to, id, opts, status, cancel, None)
+}
+
+/// [`migrate`] with the commit point decided by `gate` (a cluster's compare-and-swap in its
+/// store, [`crate::commit`]): asked once the destination holds the whole VM and answered the
+/// last PING; COMMIT goes out only on [`GateAnswer::Commit`], and on
+/// [`GateAnswer::Abort`] the VM is taken back here as for any failure before the commit.
+pub fn migrate_gated(
+    m: &Machine,
+    to: &str,
+    id: Option<&Identity>,
+    opts: &MigrateOptions,
+    status: &Mutex<MigrationStatus>,
+    cancel: &AtomicBool,
+    gate: Option<Gate<'_>>,
+) -> Result<MigrationReport, MigrationError> {
     let t0 = Instant::now();
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
         return Err(MigrationError::Protocol(format!(
@@ -763,6 +784,22 @@ pub fn migrate(
 
     if let Err(e) = s.run() {
         return Err(roll_back(&mut s, e));
+    }
+    if let Some(gate) = gate {
+        let t = Instant::now();
+        match gate() {
+            GateAnswer::Commit => {}
+            GateAnswer::Abort(why) => {
+                let e = MigrationError::Cancelled(format!(" by the cluster at the commit: {why}"));
+                return Err(roll_back(&mut s, e));
+            }
+            GateAnswer::Unknown(why) => {
+                m.set_throttle(0);
+                return Err(MigrationError::GateLost(why));
+            }
+        }
+        s.progress.steps.commit_gate_us = us(t.elapsed());
+        crate::fault::hold("gated", &AtomicBool::new(false));
     }
 
     // The commit point. From here on the source never resumes.

@@ -43,11 +43,24 @@ pub enum Request {
         /// plain TCP, which the CLI sends only with `--insecure`.
         #[serde(default)]
         pki: Option<std::path::PathBuf>,
+        /// The commit point is the caller's (a cluster agent's compare-and-swap in its store):
+        /// once the destination holds the whole VM, the worker writes `{"commit_request":true}`
+        /// and waits for `{"commit":true}` (send COMMIT) or `{"commit":false,"reason":…}`
+        /// (take the VM back) on the same connection.
+        #[serde(default)]
+        commit_gate: bool,
     },
     /// Progress of the running (or last) migration.
     MigrationStatus,
     /// Cancel the running migration (before its commit point).
     MigrationCancel,
+    /// The cluster's decision for a receiving worker started with `--commit-by-store` whose
+    /// source went away after READY: `commit` runs the VM here (the store names this host its
+    /// owner), otherwise it is discarded.
+    MigrationResolve {
+        /// Run the VM here.
+        commit: bool,
+    },
     /// Move the self-fencing deadline of a worker started with `--fence-deadline` on to
     /// `until_ms` (CLOCK_BOOTTIME, milliseconds; an earlier value changes nothing). Refused
     /// once the deadline has passed: the worker is then stopping its VM.

@@ -205,7 +205,9 @@ impl Workers {
     }
 
     /// Migrates VM `name` to a receiving worker at `to`, calling `progress` with each status
-    /// the worker streams; the engine's report once the VM runs there.
+    /// the worker streams; the engine's report once the VM runs there. With `gate`, the
+    /// commit point is the caller's: once the destination holds the whole VM the worker asks,
+    /// and `gate` answers `Ok` (commit) or `Err(reason)` (take the VM back).
     pub fn migrate(
         &self,
         name: &str,
@@ -213,6 +215,7 @@ impl Workers {
         options: migration::MigrateOptions,
         pki: Option<PathBuf>,
         mut progress: impl FnMut(&migration::MigrationStatus),
+        gate: Option<&dyn Fn() -> std::result::Result<(), String>>,
     ) -> Result<migration::MigrationReport> {
         use std::io::Write as _;
         let sock = self.vm_dir(name).join("control.sock");
@@ -222,14 +225,28 @@ impl Workers {
             to: to.to_string(),
             options,
             pki,
+            commit_gate: gate.is_some(),
         })?;
         writeln!(s, "{req}").map_err(|e| ClientError::Io("cannot ask the worker".into(), e))?;
+        let mut answer_to = s
+            .try_clone()
+            .map_err(|e| ClientError::Io("cannot ask the worker".into(), e))?;
         for line in BufReader::new(s).lines() {
             let line =
                 line.map_err(|e| ClientError::Io("lost the worker's connection".into(), e))?;
             let v: serde_json::Value = serde_json::from_str(&line)?;
             if let Some(p) = v.get("progress") {
                 progress(&serde_json::from_value(p.clone())?);
+                continue;
+            }
+            if v.get("commit_request").is_some() {
+                let answer = match gate.map(|g| g()) {
+                    Some(Ok(())) => serde_json::json!({ "commit": true }),
+                    Some(Err(reason)) => serde_json::json!({ "commit": false, "reason": reason }),
+                    None => serde_json::json!({ "commit": false, "reason": "no commit gate" }),
+                };
+                writeln!(answer_to, "{answer}")
+                    .map_err(|e| ClientError::Io("cannot answer the worker".into(), e))?;
                 continue;
             }
             let resp: Response = serde_json::from_value(v)?;

@@ -15,6 +15,7 @@ use vmm::devices::serial::ConsoleOut;
 use vmm::machine::Machine;
 use vmm::VmConfig;
 
+use migration::commit::{Decision, GateAnswer};
 use migration::{MigrateOptions, MigrationError, MigrationStatus};
 
 use crate::api::{Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST};
@@ -100,6 +101,10 @@ pub struct Args {
     /// stop by themselves before the cluster may restart them elsewhere (docs/worker-api.md).
     #[arg(long, value_name = "BOOTTIME_MS")]
     pub fence_deadline: Option<u64>,
+    /// For --receive in a cluster: the store decides the commit. A source that goes away after
+    /// READY leaves the VM held here until a `migration-resolve` request says run or discard.
+    #[arg(long, requires = "receive")]
+    pub commit_by_store: bool,
 }
 
 /// Ends this process as soon as process `pid` exits (watched through a pidfd, so a reused pid
@@ -196,6 +201,12 @@ struct Worker {
     fenced: AtomicBool,
     /// The self-fencing deadline of a cluster worker (none outside a cluster).
     deadline: Option<Arc<Deadline>>,
+    /// A cluster receiver's commit decision (`--commit-by-store`).
+    decision: Option<Arc<Decision>>,
+    /// The cluster's answer at the commit point was lost: COMMIT was never sent, the VM is
+    /// paused here, and `migration-resolve` says whether it resumes (the store still names
+    /// this host) or is stopped (the store names the destination).
+    gate_lost: AtomicBool,
 }
 
 struct Outgoing {
@@ -310,6 +321,46 @@ impl Worker {
                 },
             };
         }
+        if let Request::MigrationResolve { commit } = req {
+            return match (&self.decision, self.machine.get()) {
+                (Some(d), None) => {
+                    let decided = d.decide(commit);
+                    (
+                        Response::ok(serde_json::json!({ "commit": decided })),
+                        false,
+                    )
+                }
+                (Some(_), Some(_)) => (
+                    Response::err("the VM has been received already; nothing to resolve"),
+                    false,
+                ),
+                (None, Some(m)) if self.gate_lost.load(Ordering::SeqCst) => {
+                    if commit {
+                        // The destination owns the VM: this copy must never run again.
+                        return (Response::ok(serde_json::json!({ "commit": true })), true);
+                    }
+                    // COMMIT was never sent and the store still names this host: take it back.
+                    let back = m
+                        .reacquire_devices(Duration::from_secs(30))
+                        .and_then(|_| m.resume());
+                    match back {
+                        Ok(()) => {
+                            self.gate_lost.store(false, Ordering::SeqCst);
+                            self.fenced.store(false, Ordering::SeqCst);
+                            (Response::ok(serde_json::json!({ "commit": false })), false)
+                        }
+                        Err(e) => (
+                            Response::err(format!("the VM cannot resume here: {}", describe(&e))),
+                            false,
+                        ),
+                    }
+                }
+                (None, _) => (
+                    Response::err("this worker is not a cluster's receiver (--commit-by-store)"),
+                    false,
+                ),
+            };
+        }
         if let Request::MigrationStatus = req {
             return match self.outgoing() {
                 Some(o) => (
@@ -381,12 +432,15 @@ impl Worker {
     }
 
     /// Runs a migration, writing progress lines to `out`; returns whether the worker must exit.
+    /// With `gate_in` (the connection's reading side), the caller decides the commit point:
+    /// see [`Request::Migrate`]'s `commit_gate`.
     fn migrate(
         self: &Arc<Self>,
         to: String,
         opts: MigrateOptions,
         pki: Option<PathBuf>,
         out: &mut UnixStream,
+        mut gate_in: Option<&mut dyn BufRead>,
     ) -> bool {
         let id = match pki
             .as_deref()
@@ -434,11 +488,32 @@ impl Worker {
         }
         let w = Arc::clone(self);
         let o2 = Arc::clone(&o);
+        // The migration thread asks for the commit through this channel; the loop below asks
+        // the caller on the control connection and sends the answer back.
+        let (ask, asked) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<GateAnswer>>();
+        let gated = gate_in.is_some();
         let handle = std::thread::spawn(move || {
-            let res = match w.machine.get() {
-                Some(m) => {
-                    migration::source::migrate(m, &to, id.as_ref(), &opts, &o2.status, &o2.cancel)
+            let ask = Mutex::new(ask);
+            let gate = || {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let sent = ask.lock().map(|a| a.send(tx).is_ok()).unwrap_or(false);
+                match sent {
+                    true => rx.recv().unwrap_or_else(|_| {
+                        GateAnswer::Unknown("the worker stopped asking".into())
+                    }),
+                    false => GateAnswer::Unknown("the worker stopped asking".into()),
                 }
+            };
+            let res = match w.machine.get() {
+                Some(m) => migration::source::migrate_gated(
+                    m,
+                    &to,
+                    id.as_ref(),
+                    &opts,
+                    &o2.status,
+                    &o2.cancel,
+                    if gated { Some(&gate) } else { None },
+                ),
                 None => Err(MigrationError::Protocol("no VM".into())),
             };
             o2.done.store(true, Ordering::SeqCst);
@@ -448,7 +523,14 @@ impl Worker {
             let st = o.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
             // A client that went away does not stop the migration.
             let _ = writeln!(out, "{}", serde_json::json!({ "progress": st }));
-            std::thread::sleep(Duration::from_millis(200));
+            if let Ok(reply) = asked.recv_timeout(Duration::from_millis(200)) {
+                let answer = match gate_in.as_deref_mut() {
+                    Some(rd) => ask_commit(out, rd),
+                    None => GateAnswer::Unknown("no one to ask".into()),
+                };
+                tracing::info!(?answer, "the cluster's answer at the commit point");
+                let _ = reply.send(answer);
+            }
         }
         let res = handle
             .join()
@@ -464,8 +546,14 @@ impl Worker {
                 true
             }
             Err(e) => {
-                if matches!(e, MigrationError::CommitUnknown(_)) {
+                if matches!(
+                    e,
+                    MigrationError::CommitUnknown(_) | MigrationError::GateLost(_)
+                ) {
                     self.fenced.store(true, Ordering::SeqCst);
+                }
+                if matches!(e, MigrationError::GateLost(_)) {
+                    self.gate_lost.store(true, Ordering::SeqCst);
                 }
                 let msg = describe(&e);
                 tracing::warn!("migration failed: {msg}");
@@ -473,6 +561,28 @@ impl Worker {
                 false
             }
         }
+    }
+}
+
+/// Asks the caller on the control connection whether the migration may commit.
+fn ask_commit(out: &mut UnixStream, rd: &mut dyn BufRead) -> GateAnswer {
+    if let Err(e) = writeln!(out, "{}", serde_json::json!({ "commit_request": true })) {
+        return GateAnswer::Unknown(format!("cannot ask: {e}"));
+    }
+    let mut line = String::new();
+    match rd.read_line(&mut line) {
+        Ok(0) => GateAnswer::Unknown("the caller went away before answering".into()),
+        Err(e) => GateAnswer::Unknown(format!("no answer: {e}")),
+        Ok(_) => match serde_json::from_str::<serde_json::Value>(line.trim()) {
+            Ok(v) if v["commit"] == true => GateAnswer::Commit,
+            Ok(v) if v["commit"] == false => GateAnswer::Abort(
+                v["reason"]
+                    .as_str()
+                    .unwrap_or("refused by the caller")
+                    .to_string(),
+            ),
+            _ => GateAnswer::Unknown(format!("an answer that is not one: {}", line.trim())),
+        },
     }
 }
 
@@ -650,6 +760,8 @@ fn run(args: Args) -> Result<(), WorkerError> {
         migration: Mutex::new(None),
         fenced: AtomicBool::new(false),
         deadline,
+        decision: args.commit_by_store.then(|| Arc::new(Decision::new())),
+        gate_lost: AtomicBool::new(false),
     });
     if let Some(m) = machine {
         let _ = worker.machine.set(m);
@@ -680,13 +792,14 @@ fn run(args: Args) -> Result<(), WorkerError> {
         let phase = &worker.incoming.as_ref().map(|(_, p)| p);
         let fallback = Mutex::new(String::new());
         let phase = phase.unwrap_or(&fallback);
-        match migration::dest::receive(
+        match migration::dest::receive_decided(
             &l,
             &name,
             identity.as_ref(),
             console.take().unwrap_or_default(),
             phase,
             args.paused,
+            worker.decision.as_deref(),
         ) {
             Ok(m) => {
                 let _ = worker.machine.set(m);
@@ -749,8 +862,17 @@ fn serve_conn(worker: &Arc<Worker>, conn: UnixStream) -> Option<bool> {
             return Some(false);
         }
         let (resp, exit) = match serde_json::from_str::<Request>(line.trim()) {
-            Ok(Request::Migrate { to, options, pki }) => {
-                return Some(worker.migrate(to, options, pki, &mut out))
+            Ok(Request::Migrate {
+                to,
+                options,
+                pki,
+                commit_gate,
+            }) => {
+                let gate_in: Option<&mut dyn BufRead> = match commit_gate {
+                    true => Some(&mut rd),
+                    false => None,
+                };
+                return Some(worker.migrate(to, options, pki, &mut out, gate_in));
             }
             Ok(req) => worker.handle(req),
             Err(e) => (Response::err(format!("bad request: {e}")), false),

@@ -45,6 +45,10 @@ pub enum MigrationError {
     /// The commit message was sent but its acknowledgement never came.
     #[error("commit outcome unknown: COMMIT was sent but the destination did not confirm; the source VM stays paused and will not resume by itself ({0})")]
     CommitUnknown(String),
+    /// The cluster's answer at the commit point was lost: COMMIT was not sent, and the VM stays
+    /// paused here until the store's record says where it runs.
+    #[error("the cluster's commit decision was lost ({0}): COMMIT was not sent; the VM stays paused here until the cluster resolves it from its store")]
+    GateLost(String),
 }
 
 impl From<std::io::Error> for MigrationError {
