@@ -111,6 +111,16 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Decide where a VM whose migration's outcome is unknown runs (the source worker is
+    /// paused and refuses to resume: `commit outcome unknown`): `destination` stops this
+    /// paused copy; `source` resumes it — only when you know the destination does not run it.
+    Resolve {
+        /// VM name (the paused source).
+        name: String,
+        /// Where the VM runs from now on.
+        #[arg(long, value_enum)]
+        running_on: RunningOn,
+    },
     /// Save a VM's complete state to a file and stop it (quick migration, first half).
     Save {
         /// VM name.
@@ -171,6 +181,15 @@ pub enum VmCmd {
     },
 }
 
+/// `ferry vm resolve --running-on`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunningOn {
+    /// The destination runs it: stop the paused source.
+    Destination,
+    /// The destination does not: resume it here.
+    Source,
+}
+
 /// Runs a `ferry vm` verb against the cluster.
 fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
     match cmd {
@@ -204,6 +223,7 @@ fn verb(c: &VmCmd) -> &'static str {
         VmCmd::Run { .. } => "run",
         VmCmd::Pause { .. } => "pause",
         VmCmd::Resume { .. } => "resume",
+        VmCmd::Resolve { .. } => "resolve",
         VmCmd::Save { .. } => "save",
         VmCmd::Restore { .. } => "restore",
         VmCmd::MemoryHash { .. } => "memory-hash",
@@ -306,6 +326,24 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
         }
         VmCmd::Pause { name } => simple(out, &name, Request::Pause, "paused"),
         VmCmd::Resume { name } => simple(out, &name, Request::Resume, "running"),
+        VmCmd::Resolve { name, running_on } => {
+            let commit = running_on == RunningOn::Destination;
+            let pid = status(&name)?.pid;
+            request(&name, &Request::MigrationResolve { commit })?;
+            let state = if commit {
+                wait_exit(pid, Duration::from_secs(30))?;
+                "stopped (runs on the destination)"
+            } else {
+                "running"
+            };
+            print(
+                out,
+                &serde_json::json!({"name": name, "state": state}),
+                &["NAME", "STATE"],
+                vec![vec![name.clone(), state.into()]],
+            );
+            Ok(())
+        }
         VmCmd::MemoryHash { name } => {
             let v = request(&name, &Request::MemoryHash)?;
             let hash = v["hash"].as_str().unwrap_or("").to_string();

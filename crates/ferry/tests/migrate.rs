@@ -787,6 +787,11 @@ fn cutting_the_link_after_the_commit_leaves_the_vm_on_the_destination_only() {
     let r = env.fails(&["vm", "resume", "a"]);
     assert!(r.contains("handed over") || r.contains("fenced"), "{r}");
     assert_continued(&env, "a", "b", 3);
-    env.ok(&["vm", "stop", "a"]);
+    // The operator decides: the destination runs it, so the paused source goes.
+    let r = env.fails(&["vm", "resolve", "b", "--running-on", "source"]);
+    assert!(r.contains("nothing to resolve"), "{r}");
+    let v = env.json(&["vm", "resolve", "a", "--running-on", "destination"]);
+    assert_eq!(v["state"], "stopped (runs on the destination)", "{v}");
+    assert_eq!(env.names(), vec!["b".to_string()]);
     env.ok(&["vm", "stop", "b"]);
 }

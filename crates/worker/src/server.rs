@@ -203,10 +203,10 @@ struct Worker {
     deadline: Option<Arc<Deadline>>,
     /// A cluster receiver's commit decision (`--commit-by-store`).
     decision: Option<Arc<Decision>>,
-    /// The cluster's answer at the commit point was lost: COMMIT was never sent, the VM is
-    /// paused here, and `migration-resolve` says whether it resumes (the store still names
-    /// this host) or is stopped (the store names the destination).
-    gate_lost: AtomicBool,
+    /// The last migration's outcome is not known here (COMMIT sent and not confirmed, or the
+    /// cluster's commit answer lost): the VM is paused and fenced, and `migration-resolve`
+    /// says whether it resumes (it runs nowhere else) or is stopped (the destination runs it).
+    outcome_unknown: AtomicBool,
 }
 
 struct Outgoing {
@@ -334,18 +334,19 @@ impl Worker {
                     Response::err("the VM has been received already; nothing to resolve"),
                     false,
                 ),
-                (None, Some(m)) if self.gate_lost.load(Ordering::SeqCst) => {
+                (None, Some(m)) if self.outcome_unknown.load(Ordering::SeqCst) => {
                     if commit {
                         // The destination owns the VM: this copy must never run again.
                         return (Response::ok(serde_json::json!({ "commit": true })), true);
                     }
-                    // COMMIT was never sent and the store still names this host: take it back.
+                    // The VM runs nowhere else (the store still names this host, COMMIT unsent;
+                    // or an operator's word): take the disks back and resume.
                     let back = m
                         .reacquire_devices(Duration::from_secs(30))
                         .and_then(|_| m.resume());
                     match back {
                         Ok(()) => {
-                            self.gate_lost.store(false, Ordering::SeqCst);
+                            self.outcome_unknown.store(false, Ordering::SeqCst);
                             self.fenced.store(false, Ordering::SeqCst);
                             (Response::ok(serde_json::json!({ "commit": false })), false)
                         }
@@ -356,7 +357,9 @@ impl Worker {
                     }
                 }
                 (None, _) => (
-                    Response::err("this worker is not a cluster's receiver (--commit-by-store)"),
+                    Response::err(
+                        "nothing to resolve: this worker neither waits for a cluster's decision (--commit-by-store) nor has a migration of unknown outcome",
+                    ),
                     false,
                 ),
             };
@@ -552,8 +555,11 @@ impl Worker {
                 ) {
                     self.fenced.store(true, Ordering::SeqCst);
                 }
-                if matches!(e, MigrationError::GateLost(_)) {
-                    self.gate_lost.store(true, Ordering::SeqCst);
+                if matches!(
+                    e,
+                    MigrationError::CommitUnknown(_) | MigrationError::GateLost(_)
+                ) {
+                    self.outcome_unknown.store(true, Ordering::SeqCst);
                 }
                 let msg = describe(&e);
                 tracing::warn!("migration failed: {msg}");
@@ -761,7 +767,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
         fenced: AtomicBool::new(false),
         deadline,
         decision: args.commit_by_store.then(|| Arc::new(Decision::new())),
-        gate_lost: AtomicBool::new(false),
+        outcome_unknown: AtomicBool::new(false),
     });
     if let Some(m) = machine {
         let _ = worker.machine.set(m);
