@@ -157,7 +157,7 @@ fn bench_in_lab(args: Vec<String>, mem_mib: u32, timeout_s: u32) -> Result<()> {
 }
 
 /// The fuzz targets in fuzz/fuzz_targets.
-const FUZZ_TARGETS: [&str; 2] = ["virtio_blk", "virtio_net"];
+const FUZZ_TARGETS: [&str; 4] = ["virtio_blk", "virtio_net", "migration_stream", "state_file"];
 
 /// Runs each fuzz target (or `only`) for `seconds`; fails on the first crash (cargo-fuzz
 /// leaves the input under fuzz/artifacts).
