@@ -443,6 +443,23 @@ impl Agent {
                     s.name
                 );
                 self.kill(&s.name, s.pid).await;
+            } else if owned
+                && s.migration_outcome_unknown
+                && !outgoing.contains(&s.name)
+                && vms.get(&s.name).map(|(_, v)| v.epoch) == self.st().epochs.get(&s.name).copied()
+            {
+                // Its migration ended without the swap (the store still names this host) but
+                // the worker never heard the answer: the VM runs here, nowhere else.
+                warn!(
+                    "{}: its migration's outcome was lost; the store names this host: resuming it",
+                    s.name
+                );
+                let n = s.name.clone();
+                let _ = self
+                    .run_blocking(move |w| {
+                        w.request(&n, &Request::MigrationResolve { commit: false })
+                    })
+                    .await?;
             } else if owned && !wanted && !outgoing.contains(&s.name) {
                 info!("{}: stopping (desired state: stopped)", s.name);
                 self.st().epochs.remove(&s.name);

@@ -136,6 +136,10 @@ pub struct Status {
     pub migration: Option<migration::MigrationStatus>,
     /// For a receiving worker: where it listens and how far the incoming migration is.
     pub incoming: Option<Incoming>,
+    /// The last outgoing migration's outcome is not known here: the VM is paused and fenced
+    /// until `migration-resolve` says where it runs.
+    #[serde(default)]
+    pub migration_outcome_unknown: bool,
 }
 
 /// An incoming migration's state.

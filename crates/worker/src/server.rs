@@ -253,6 +253,7 @@ impl Worker {
                     stop_reason: m.stop_reason(),
                     migration,
                     incoming,
+                    migration_outcome_unknown: self.outcome_unknown.load(Ordering::SeqCst),
                 }
             }
             None => Status {
@@ -271,6 +272,7 @@ impl Worker {
                 stop_reason: None,
                 migration,
                 incoming,
+                migration_outcome_unknown: false,
             },
         }
     }
