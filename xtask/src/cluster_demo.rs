@@ -2,7 +2,8 @@
 //! own ferryd, on a management and a migration bridge; one shared directory), a guest that
 //! checks its own memory, a live migration through the coordinator, a host drained for
 //! maintenance and returned with failback — the guest's counter never restarting, every check
-//! of its memory passing — then `ferry cluster down`.
+//! of its memory passing — then a host whose agent hangs (SIGSTOP): its worker fences itself and
+//! the VM restarts elsewhere, never running twice; then `ferry cluster down`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,13 +16,48 @@ struct Demo {
     dir: PathBuf,
     console: PathBuf,
     shown: std::cell::Cell<usize>,
+    /// The API the CLI talks to (another host's while one is frozen).
+    api: std::cell::RefCell<String>,
 }
 
 impl Demo {
+    /// The guest's lines since its last boot (`dirtier: start`): one fresh run — its counter
+    /// from 0, one step at a time; a copy still running elsewhere would interleave its own
+    /// counter — and every check passed.
+    fn check_restart(&self) -> Result<()> {
+        let text = std::fs::read_to_string(&self.console)?;
+        let lines: Vec<&str> = whole_lines(&text).collect();
+        let from = lines
+            .iter()
+            .rposition(|l| l.starts_with("dirtier: start"))
+            .context("the guest never booted again")?;
+        let beats: Vec<(u64, bool)> = lines[from..]
+            .iter()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next()? == "beat").then_some(())?;
+                Some((w.next()?.parse().ok()?, w.next()? == "ok"))
+            })
+            .collect();
+        if beats.first().is_some_and(|b| b.0 > 1) {
+            bail!(
+                "the VM was not restarted: its counter went on at {}",
+                beats[0].0
+            );
+        }
+        if let Some(w) = beats.windows(2).find(|w| w[1].0 != w[0].0 + 1) {
+            bail!("two counters on one console: {} then {}", w[0].0, w[1].0);
+        }
+        if beats.iter().any(|b| !b.1) {
+            bail!("the guest found its memory damaged");
+        }
+        Ok(())
+    }
+
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.ferry);
         c.args(args)
-            .env("FERRY_API", "http://10.88.0.11:7400")
+            .env("FERRY_API", self.api.borrow().as_str())
             .env("FERRY_TOKEN_FILE", self.dir.join("token"));
         c
     }
@@ -103,6 +139,37 @@ impl Demo {
     }
 }
 
+/// Host `host`'s agent pid (from the state `ferry cluster up` wrote) and another host's API.
+fn agent_pid(dir: &Path, host: &str) -> Result<(u32, String)> {
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json"))?)?;
+    let hosts = st["hosts"].as_array().context("cluster.json: no hosts")?;
+    let pid = hosts
+        .iter()
+        .find(|h| h["name"] == host)
+        .and_then(|h| h["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .with_context(|| format!("cluster.json: no agent for {host}"))?;
+    let api = hosts
+        .iter()
+        .find(|h| h["name"] != host)
+        .and_then(|h| h["api"].as_str())
+        .context("cluster.json: no other host")?;
+    Ok((pid, api.to_string()))
+}
+
+/// `kill -SIG pid`.
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .context("kill")?;
+    if !st.success() {
+        bail!("kill -{sig} {pid} failed");
+    }
+    Ok(())
+}
+
 /// The complete lines of a console log (a guest still printing leaves a partial last one).
 pub(crate) fn whole_lines(text: &str) -> std::str::Lines<'_> {
     text[..text.rfind('\n').map_or(0, |i| i + 1)].lines()
@@ -130,6 +197,7 @@ pub fn run(ws: &Path) -> Result<()> {
         console: dir.join("shared/consoles/demo.log"),
         dir: dir.clone(),
         shown: std::cell::Cell::new(0),
+        api: std::cell::RefCell::new("http://10.88.0.11:7400".into()),
     };
     let dir_s = dir.display().to_string();
     let _ = d.cmd(&["cluster", "down", "--dir", &dir_s]).output();
@@ -192,9 +260,37 @@ pub fn run(ws: &Path) -> Result<()> {
         println!(
             "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed; its disk moved with it (held read-write by one worker at a time)."
         );
+        println!("\n== 5. {second} hangs: its agent is frozen (SIGSTOP); its worker stops the VM by itself before the lease expires, and the cluster restarts the VM elsewhere, never twice ==");
+        let (agent, other_api) = agent_pid(&dir, &second)?;
+        *d.api.borrow_mut() = other_api;
+        println!("$ kill -STOP {agent}   # the agent of {second}");
+        signal(agent, "STOP")?;
+        let thaw = |_: ()| signal(agent, "CONT");
+        let moved = (|| -> Result<String> {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let v = d.json(&["vm", "show", "demo"])?;
+                let h = v["host"].as_str().unwrap_or("-").to_string();
+                if h != second && v["state"] == "running" {
+                    return Ok(h);
+                }
+                if Instant::now() > deadline {
+                    bail!("the VM did not restart off the frozen host");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })();
+        thaw(())?;
+        let fourth = moved?;
+        d.follow(4)?;
+        d.check_restart()?;
+        d.ferry(&["vm", "list"])?;
+        println!(
+            "\nThe worker on the frozen {second} stopped the VM by itself; {fourth} booted it afresh (next epoch), and the console shows one run at a time."
+        );
         Ok(())
     })();
-    println!("\n== 5. tear the local cluster down ==");
+    println!("\n== 6. tear the local cluster down ==");
     d.ferry(&["cluster", "down", "--dir", &dir_s])?;
     result
 }
