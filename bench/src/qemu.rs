@@ -626,7 +626,32 @@ fn run_ferry(
                 .output()
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_else(|e| format!("ping: {e}"));
-            let _ = std::fs::write(dir.join("fd-status.log"), format!("{st}\n{ping}"));
+            // Where the destination's threads are, five times 200 ms apart: a vCPU looping
+            // inside KVM shows the same kernel stack each time, a hung guest a HLT.
+            let pid = b
+                .ferry(&["vm", "status", "fd"])
+                .ok()
+                .and_then(|v| v["pid"].as_u64());
+            let mut stacks = String::new();
+            for round in 0..5 {
+                for t in std::fs::read_dir(format!("/proc/{}/task", pid.unwrap_or(0)))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let read =
+                        |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                    stacks.push_str(&format!(
+                        "--- sample {round} thread {} ({}) state {}\n{}",
+                        t.file_name().to_string_lossy(),
+                        read("comm").trim(),
+                        read("stat").split_whitespace().nth(2).unwrap_or("?"),
+                        read("stack")
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = std::fs::write(dir.join("fd-status.log"), format!("{st}\n{ping}\n{stacks}"));
             return Err(e);
         }
         let steps = rep["downtime_steps"]
