@@ -241,20 +241,10 @@ impl Shared {
     /// A throttled vCPU's rest: until `until`, or sooner when the VM is no longer running
     /// (a pause or stop must not wait out the period) or the throttle is lifted.
     fn rest_until(&self, until: Instant) {
-        let mut c = self.lock();
-        while c.target == RunState::Running
-            && self.throttle.load(std::sync::atomic::Ordering::SeqCst) > 0
-        {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            c = self
-                .cv
-                .wait_timeout(c, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        let _ = self.wait_for(until.saturating_duration_since(Instant::now()), |c| {
+            c.target != RunState::Running
+                || self.throttle.load(std::sync::atomic::Ordering::SeqCst) == 0
+        });
     }
 
     fn wake_io_threads(&self) {
