@@ -285,8 +285,7 @@ impl Worker {
     }
 
     fn cleanup(&self) {
-        let _ = std::fs::remove_file(self.dir.join("control.sock"));
-        let _ = std::fs::remove_file(self.dir.join("worker.pid"));
+        remove_run_files(&self.dir);
     }
 
     fn stop(&self) {
@@ -556,11 +555,6 @@ impl Worker {
                     MigrationError::CommitUnknown(_) | MigrationError::GateLost(_)
                 ) {
                     self.fenced.store(true, Ordering::SeqCst);
-                }
-                if matches!(
-                    e,
-                    MigrationError::CommitUnknown(_) | MigrationError::GateLost(_)
-                ) {
                     self.outcome_unknown.store(true, Ordering::SeqCst);
                 }
                 let msg = describe(&e);
@@ -570,6 +564,12 @@ impl Worker {
             }
         }
     }
+}
+
+/// Removes what says a worker runs in `dir` (its socket and pid file).
+fn remove_run_files(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join("control.sock"));
+    let _ = std::fs::remove_file(dir.join("worker.pid"));
 }
 
 /// Asks the caller on the control connection whether the migration may commit.
@@ -688,8 +688,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
                     late_ms = late,
                     "fenced: the host agent did not renew this worker's deadline in time (its lease may expire and the VM run elsewhere): stopping the VM"
                 );
-                let _ = std::fs::remove_file(dir.join("control.sock"));
-                let _ = std::fs::remove_file(dir.join("worker.pid"));
+                remove_run_files(&dir);
                 // Ends the vCPUs with the process at once; nothing here may wait on a lock
                 // a stuck thread could hold.
                 std::process::exit(4);
