@@ -775,14 +775,9 @@ impl Agent {
         if state == MigrationState::Succeeded {
             // Ownership moved at the commit point (the swap in the store).
             self.st().epochs.remove(&m.vm);
-        } else if !committed {
-            // A worker whose commit answer was lost is paused, COMMIT unsent; the store still
-            // names this host, so it takes the VM back (any other worker refuses this).
-            let vm = m.vm.clone();
-            let _ = self
-                .run_blocking(move |w| w.request(&vm, &Request::MigrationResolve { commit: false }))
-                .await;
         }
+        // A worker whose commit answer was lost (paused, COMMIT unsent) is resumed by the
+        // reconcile loop, which reads where the store says the VM runs.
         info!(
             "{}: migration {id} {state:?}{}",
             m.vm,
