@@ -17,8 +17,8 @@ use vmm::config::{parse_mib, validate_name};
 use vmm::VmConfig;
 
 use crate::agent::Agent;
-use crate::coordinator::{queue_migration, View};
 use crate::records::*;
+use crate::view::{baseline, View};
 use crate::ClusterError;
 
 /// An API error: status and message, sent as `{"error": "..."}`.
@@ -128,12 +128,12 @@ fn to_json<T: serde::Serialize>(v: &T) -> Value {
 
 /// A VM as the API shows it: its record, where it runs, and its active migration.
 async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterError> {
-    let running: Vec<RunningRecord> = a
-        .list::<RunningRecord>(&format!("{PREFIX}running/{}/", v.config.name))
-        .await?
-        .into_iter()
-        .map(|(_, _, r)| r)
-        .collect();
+    let running: Vec<RunningRecord> =
+        a.db.list::<RunningRecord>(&running_prefix(Some(&v.config.name)))
+            .await?
+            .into_iter()
+            .map(|(_, _, r)| r)
+            .collect();
     let state = match running.iter().find(|r| Some(&r.host) == v.owner.as_ref()) {
         Some(r) => r.state.clone(),
         None if v.desired == Desired::Stopped => "stopped".into(),
@@ -160,11 +160,11 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
 }
 
 async fn cluster(State(a): Shared) -> ApiResult {
-    let view = View::read(&a).await?;
-    let coord = a
-        .get::<CoordinatorRecord>(&coordinator_key())
-        .await?
-        .map(|(_, c)| c.host);
+    let view = View::read(&a.db).await?;
+    let coord =
+        a.db.get::<CoordinatorRecord>(&coordinator_key())
+            .await?
+            .map(|(_, c)| c.host);
     let count = |s: MigrationState| view.migrations.iter().filter(|m| m.state == s).count();
     Ok(Json(json!({
         "coordinator": coord,
@@ -199,7 +199,7 @@ fn host_json(h: &HostRecord, adm: Option<&HostAdmin>, view: &View) -> Value {
 }
 
 async fn hosts(State(a): Shared) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     let mut names: Vec<String> = view.hosts.keys().cloned().collect();
     // Hosts with an admin record but no lease are down; list them too.
     for h in view.admin.keys() {
@@ -220,7 +220,7 @@ async fn hosts(State(a): Shared) -> ApiResult {
 }
 
 async fn host(State(a): Shared, Path(h): Path<String>) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     match view.hosts.get(&h) {
         Some(r) => Ok(Json(host_json(r, view.admin.get(&h), &view))),
         None if view.admin.contains_key(&h) => Ok(Json(json!({"name": h, "state": "down"}))),
@@ -229,7 +229,7 @@ async fn host(State(a): Shared, Path(h): Path<String>) -> ApiResult {
 }
 
 async fn drain(State(a): Shared, Path(h): Path<String>) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     if !view.hosts.contains_key(&h) {
         return Err(bad(404, format!("no live host named {h:?} in the cluster")));
     }
@@ -253,7 +253,7 @@ async fn drain(State(a): Shared, Path(h): Path<String>) -> ApiResult {
         paused: true,
         draining: true,
     };
-    a.store.put(&key, encode(&rec)?, None).await?;
+    a.db.store.put(&key, encode(&rec)?, None).await?;
     Ok(Json(json!({"host": h, "state": "draining"})))
 }
 
@@ -265,11 +265,11 @@ struct ResumeReq {
 }
 
 async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeReq>) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     if !view.hosts.contains_key(&h) && !view.admin.contains_key(&h) {
         return Err(bad(404, format!("no host named {h:?} in the cluster")));
     }
-    a.store
+    a.db.store
         .put(&admin_key(&h), encode(&HostAdmin::default())?, None)
         .await?;
     let mut queued = Vec::new();
@@ -293,7 +293,9 @@ async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeR
                 continue;
             }
             queued.push(to_json(
-                &queue_migration(&a, &m.vm, &m.to, &h, "failback").await?,
+                &a.db
+                    .queue_migration(&m.vm, &m.to, &h, "failback", Default::default())
+                    .await?,
             ));
         }
     }
@@ -301,7 +303,7 @@ async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeR
 }
 
 async fn vms(State(a): Shared) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     let mut names: Vec<&String> = view.vms.keys().collect();
     names.sort();
     let mut out = Vec::new();
@@ -312,7 +314,7 @@ async fn vms(State(a): Shared) -> ApiResult {
 }
 
 async fn vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     let v = view
         .vms
         .get(&n)
@@ -424,6 +426,7 @@ async fn create_vm(
         cluster_cpu,
     };
     if !a
+        .db
         .store
         .compare_and_put(&vm_key(&req.name), 0, encode(&rec)?, None)
         .await?
@@ -433,12 +436,12 @@ async fn create_vm(
             format!("a VM named {:?} already exists", req.name),
         ));
     }
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     Ok((StatusCode::CREATED, Json(vm_view(&a, &rec, &view).await?)))
 }
 
 async fn set_desired(a: &Agent, n: &str, d: Desired) -> ApiResult {
-    let view = View::read(a).await?;
+    let view = View::read(&a.db).await?;
     if !view.vms.contains_key(n) {
         return Err(bad(404, format!("no VM named {n:?} in the cluster")));
     }
@@ -452,7 +455,7 @@ async fn set_desired(a: &Agent, n: &str, d: Desired) -> ApiResult {
             format!("{n} is migrating; cancel the migration first"),
         ));
     }
-    a.update::<VmRecord, _>(&vm_key(n), |r| {
+    a.db.update::<VmRecord, _>(&vm_key(n), |r| {
         let ch = r.desired != d;
         r.desired = d;
         ch
@@ -470,17 +473,17 @@ async fn stop_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
 }
 
 async fn delete_vm(State(a): Shared, Path(n): Path<String>) -> ApiResult {
-    let Some((rev, v)) = a.get::<VmRecord>(&vm_key(&n)).await? else {
+    let Some((rev, v)) = a.db.get::<VmRecord>(&vm_key(&n)).await? else {
         return Err(bad(404, format!("no VM named {n:?} in the cluster")));
     };
     if v.desired == Desired::Running {
         return Err(bad(409, format!("{n} should be running; stop it first")));
     }
-    let running = a.store.list(&format!("{PREFIX}running/{n}/")).await?;
+    let running = a.db.store.list(&running_prefix(Some(&n))).await?;
     if !running.is_empty() {
         return Err(bad(409, format!("{n} is still stopping")));
     }
-    if !a.store.compare_and_delete(&vm_key(&n), rev).await? {
+    if !a.db.store.compare_and_delete(&vm_key(&n), rev).await? {
         return Err(bad(409, format!("{n} changed meanwhile; try again")));
     }
     Ok(Json(json!({"name": n, "deleted": true})))
@@ -500,7 +503,7 @@ async fn migrate_vm(
     Path(n): Path<String>,
     Body(req): Body<MigrateReq>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     let v = view
         .vms
         .get(&n)
@@ -545,7 +548,8 @@ async fn migrate_vm(
         return Err(bad(400, format!("options.connections must be 1 to {max}")));
     }
     let m =
-        crate::coordinator::queue_migration_with(&a, &n, &from, &to, "user", req.options).await?;
+        a.db.queue_migration(&n, &from, &to, "user", req.options)
+            .await?;
     Ok((StatusCode::ACCEPTED, Json(to_json(&m))))
 }
 
@@ -559,18 +563,18 @@ struct SetCpu {
 /// features.
 async fn set_cpu(State(a): Shared, Path(n): Path<String>, Body(req): Body<SetCpu>) -> ApiResult {
     let (cpu, cluster_cpu) = parse_cpu(Some(&req.cpu))?;
-    let Some((_, v)) = a.get::<VmRecord>(&vm_key(&n)).await? else {
+    let Some((_, v)) = a.db.get::<VmRecord>(&vm_key(&n)).await? else {
         return Err(bad(404, format!("no VM named {n:?} in the cluster")));
     };
-    let running = a.store.list(&format!("{PREFIX}running/{n}/")).await?;
+    let running = a.db.store.list(&running_prefix(Some(&n))).await?;
     if v.desired == Desired::Running || !running.is_empty() {
         return Err(bad(
             409,
             format!("{n} is running: its guest has already seen its CPU; stop it first to change the CPU model"),
         ));
     }
-    let changed = a
-        .update::<VmRecord, _>(&vm_key(&n), |r| {
+    let changed =
+        a.db.update::<VmRecord, _>(&vm_key(&n), |r| {
             if r.desired == Desired::Running {
                 return false;
             }
@@ -592,7 +596,7 @@ async fn set_cpu(State(a): Shared, Path(n): Path<String>, Body(req): Body<SetCpu
 /// The features every live host offers, and for each feature some host lacks, which hosts
 /// lack it (they limit the `cluster` CPU model).
 async fn cpu_baseline(State(a): Shared) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     let (common, limits) = baseline(&view);
     let vendors: std::collections::BTreeSet<&str> =
         view.hosts.values().map(|h| h.cpu_vendor.as_str()).collect();
@@ -604,33 +608,8 @@ async fn cpu_baseline(State(a): Shared) -> ApiResult {
     })))
 }
 
-/// The common features of the live hosts, and what each host missing some feature lacks.
-pub fn baseline(view: &View) -> (Vec<String>, std::collections::BTreeMap<String, Vec<String>>) {
-    let mut all: std::collections::BTreeSet<&String> = Default::default();
-    for h in view.hosts.values() {
-        all.extend(h.cpu_features.iter());
-    }
-    let common: Vec<String> = all
-        .iter()
-        .filter(|f| view.hosts.values().all(|h| h.cpu_features.contains(f)))
-        .map(|f| (*f).clone())
-        .collect();
-    let mut limits = std::collections::BTreeMap::new();
-    for h in view.hosts.values() {
-        let lacks: Vec<String> = all
-            .iter()
-            .filter(|f| !h.cpu_features.contains(f))
-            .map(|f| (*f).clone())
-            .collect();
-        if !lacks.is_empty() {
-            limits.insert(h.name.clone(), lacks);
-        }
-    }
-    (common, limits)
-}
-
 async fn migrations(State(a): Shared) -> ApiResult {
-    let view = View::read(&a).await?;
+    let view = View::read(&a.db).await?;
     Ok(Json(to_json(&view.migrations)))
 }
 
@@ -641,7 +620,7 @@ fn parse_id(id: &str) -> Result<u64, ApiError> {
 
 async fn migration(State(a): Shared, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
-    match a.get::<MigrationRecord>(&migration_key(id)).await? {
+    match a.db.get::<MigrationRecord>(&migration_key(id)).await? {
         Some((_, m)) => Ok(Json(to_json(&m))),
         None => Err(bad(404, format!("no migration {id}"))),
     }
@@ -649,7 +628,7 @@ async fn migration(State(a): Shared, Path(id): Path<String>) -> ApiResult {
 
 async fn cancel_migration(State(a): Shared, Path(id): Path<String>) -> ApiResult {
     let id = parse_id(&id)?;
-    let Some((_, m)) = a.get::<MigrationRecord>(&migration_key(id)).await? else {
+    let Some((_, m)) = a.db.get::<MigrationRecord>(&migration_key(id)).await? else {
         return Err(bad(404, format!("no migration {id}")));
     };
     if m.state.done() {
@@ -658,7 +637,7 @@ async fn cancel_migration(State(a): Shared, Path(id): Path<String>) -> ApiResult
             format!("migration {id} has already ended ({:?})", m.state),
         ));
     }
-    a.update::<MigrationRecord, _>(&migration_key(id), |r| {
+    a.db.update::<MigrationRecord, _>(&migration_key(id), |r| {
         if r.state.done() {
             return false;
         }
@@ -685,7 +664,7 @@ async fn internal_receive(State(a): Shared, Body(req): Body<ReceiveReq>) -> ApiR
 }
 
 async fn metrics(State(a): Shared) -> Response {
-    let Ok(view) = View::read(&a).await else {
+    let Ok(view) = View::read(&a.db).await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response();
     };
     let mut s = String::new();
@@ -772,38 +751,4 @@ async fn metrics(State(a): Shared) -> Response {
         );
     }
     ([("content-type", "text/plain; version=0.0.4")], s).into_response()
-}
-
-/// Calls another host's API (blocking): the JSON answer, or the error it gave.
-pub fn call(url: &str, token: &str, method: &str, body: Option<Value>) -> Result<Value, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(std::time::Duration::from_secs(30)))
-        .build()
-        .into();
-    let auth = format!("Bearer {token}");
-    let resp = match method {
-        "GET" => agent.get(url).header("Authorization", &auth).call(),
-        "DELETE" => agent.delete(url).header("Authorization", &auth).call(),
-        _ => {
-            let req = agent.post(url).header("Authorization", &auth);
-            match body {
-                Some(b) => req.send_json(b),
-                None => req.send_empty(),
-            }
-        }
-    };
-    let mut resp = resp.map_err(|e| format!("cannot reach {url}: {e}"))?;
-    let status = resp.status();
-    let v: Value = resp
-        .body_mut()
-        .read_json()
-        .map_err(|e| format!("bad answer from {url} ({status}): {e}"))?;
-    if status.is_success() {
-        Ok(v)
-    } else {
-        Err(v["error"]
-            .as_str()
-            .map_or_else(|| format!("{status}"), String::from))
-    }
 }

@@ -21,6 +21,25 @@ use crate::records::{vm_key, MigrationRecord, VmRecord};
 /// How long the source waits between tries when the store does not answer the swap.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// Why the commit swap was lost: the worker takes the VM back.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitLost {
+    /// This host fenced itself while the worker waited.
+    #[error("this host fenced itself")]
+    Fenced,
+    /// Someone else changed the record (an HA restart, an operator).
+    #[error("the VM's record changed during the migration (owner {owner}, epoch {epoch})")]
+    RecordChanged {
+        /// The owner the record names now.
+        owner: String,
+        /// Its epoch now.
+        epoch: u64,
+    },
+    /// The record was deleted.
+    #[error("the VM's record is gone")]
+    RecordGone,
+}
+
 impl Agent {
     /// The swap for migration `m` of a VM owned here under `epoch`: `Ok` once the store names
     /// `m.to` the owner under `epoch + 1`, `Err(why)` when it names anyone else. While the
@@ -30,13 +49,14 @@ impl Agent {
         &self,
         m: &MigrationRecord,
         epoch: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommitLost> {
         let (from, to) = (m.from.clone(), m.to.clone());
         loop {
             if self.is_fenced() {
-                return Err("this host fenced itself".into());
+                return Err(CommitLost::Fenced);
             }
             let swapped = self
+                .db
                 .update::<VmRecord, _>(&vm_key(&m.vm), |r| {
                     if r.owner.as_deref() != Some(from.as_str()) || r.epoch != epoch {
                         return false;
@@ -57,7 +77,7 @@ impl Agent {
                     );
                     return Ok(());
                 }
-                Ok(false) | Err(_) => self.get::<VmRecord>(&vm_key(&m.vm)).await,
+                Ok(false) | Err(_) => self.db.vm(&m.vm).await,
             };
             match read {
                 Ok(Some((_, r)))
@@ -74,13 +94,12 @@ impl Agent {
                     }
                 }
                 Ok(Some((_, r))) => {
-                    return Err(format!(
-                        "the VM's record changed during the migration (owner {}, epoch {})",
-                        r.owner.as_deref().unwrap_or("none"),
-                        r.epoch
-                    ))
+                    return Err(CommitLost::RecordChanged {
+                        owner: r.owner.unwrap_or_else(|| "none".into()),
+                        epoch: r.epoch,
+                    })
                 }
-                Ok(None) => return Err("the VM's record is gone".into()),
+                Ok(None) => return Err(CommitLost::RecordGone),
                 Err(e) => warn!("{}: cannot read the record at the commit: {e}", m.vm),
             }
             tokio::time::sleep(RETRY).await;

@@ -10,8 +10,15 @@ pub mod api;
 mod commit;
 pub mod config;
 pub mod coordinator;
+pub mod db;
+mod destination;
 pub mod inventory;
+mod lease;
+pub mod peer;
+pub mod reconcile;
 pub mod records;
+mod source;
+pub mod view;
 
 pub use config::AgentConfig;
 
@@ -32,7 +39,10 @@ pub enum ClusterError {
     Worker(#[from] ferry_worker::client::ClientError),
     /// Another host's API failed.
     #[error("host {0}: {1}")]
-    Peer(String, String),
+    Peer(String, #[source] peer::PeerError),
+    /// A host is not in the cluster (down or unknown).
+    #[error("host {0} is not in the cluster")]
+    HostGone(String),
     /// The request is wrong (HTTP 400/404/409).
     #[error("{1}")]
     Request(u16, String),

@@ -39,6 +39,29 @@ pub fn coordinator_key() -> String {
 pub fn migration_seq_key() -> String {
     format!("{PREFIX}seq/migration")
 }
+/// Prefix of every live host record.
+pub fn hosts_prefix() -> String {
+    format!("{PREFIX}hosts/")
+}
+/// Prefix of every host's administrative state.
+pub fn admin_prefix() -> String {
+    format!("{PREFIX}admin/")
+}
+/// Prefix of every VM record.
+pub fn vms_prefix() -> String {
+    format!("{PREFIX}vms/")
+}
+/// Prefix of every migration record.
+pub fn migrations_prefix() -> String {
+    format!("{PREFIX}migrations/")
+}
+/// Prefix of the running reports of VM `n` (every host), or of every VM with `None`.
+pub fn running_prefix(n: Option<&str>) -> String {
+    match n {
+        Some(n) => format!("{PREFIX}running/{n}/"),
+        None => format!("{PREFIX}running/"),
+    }
+}
 
 /// A record with its version, as stored.
 #[derive(Serialize, Deserialize)]

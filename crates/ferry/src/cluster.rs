@@ -1,6 +1,7 @@
 //! The cluster side of the CLI: with `--api URL` (or `$FERRY_API`) the `vm`, `host`,
 //! `migration` and `cluster` verbs talk to any host's `ferryd` instead of this host's workers.
 
+use ferry_cluster::peer::{self, Method};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -61,21 +62,25 @@ fn read_token(f: &std::path::Path) -> Result<String> {
 }
 
 impl Api {
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        ferry_cluster::api::call(&format!("{}{path}", self.url), &self.token, method, body)
-            .map_err(|e| anyhow!(e))
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        Ok(peer::call(
+            &format!("{}{path}", self.url),
+            &self.token,
+            method,
+            body,
+        )?)
     }
     /// GET.
     pub fn get(&self, path: &str) -> Result<Value> {
-        self.call("GET", path, None)
+        self.call(Method::Get, path, None)
     }
     /// POST.
     pub fn post(&self, path: &str, body: Value) -> Result<Value> {
-        self.call("POST", path, Some(body))
+        self.call(Method::Post, path, Some(body))
     }
     /// DELETE.
     pub fn delete(&self, path: &str) -> Result<Value> {
-        self.call("DELETE", path, None)
+        self.call(Method::Delete, path, None)
     }
 }
 

@@ -288,7 +288,12 @@ pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
     let api = state.hosts[0].api.clone();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = ferry_cluster::api::call(&format!("{api}/v1/cluster"), &token, "GET", None);
+        let v = ferry_cluster::peer::call(
+            &format!("{api}/v1/cluster"),
+            &token,
+            ferry_cluster::peer::Method::Get,
+            None,
+        );
         if let Ok(v) = &v {
             if v["hosts"] == u64::from(hosts) && v["coordinator"].is_string() {
                 break;
@@ -297,7 +302,7 @@ pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "the local cluster did not come up within 60 s ({}); logs in {}",
-                v.err().unwrap_or_default(),
+                v.err().map(|e| e.to_string()).unwrap_or_default(),
                 dir.display()
             );
         }

@@ -3,6 +3,7 @@
 //! cluster's shared storage), `ferry --api` as a user would type it, and bare-metal dirtier
 //! guests on this machine's KVM checking their own memory.
 
+use ferry_cluster::peer::{self, Method};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -292,7 +293,7 @@ endpoints = ["http://127.0.0.1:{proxy}"]
     }
 
     fn api_get(&self, path: &str) -> Value {
-        ferry_cluster::api::call(&format!("{}{path}", self.api()), TOKEN, "GET", None)
+        peer::call(&format!("{}{path}", self.api()), TOKEN, Method::Get, None)
             .unwrap_or(Value::Null)
     }
 
@@ -901,16 +902,17 @@ fn bad_requests_get_clear_errors_and_change_nothing() {
 
     // Raw HTTP: no token, a wrong token, malformed JSON.
     let api = c.api();
-    let no = ferry_cluster::api::call(&format!("{api}/v1/vms"), "", "GET", None).unwrap_err();
-    assert!(no.contains("token"), "{no}");
-    let wrong = ferry_cluster::api::call(
+    let no = peer::call(&format!("{api}/v1/vms"), "", Method::Get, None).unwrap_err();
+    assert_eq!(no.status(), Some(401), "{no}");
+    assert!(no.to_string().contains("token"), "{no}");
+    let wrong = peer::call(
         &format!("{api}/v1/vms"),
         "wrong-token-wrong-token",
-        "GET",
+        Method::Get,
         None,
     )
     .unwrap_err();
-    assert!(wrong.contains("wrong API token"), "{wrong}");
+    assert!(wrong.to_string().contains("wrong API token"), "{wrong}");
     let (status, body) = raw_post(&api, "/v1/vms", "{not json");
     assert_eq!(status, 400, "{body}");
     let (status, _) = raw_post(&api, "/v1/vms/a/migrate", r#"{"to": 5}"#);
@@ -1154,7 +1156,7 @@ fn a_single_host_on_the_embedded_store_keeps_its_vms_across_an_agent_restart() {
             .unwrap()
     };
     let api = format!("http://127.0.0.1:{port}");
-    let get = |path: &str| ferry_cluster::api::call(&format!("{api}{path}"), TOKEN, "GET", None);
+    let get = |path: &str| peer::call(&format!("{api}{path}"), TOKEN, Method::Get, None);
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(60);
         while !cond() {
@@ -1168,10 +1170,10 @@ fn a_single_host_on_the_embedded_store_keeps_its_vms_across_an_agent_restart() {
         get("/v1/cluster").is_ok_and(|v| v["coordinator"] == "solo")
     });
     let k = ferry_guests::dirtier();
-    let created = ferry_cluster::api::call(
+    let created = peer::call(
         &format!("{api}/v1/vms"),
         TOKEN,
-        "POST",
+        Method::Post,
         Some(serde_json::json!({"name": "a", "kernel": k, "memory": "16M", "cmdline": "mb=4 rate=2000 beat_ms=100"})),
     )
     .unwrap();

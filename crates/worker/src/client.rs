@@ -215,7 +215,7 @@ impl Workers {
         options: migration::MigrateOptions,
         pki: Option<PathBuf>,
         mut progress: impl FnMut(&migration::MigrationStatus),
-        gate: Option<&dyn Fn() -> std::result::Result<(), String>>,
+        gate: Option<&dyn Fn() -> std::result::Result<(), GateError>>,
     ) -> Result<migration::MigrationReport> {
         use std::io::Write as _;
         let sock = self.vm_dir(name).join("control.sock");
@@ -242,7 +242,9 @@ impl Workers {
             if v.get("commit_request").is_some() {
                 let answer = match gate.map(|g| g()) {
                     Some(Ok(())) => serde_json::json!({ "commit": true }),
-                    Some(Err(reason)) => serde_json::json!({ "commit": false, "reason": reason }),
+                    Some(Err(reason)) => {
+                        serde_json::json!({ "commit": false, "reason": reason.to_string() })
+                    }
                     None => serde_json::json!({ "commit": false, "reason": "no commit gate" }),
                 };
                 writeln!(answer_to, "{answer}")
@@ -269,6 +271,9 @@ impl Workers {
         wait_exit(pid, timeout)
     }
 }
+
+/// Why a commit gate refused: the caller's own error, told to the worker as its reason.
+pub type GateError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Waits until process `pid` has exited.
 pub fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
