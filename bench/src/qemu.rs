@@ -632,25 +632,12 @@ fn run_ferry(
                 .ferry(&["vm", "status", "fd"])
                 .ok()
                 .and_then(|v| v["pid"].as_u64());
-            let mut stacks = String::new();
-            for round in 0..5 {
-                for t in std::fs::read_dir(format!("/proc/{}/task", pid.unwrap_or(0)))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    let read =
-                        |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
-                    stacks.push_str(&format!(
-                        "--- sample {round} thread {} ({}) state {}\n{}",
-                        t.file_name().to_string_lossy(),
-                        read("comm").trim(),
-                        read("stat").split_whitespace().nth(2).unwrap_or("?"),
-                        read("stack")
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            let stacks = ferry_testkit::diag::threads(
+                pid.and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                5,
+                Duration::from_millis(200),
+                true,
+            );
             let _ = std::fs::write(dir.join("fd-status.log"), format!("{st}\n{ping}\n{stacks}"));
             return Err(e);
         }

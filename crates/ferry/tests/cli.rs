@@ -1,7 +1,7 @@
 //! End-to-end tests of `ferry vm ...` and the worker process, on the machine's own /dev/kvm
 //! with the bare-metal dirtier (it checks its own memory and prints `beat <n> ok`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -40,37 +40,11 @@ fn dirtier() -> PathBuf {
     ferry_guests::dirtier()
 }
 
-fn beats(log: &Path) -> Vec<(u64, String)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("beat ")?;
-            let (n, verdict) = rest.split_once(' ')?;
-            Some((n.parse().ok()?, verdict.to_string()))
-        })
-        .collect()
-}
+use common::beats_in as beats;
+use common::wait_beats;
 
-fn wait_beats(log: &Path, count: usize) -> Vec<(u64, String)> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let b = beats(log);
-        if b.len() >= count {
-            return b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} beats after 120 s in {}",
-            b.len(),
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn all_ok(b: &[(u64, String)]) -> bool {
-    b.iter().all(|(_, v)| v == "ok")
+fn all_ok(b: &[(u64, bool)]) -> bool {
+    b.iter().all(|x| x.1)
 }
 
 #[test]

@@ -3,443 +3,30 @@
 //! cluster's shared storage), `ferry --api` as a user would type it, and bare-metal dirtier
 //! guests on this machine's KVM checking their own memory.
 
-use ferry_cluster::peer::{self, Method};
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-mod common;
-
-use common::{bad_lines, beats, wait_beats};
-use ferry_store::local_etcd::LocalEtcd;
+use ferry_cluster::peer::{self, Method};
+use ferry_testkit::beats;
+use ferry_testkit::cluster::{dirtier_create, free_port, Bins, Cluster, TOKEN};
+use ferry_testkit::console::{assert_one_run_intact, beats_now, wait_beats};
 use serde_json::Value;
 
-const TOKEN: &str = "test-token-0123456789abcdef";
-
-struct Host {
-    name: String,
-    api: String,
-    config: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-    /// Extra environment of its ferryd (and so of its workers).
-    env: Vec<(String, String)>,
-    /// Its agent is stopped (SIGSTOP): its API does not answer.
-    frozen: bool,
-}
-
-struct Cluster {
-    dir: PathBuf,
-    rt: tokio::runtime::Runtime,
-    etcd: Option<LocalEtcd>,
-    hosts: Vec<Host>,
-    /// etcd as each host reaches it: through a proxy the test can cut (a partition).
-    proxies: HashMap<String, Proxy>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A TCP forwarder from a local port to etcd; `cut` drops every connection and refuses new
-/// ones, as a failed link would.
-struct Proxy {
-    port: u16,
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn new(target: String) -> Proxy {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let c = cut.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(a) = s else { continue };
-                if c.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let Ok(b) = TcpStream::connect(&target) else {
-                    continue;
-                };
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
-                {
-                    let c = c.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 16384];
-                        from.set_read_timeout(Some(Duration::from_millis(200))).ok();
-                        loop {
-                            if c.load(Ordering::SeqCst) {
-                                let _ = from.shutdown(std::net::Shutdown::Both);
-                                let _ = to.shutdown(std::net::Shutdown::Both);
-                                return;
-                            }
-                            match from.read(&mut buf) {
-                                Ok(0) => {
-                                    let _ = to.shutdown(std::net::Shutdown::Write);
-                                    return;
-                                }
-                                Ok(n) => {
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        return;
-                                    }
-                                }
-                                Err(e)
-                                    if matches!(
-                                        e.kind(),
-                                        std::io::ErrorKind::WouldBlock
-                                            | std::io::ErrorKind::TimedOut
-                                    ) => {}
-                                Err(_) => return,
-                            }
-                        }
-                    });
-                }
-            }
-        });
-        Proxy { port, cut }
+fn bins() -> Bins {
+    Bins {
+        ferry: env!("CARGO_BIN_EXE_ferry").into(),
+        ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
+        ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
     }
-}
-
-impl Cluster {
-    /// `n` hosts h1..hN on one etcd; `limits` is the TOML of the `[limits]` table.
-    fn new(name: &str, n: usize, limits: &str) -> Cluster {
-        Cluster::with_env(name, n, limits, &[])
-    }
-
-    /// [`Cluster::new`] with extra environment variables for some hosts' agents.
-    fn with_env(name: &str, n: usize, limits: &str, env: &[(&str, &str, &str)]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("ferry-cluster-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("shared")).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let etcd = rt.block_on(LocalEtcd::start(&dir.join("etcd"))).unwrap();
-        std::fs::write(dir.join("token"), TOKEN).unwrap();
-        let pki = dir.join("pki");
-        let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(["pki", "init", pki.to_str().unwrap(), "--host", "cluster"])
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let mut c = Cluster {
-            dir,
-            rt,
-            etcd: Some(etcd),
-            hosts: Vec::new(),
-            proxies: HashMap::new(),
-        };
-        for i in 1..=n {
-            let h = format!("h{i}");
-            let proxy = Proxy::new(
-                c.etcd
-                    .as_ref()
-                    .unwrap()
-                    .endpoint()
-                    .trim_start_matches("http://")
-                    .to_string(),
-            );
-            let port = free_port();
-            let config = c.dir.join(format!("{h}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    r#"host = "{h}"
-listen = "127.0.0.1:{port}"
-migration_ip = "127.0.0.1"
-shared_dir = "{shared}"
-run_dir = "{run}"
-token_file = "{token}"
-pki_dir = "{pki}"
-lease_ttl_s = 3
-
-[store]
-kind = "etcd"
-endpoints = ["http://127.0.0.1:{proxy}"]
-
-[limits]
-{limits}
-"#,
-                    shared = c.dir.join("shared").display(),
-                    run = c.dir.join(format!("run-{h}")).display(),
-                    token = c.dir.join("token").display(),
-                    pki = pki.display(),
-                    proxy = proxy.port,
-                ),
-            )
-            .unwrap();
-            c.proxies.insert(h.clone(), proxy);
-            c.hosts.push(Host {
-                name: h.clone(),
-                api: format!("http://127.0.0.1:{port}"),
-                log: c.dir.join(format!("{h}.log")),
-                config,
-                child: None,
-                env: env
-                    .iter()
-                    .filter(|(host, _, _)| *host == h)
-                    .map(|(_, k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                frozen: false,
-            });
-            c.start_host(&h);
-        }
-        c.wait_until(
-            "every host joined and one coordinates",
-            Duration::from_secs(60),
-            |c| {
-                let s = c.api_get("/v1/cluster");
-                s["hosts"] == n && s["coordinator"].is_string()
-            },
-        );
-        c
-    }
-
-    fn host(&mut self, h: &str) -> &mut Host {
-        self.hosts.iter_mut().find(|x| x.name == h).unwrap()
-    }
-
-    fn start_host(&mut self, h: &str) {
-        let host = self.host(h);
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(&host.log)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ferryd"))
-            .arg("--config")
-            .arg(&host.config)
-            .env("FERRY_VM_BIN", env!("CARGO_BIN_EXE_ferry-vm"))
-            .env("FERRY_LOG", "info")
-            .envs(host.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        host.child = Some(child);
-    }
-
-    /// SIGKILLs host `h`'s agent (its workers follow it: they watch it).
-    fn kill_host(&mut self, h: &str) {
-        let host = self.host(h);
-        if let Some(mut c) = host.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Freezes (SIGSTOP) or thaws (SIGCONT) host `h`'s agent; its workers go on.
-    fn freeze_host(&mut self, h: &str, frozen: bool) {
-        let host = self.host(h);
-        let pid = host.child.as_ref().unwrap().id() as i32;
-        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: signalling a child of this test.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-        host.frozen = frozen;
-    }
-
-    /// An API on a live host.
-    fn api(&self) -> String {
-        self.hosts
-            .iter()
-            .find(|h| h.child.is_some() && !h.frozen)
-            .map(|h| h.api.clone())
-            .unwrap()
-    }
-
-    fn ferry_at(&self, api: &str, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .env("FERRY_API", api)
-            .env("FERRY_TOKEN_FILE", self.dir.join("token"))
-            .output()
-            .unwrap()
-    }
-
-    /// `ferry ... --output json` against a live host; asserts success.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        let o = self.ferry_at(&self.api(), &a);
-        assert!(
-            o.status.success(),
-            "ferry {args:?} failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).unwrap()
-    }
-
-    /// `ferry ...` that must fail; its error.
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.ferry_at(&self.api(), args);
-        assert!(!o.status.success(), "ferry {args:?} unexpectedly succeeded");
-        let e = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(!e.contains("panicked"), "{e}");
-        e
-    }
-
-    fn api_get(&self, path: &str) -> Value {
-        peer::call(&format!("{}{path}", self.api()), TOKEN, Method::Get, None)
-            .unwrap_or(Value::Null)
-    }
-
-    fn wait_until(&self, what: &str, timeout: Duration, cond: impl Fn(&Cluster) -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !cond(self) {
-            if Instant::now() > deadline {
-                panic!(
-                    "not within {timeout:?}: {what}\nvms: {}\nmigrations: {}\n{}",
-                    self.api_get("/v1/vms"),
-                    self.api_get("/v1/migrations"),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for h in &self.hosts {
-            let t = std::fs::read_to_string(&h.log).unwrap_or_default();
-            let lines: Vec<&str> = t.lines().collect();
-            s.push_str(&format!("--- {} (last lines)\n", h.name));
-            for l in &lines[lines.len().saturating_sub(25)..] {
-                s.push_str(l);
-                s.push('\n');
-            }
-        }
-        s
-    }
-
-    fn console(&self, vm: &str) -> PathBuf {
-        self.dir.join("shared/consoles").join(format!("{vm}.log"))
-    }
-
-    fn vm(&self, name: &str) -> Value {
-        self.api_get(&format!("/v1/vms/{name}"))
-    }
-
-    /// Creates a dirtier VM and waits until it runs and beats.
-    fn create(&self, name: &str, extra: &[&str]) -> String {
-        self.define(name, extra);
-        self.wait_until(&format!("{name} running"), Duration::from_secs(60), |c| {
-            c.vm(name)["state"] == "running"
-        });
-        wait_beats(&self.console(name), 3);
-        self.vm(name)["host"].as_str().unwrap().to_string()
-    }
-
-    /// Defines a dirtier VM (the cluster starts it).
-    fn define(&self, name: &str, extra: &[&str]) {
-        let k = ferry_guests::dirtier();
-        let mut args = dirtier_create(name, k.to_str().unwrap());
-        args.extend(extra);
-        self.json(&args);
-    }
-
-    /// Every worker process of VM `name` on any host: (host, pid).
-    fn workers_of(&self, name: &str) -> Vec<(String, u32)> {
-        let mut out = Vec::new();
-        for h in &self.hosts {
-            let pidfile = self
-                .dir
-                .join(format!("run-{}", h.name))
-                .join("vms")
-                .join(name);
-            if !pidfile.exists() {
-                continue;
-            }
-            // A worker is alive when its control socket answers.
-            let sock = pidfile.join("control.sock");
-            if let Ok(r) = ferry_worker::server::call_socket(&sock, &ferry_worker::Request::Status)
-            {
-                if let Some(pid) = r.result.as_ref().and_then(|v| v["pid"].as_u64()) {
-                    out.push((h.name.clone(), pid as u32));
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for h in &mut self.hosts {
-            if let Some(mut c) = h.child.take() {
-                if h.frozen {
-                    // SAFETY: signalling a child of this test.
-                    unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
-                }
-                // SIGTERM: the agent stops its VMs and leaves.
-                // SAFETY: signalling a child of this test.
-                unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-        drop(self.etcd.take());
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// The guest kept one beat counter (no restart, no gap) and every self-check passed.
-fn assert_one_run_intact(log: &Path) {
-    let text = std::fs::read_to_string(log).unwrap();
-    let all = beats(&text);
-    assert!(
-        all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
-        "counter restarted or skipped: {all:?}"
-    );
-    assert!(
-        all.iter().all(|x| x.1),
-        "memory damaged: {:?} in {all:?}",
-        bad_lines(&text)
-    );
-}
-
-/// `ferry vm create NAME` for a small dirtier VM (16 MiB, 4 MiB rewritten, a beat every 100 ms).
-fn dirtier_create<'a>(name: &'a str, kernel: &'a str) -> Vec<&'a str> {
-    vec![
-        "vm",
-        "create",
-        name,
-        "--kernel",
-        kernel,
-        "--memory",
-        "16M",
-        "--cmdline",
-        "mb=4 rate=2000 beat_ms=100",
-    ]
-}
-
-fn beats_now(log: &Path) -> usize {
-    beats(&std::fs::read_to_string(log).unwrap_or_default()).len()
 }
 
 #[test]
 fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
-    let c = Cluster::new("ops", 3, "");
+    let c = Cluster::new(&bins(), "ops", 3, "");
     // "a" has a disk on the shared storage: it must follow the VM through every move.
     let disk = c.dir.join("a.img");
     let disk = disk.to_str().unwrap();
@@ -581,7 +168,7 @@ fn vms_are_placed_migrated_drained_and_failed_back_with_their_guests_intact() {
 #[test]
 fn concurrent_migrations_stay_within_the_cluster_limits() {
     // 4 hosts: at most 2 migrations at once (half the hosts) and one per host.
-    let c = Cluster::new("limits", 4, "");
+    let c = Cluster::new(&bins(), "limits", 4, "");
     let names: Vec<String> = (1..=8).map(|i| format!("v{i}")).collect();
     for n in &names {
         c.define(n, &[]);
@@ -683,7 +270,7 @@ fn concurrent_migrations_stay_within_the_cluster_limits() {
 
 #[test]
 fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
-    let mut c = Cluster::new("ha", 3, "");
+    let mut c = Cluster::new(&bins(), "ha", 3, "");
     // "a" has a disk: an HA restart must get it (the dead worker's lock is gone with it).
     let disk = c.dir.join("a.img");
     let disk = disk.to_str().unwrap().to_string();
@@ -777,7 +364,7 @@ fn a_dead_or_partitioned_host_loses_its_vms_to_the_others_never_twice() {
 
 #[test]
 fn a_frozen_agent_s_vms_stop_by_themselves_before_they_run_elsewhere() {
-    let mut c = Cluster::new("frozen", 3, "");
+    let mut c = Cluster::new(&bins(), "frozen", 3, "");
     let host = c.create("a", &[]);
     let (_, old_pid) = c.workers_of("a")[0].clone();
     // An agent that cannot run renews nothing and fences nothing; its worker must stop the VM
@@ -832,7 +419,7 @@ fn a_frozen_agent_s_vms_stop_by_themselves_before_they_run_elsewhere() {
 
 #[test]
 fn the_coordinator_role_moves_and_an_etcd_restart_loses_nothing() {
-    let mut c = Cluster::new("coord", 3, "");
+    let mut c = Cluster::new(&bins(), "coord", 3, "");
     c.create("a", &[]);
     let coord = c.api_get("/v1/cluster")["coordinator"]
         .as_str()
@@ -868,7 +455,7 @@ fn the_coordinator_role_moves_and_an_etcd_restart_loses_nothing() {
 
 #[test]
 fn bad_requests_get_clear_errors_and_change_nothing() {
-    let c = Cluster::new("bad", 2, "");
+    let c = Cluster::new(&bins(), "bad", 2, "");
     let h = c.create("a", &[]);
     let e = c.fails(&["vm", "show", "nope"]);
     assert!(e.contains("no VM named"), "{e}");
@@ -983,6 +570,7 @@ fn cpu_models_decide_where_a_vm_may_move_and_change_only_while_off() {
     let cfg = std::env::temp_dir().join(format!("ferry-cluster-cpu-{}.toml", std::process::id()));
     std::fs::write(&cfg, format!("[cpu]\nhide = [{extra:?}]\n")).unwrap();
     let c = Cluster::with_env(
+        &bins(),
         "cpu",
         2,
         "",
@@ -1207,6 +795,7 @@ fn a_running_cluster_migration_is_cancelled_and_the_vm_stays() {
     let _ = std::fs::remove_file(&mark);
     let m = mark.to_str().unwrap();
     let c = Cluster::with_env(
+        &bins(),
         "cancel",
         2,
         "",
@@ -1249,6 +838,7 @@ fn a_migration_that_loses_its_source_at_the_commit_resolves_from_the_store() {
     // h1's workers hold once the store has swapped the VM's owner but before COMMIT is sent;
     // h2's hold once COMMIT is sent, before RESUMED is read.
     let c = Cluster::with_env(
+        &bins(),
         "commit",
         2,
         "",

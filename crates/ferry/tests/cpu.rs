@@ -32,25 +32,12 @@ fn start(env: &Env, vm: &str, cpu: &str, extra: &[(&str, &str)]) -> std::process
     )
 }
 
+/// The beats of `log` whose self-check passed.
 fn beats(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("beat ") && l.ends_with(" ok"))
-        .count()
+    common::beats_in(log).iter().filter(|b| b.1).count()
 }
 
-fn wait_beats(log: &Path, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while beats(log) < n {
-        assert!(
-            Instant::now() < deadline,
-            "no {n} beats in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::wait_beats;
 
 fn names(v: &serde_json::Value) -> Vec<String> {
     v.as_array()

@@ -40,34 +40,23 @@ fn start_linux(env: &Env, vm: &str, kernel: &str, vcpus: u8) {
     ]);
 }
 
-/// `tick` counters of a console, whole lines only.
-fn ticks(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| {
-            l.strip_prefix("tick ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect()
-}
+use ferry_testkit::console::ticks;
 
+/// Waits up to 180 s for `cond` on console `log`; a guest that reports damage or a panic fails
+/// at once, and one that stays silent fails with what its worker's threads are doing.
 fn wait_for(log: &Path, what: &str, cond: impl Fn(&str) -> bool) -> String {
     eprintln!("waiting for {what} in {}", log.display());
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        assert!(
-            !text.contains("DIRTIER-ERROR"),
-            "memory corruption:\n{text}"
-        );
-        assert!(!text.contains("Kernel panic"), "guest panicked:\n{text}");
-        if cond(&text) {
-            return text;
+    match ferry_testkit::console::wait_for(log, what, Duration::from_secs(180), cond) {
+        Ok(text) => text,
+        Err(e @ ferry_testkit::KitError::Timeout { .. }) => {
+            // The console's end first (where the guest stopped), then its worker's threads.
+            let diag = ferry_testkit::diag::silent_guest(log);
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = lines[lines.len().saturating_sub(30)..].join("\n");
+            panic!("{e}; the console ends:\n{tail}\n{diag}")
         }
-        assert!(Instant::now() < deadline, "no {what} within 180 s:\n{text}");
-        std::thread::sleep(Duration::from_millis(200));
+        Err(e) => panic!("{e}:\n{}", std::fs::read_to_string(log).unwrap_or_default()),
     }
 }
 

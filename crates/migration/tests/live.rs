@@ -16,10 +16,7 @@ use vmm::machine::{Machine, RunState};
 use vmm::VmConfig;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferry-mig-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    ferry_testkit::tmpdir("mig", name)
 }
 
 /// A cluster CA with one identity, made once per test process; `other` gives a second,
@@ -69,17 +66,7 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
 
 use ferry_guests::{bad_lines, beats};
 
-fn wait_beats(log: &Path, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "no {count} beats in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use ferry_testkit::console::wait_beats;
 
 /// Runs a migration of `src` to a receiver in a thread, both over TLS with identities of one
 /// cluster CA; returns the sender's result and the receiver's.

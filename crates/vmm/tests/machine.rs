@@ -10,10 +10,7 @@ use vmm::machine::{Machine, MachineError, RunState};
 use vmm::VmConfig;
 
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferry-vmm-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    ferry_testkit::tmpdir("vmm", name)
 }
 
 fn console(path: &Path) -> ConsoleOut {
@@ -45,27 +42,9 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
     }
 }
 
-/// Beat lines in a console log: (counter, ok).
-fn beats(log: &Path) -> Vec<(u64, bool)> {
-    ferry_guests::beats(&std::fs::read_to_string(log).unwrap_or_default())
-}
+use ferry_testkit::console::beats_in as beats;
 
-fn wait_beats(log: &Path, count: usize) -> Vec<(u64, bool)> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let b = beats(log);
-        if b.len() >= count {
-            return b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} beats after 120 s: {:?}",
-            b.len(),
-            std::fs::read_to_string(log)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use ferry_testkit::console::wait_beats;
 
 #[test]
 fn dirtier_saves_and_continues_in_a_new_vm() {

@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
+
+use ferry_testkit::Ferry;
 
 /// One test's run directory; VMs left running are stopped on drop.
 pub struct Env {
@@ -37,6 +38,17 @@ impl Env {
         ]
     }
 
+    /// The `ferry` CLI with this test's environment.
+    pub fn cli(&self) -> Ferry {
+        Ferry::new(
+            env!("CARGO_BIN_EXE_ferry"),
+            self.vars()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        )
+    }
+
     /// Runs `ferry` with this test's run directory; a command that takes over 5 minutes is
     /// killed and fails the test (a hang must not stall the suite).
     pub fn ferry(&self, args: &[&str]) -> Output {
@@ -45,51 +57,24 @@ impl Env {
 
     /// [`Env::ferry`] with extra environment variables (a worker started by it inherits them).
     pub fn ferry_env(&self, args: &[&str], extra: &[(&str, &str)]) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-            .args(args)
-            .envs(self.vars())
-            .envs(extra.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while child.try_wait().unwrap().is_none() {
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("ferry {args:?} did not finish within 300 s");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        child.wait_with_output().unwrap()
+        let mut cli = self.cli();
+        cli.env
+            .extend(extra.iter().map(|(k, v)| (k.to_string(), v.into())));
+        cli.run(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Runs ferry, asserts success, returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let o = self.ferry(args);
-        // With `--output json` the error is a JSON object on stdout: show both.
-        assert!(
-            o.status.success(),
-            "ferry {args:?} failed: {}{}",
-            String::from_utf8_lossy(&o.stderr),
-            String::from_utf8_lossy(&o.stdout)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        self.cli().ok(args)
     }
 
     /// Runs ferry, asserts failure without a panic, returns stderr.
     pub fn fails(&self, args: &[&str]) -> String {
-        let o = self.ferry(args);
-        assert!(!o.status.success(), "ferry {args:?} unexpectedly succeeded");
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(!err.contains("panicked"), "{err}");
-        err
+        self.cli().fails(args)
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = args.to_vec();
-        a.extend(["--output", "json"]);
-        serde_json::from_str(&self.ok(&a)).unwrap()
+        self.cli().json(args)
     }
 
     pub fn console(&self, vm: &str) -> PathBuf {
@@ -150,55 +135,16 @@ impl Drop for Env {
             let _ = self.ferry(&["vm", "stop", &n]);
         }
         if std::thread::panicking() {
-            self.keep_logs();
+            if let Some(to) = ferry_testkit::keep_logs(&self.dir, "failed-tests") {
+                eprintln!("logs of the failed test kept in {}", to.display());
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-impl Env {
-    /// A failed test's consoles and worker logs, copied to `target/failed-tests/<dir>/` in the
-    /// workspace, which outlives the test's temporary directory (and a lab host's /tmp).
-    fn keep_logs(&self) {
-        let Some(name) = self.dir.file_name() else {
-            return;
-        };
-        let to = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../target/failed-tests")
-            .join(name);
-        let mut stack = vec![self.dir.clone()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if p.extension().is_some_and(|x| x == "log" || x == "console") {
-                    let rel = p.strip_prefix(&self.dir).unwrap_or(&p);
-                    let dst = to.join(rel);
-                    if let Some(parent) = dst.parent() {
-                        let _ = std::fs::create_dir_all(parent);
-                    }
-                    let _ = std::fs::copy(&p, &dst);
-                }
-            }
-        }
-        eprintln!("logs of the failed test kept in {}", to.display());
-    }
-}
-
-/// The dirtier's `beat <n> ok|BAD` lines: (counter, memory intact).
-#[allow(unused_imports)] // not every test binary reports bad lines
-pub use ferry_guests::{bad_lines, beats};
-
-/// Waits (up to 120 s) until `log` holds `count` beats.
-pub fn wait_beats(log: &std::path::Path, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while beats(&std::fs::read_to_string(log).unwrap_or_default()).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "fewer than {count} beats in {}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// The dirtier's `beat <n> ok|BAD` lines: (counter, memory intact), and waiting for them.
+#[allow(unused_imports)] // not every test binary uses every helper
+pub use ferry_testkit::console::{beats_in, wait_beats};
+#[allow(unused_imports)]
+pub use ferry_testkit::{bad_lines, beats};
