@@ -3,6 +3,7 @@
 //! - `test`: the whole test suite: every crate's tests on this machine's KVM (bare-metal guests),
 //!   then the Linux-guest tier inside one lab host.
 //! - `lab-tests`: only the Linux-guest tier (release build, one lab host boot).
+//! - `soak [--migrations N] [--seed S]`: migrations under injected faults on a local cluster.
 //! - `lab -- CMD...`: run any command inside a lab host.
 //! - `demo`: start the dirtier, save it, restore it in a new worker process, show it continuing.
 
@@ -40,6 +41,18 @@ enum Task {
         seconds: u64,
         /// Only this target (virtio_blk, virtio_net).
         target: Option<String>,
+    },
+    /// The soak: a local cluster (3 hosts, real etcd), two HA dirtier VMs migrating back and
+    /// forth in every mode while faults are injected at chosen phases; ends with
+    /// `soak: N migrations, F faults, lost=0 twice=0 damaged=0 stuck=0` and writes the fault
+    /// matrix to target/soak/matrix.md (needs root and /dev/kvm).
+    Soak {
+        /// Migrations to run.
+        #[arg(long, default_value_t = 200)]
+        migrations: u64,
+        /// Seed of the choices (mode, fault, phase): the same seed makes the same run.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Run the Linux-guest tests (ignored by a plain `cargo test`) inside one lab host.
     LabTests {
@@ -240,6 +253,27 @@ fn build_lab_tests() -> Result<PathBuf> {
     bail!("cargo did not report the lab test binary")
 }
 
+fn soak(migrations: u64, seed: u64) -> Result<()> {
+    println!("soak: {migrations} migrations, seed {seed}");
+    run({
+        let mut c = cargo();
+        c.args([
+            "test",
+            "-p",
+            "ferry",
+            "--test",
+            "soak",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("FERRY_SOAK_MIGRATIONS", migrations.to_string())
+        .env("FERRY_SOAK_SEED", seed.to_string());
+        c
+    })
+    .context("the soak failed (its last line and target/soak/matrix.md say what)")
+}
+
 fn lab_tests(filter: Option<String>) -> Result<()> {
     let exe = build_lab_tests()?;
     let mut cmd = vec![
@@ -294,6 +328,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::LabTests { filter } => lab_tests(filter),
+        Task::Soak { migrations, seed } => soak(migrations, seed),
         Task::Fuzz { seconds, target } => fuzz(seconds, target),
         Task::Lab {
             mem,

@@ -10,14 +10,25 @@
 //!   named by `FERRY_FAULT_MARK` and wait there while it exists (up to 120 s, or until the
 //!   migration is cancelled), so that a test can kill a process, cut the link or cancel at
 //!   that moment and then let the migration go on by removing the file;
-//! - `corrupt-batch:<n>` — flip one byte of the n-th PAGES frame (counting from 1) after its
-//!   checksum was computed, as a bad link or a bug would.
+//! - `corrupt-batch:<n>` — flip one byte of the n-th PAGES frame of a migration (counting from
+//!   1, from each migration's start) after its checksum was computed, as a bad link or a bug
+//!   would.
+//!
+//! With `FERRY_FAULT_FILE` set, the setting is that file's content instead, read each time it
+//! is consulted (none while the file is missing or empty): the soak gives every host one and
+//! arms a fault for one migration at a time.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(feature = "fault-injection")]
 fn setting() -> Option<String> {
-    std::env::var("FERRY_FAULT").ok()
+    match std::env::var_os("FERRY_FAULT_FILE") {
+        Some(f) => std::fs::read_to_string(f)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty()),
+        None => std::env::var("FERRY_FAULT").ok(),
+    }
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -44,6 +55,11 @@ pub(crate) fn hold(point: &str, cancel: &AtomicBool) {
 }
 
 static BATCHES: AtomicU64 = AtomicU64::new(0);
+
+/// A migration starts: `corrupt-batch:<n>` counts its frames from here.
+pub(crate) fn begin() {
+    BATCHES.store(0, Ordering::Relaxed);
+}
 
 /// Whether a corruption is set up (the sender then builds every batch in one buffer).
 pub(crate) fn active() -> bool {

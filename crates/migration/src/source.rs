@@ -781,6 +781,7 @@ pub fn migrate_gated(
         s.lanes.push(l);
     }
     crate::fault::hold("setup", cancel);
+    crate::fault::begin();
 
     if let Err(e) = s.run() {
         return Err(roll_back(&mut s, e));

@@ -387,22 +387,33 @@ endpoints = ["http://127.0.0.1:{proxy}"]
 
     /// Every worker process of VM `name` on any host: (host, pid).
     pub fn workers_of(&self, name: &str) -> Vec<(String, u32)> {
+        self.worker_states(name)
+            .into_iter()
+            .map(|(h, pid, _)| (h, pid))
+            .collect()
+    }
+
+    /// Every live worker of VM `name` on any host: (host, pid, state as the worker reports
+    /// it: `running`, `paused`, `receiving`, …). A worker is alive when its control socket
+    /// answers.
+    pub fn worker_states(&self, name: &str) -> Vec<(String, u32, String)> {
         let mut out = Vec::new();
         for h in &self.hosts {
-            let pidfile = self
+            let sock = self
                 .dir
                 .join(format!("run-{}", h.name))
                 .join("vms")
-                .join(name);
-            if !pidfile.exists() {
+                .join(name)
+                .join("control.sock");
+            if !sock.exists() {
                 continue;
             }
-            // A worker is alive when its control socket answers.
-            let sock = pidfile.join("control.sock");
             if let Ok(r) = ferry_worker::server::call_socket(&sock, &ferry_worker::Request::Status)
             {
-                if let Some(pid) = r.result.as_ref().and_then(|v| v["pid"].as_u64()) {
-                    out.push((h.name.clone(), pid as u32));
+                let v = r.result.unwrap_or_default();
+                if let Some(pid) = v["pid"].as_u64() {
+                    let state = v["state"].as_str().unwrap_or("?").to_string();
+                    out.push((h.name.clone(), pid as u32, state));
                 }
             }
         }
