@@ -674,8 +674,30 @@ fn a_local_cluster_in_network_namespaces_migrates_and_survives_a_link_going_down
     let k = ferry_guests::dirtier();
     run(&dirtier_create("a", k.to_str().unwrap()));
     wait_beats(&console, 3);
+    // Bytes each host sent on its management (eth0) and migration (eth1) links.
+    let sent = |h: &str, dev: &str| -> u64 {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &format!("ferry7-{h}"), "cat"])
+            .arg(format!("/sys/class/net/{dev}/statistics/tx_bytes"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    let from = run(&["vm", "show", "a"])["host"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mgmt0, mig0) = (sent(&from, "eth0"), sent(&from, "eth1"));
     let m = run(&["vm", "migrate", "a"]);
     assert_eq!(m["state"], "succeeded", "{m}");
+    // The guest's memory crossed the migration network, not the management one: the
+    // dirtier keeps 4 MiB of non-zero pages, sent at least once.
+    let (mgmt, mig) = (sent(&from, "eth0") - mgmt0, sent(&from, "eth1") - mig0);
+    assert!(mig >= 4 << 20, "only {mig} bytes on the migration link");
+    assert!(
+        mgmt < mig / 8,
+        "{mgmt} bytes on the management link against {mig} on the migration one"
+    );
     let n = beats_now(&console);
     wait_beats(&console, n + 3);
     assert_one_run_intact(&console);
