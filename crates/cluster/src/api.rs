@@ -150,6 +150,7 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
         "vcpus": v.config.vcpus,
         "memory_mib": v.config.memory_mib,
         "disks": v.config.disks,
+        "nics": v.config.nics,
         "cpu_model": if v.cluster_cpu { "cluster" } else { v.config.cpu.name() },
         "cpu_features": running.iter().find(|r| Some(&r.host) == v.owner.as_ref()).map(|r| r.cpu_features.clone()),
         "running_on": running,
@@ -345,6 +346,9 @@ struct CreateVm {
     /// Disks on the shared storage (virtio-blk, in order).
     #[serde(default)]
     disks: Vec<vmm::config::DiskSpec>,
+    /// Network interfaces (virtio-net, in order); an empty `mac` is generated here.
+    #[serde(default)]
+    nics: Vec<vmm::config::NicSpec>,
 }
 
 /// A CPU model name: one of the VMM's, or `cluster`.
@@ -408,7 +412,16 @@ async fn create_vm(
         cpu,
         cpu_hide: Vec::new(),
         disks: req.disks.clone(),
-        nics: Vec::new(),
+        nics: req
+            .nics
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, mut n)| {
+                n.fill_mac(i);
+                n
+            })
+            .collect(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;

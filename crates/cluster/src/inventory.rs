@@ -83,3 +83,16 @@ pub fn process_usage(pid: u32) -> Option<(f64, u64)> {
         .unwrap_or(0);
     Some(((utime + stime) / hz, rss_kib / 1024))
 }
+
+/// The host's bridges (interfaces with a `bridge/` directory in sysfs), sorted.
+pub fn bridges() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("bridge").is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    out.sort();
+    out
+}

@@ -143,6 +143,7 @@ impl Agent {
             cpu_features: self.cpu.features.clone(),
             cpu_models: self.cpu.models.clone(),
             cores: inventory::cores(),
+            bridges: inventory::bridges(),
             memory_mib: total,
             free_mib: free,
             load: inventory::load(),

@@ -116,6 +116,9 @@ pub struct HostRecord {
     pub cpu_models: Vec<String>,
     /// Logical CPUs.
     pub cores: u32,
+    /// Its network bridges (a VM's NICs need theirs on the host it runs on).
+    #[serde(default)]
+    pub bridges: Vec<String>,
     /// Memory.
     pub memory_mib: u64,
     /// Memory available.

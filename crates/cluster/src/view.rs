@@ -135,6 +135,17 @@ impl View {
                 ));
             }
         }
+        if let Some(n) = v
+            .config
+            .nics
+            .iter()
+            .find(|n| !host.bridges.contains(&n.bridge))
+        {
+            return Some(format!(
+                "host {h} has no bridge {} for the VM's NIC {}",
+                n.bridge, n.mac
+            ));
+        }
         let need = v.config.memory_mib + HOST_RESERVE_MIB;
         let room = host
             .memory_mib
@@ -244,4 +255,78 @@ pub fn baseline(view: &View) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
         }
     }
     (common, limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, bridges: &[&str]) -> HostRecord {
+        HostRecord {
+            name: name.into(),
+            api: String::new(),
+            migration_ip: String::new(),
+            cpu_vendor: "AuthenticAMD".into(),
+            cpu_model: String::new(),
+            cpu_features: Vec::new(),
+            cpu_models: vec![vmm::cpuid::CpuModel::default().name().to_string()],
+            cores: 2,
+            bridges: bridges.iter().map(|b| b.to_string()).collect(),
+            memory_mib: 4096,
+            free_mib: 4096,
+            load: 0.0,
+            vm_memory_mib: 0,
+            vms: Vec::new(),
+            vm_usage: Vec::new(),
+            updated: 0,
+            fenced: false,
+        }
+    }
+
+    fn vm_with_nic(bridge: &str) -> VmRecord {
+        let mut n: vmm::config::NicSpec = format!("bridge={bridge}").parse().unwrap();
+        n.fill_mac(0);
+        VmRecord {
+            config: vmm::VmConfig {
+                name: "a".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: String::new(),
+                cpu: Default::default(),
+                cpu_hide: Vec::new(),
+                disks: Vec::new(),
+                nics: vec![n],
+            },
+            ha: true,
+            desired: Desired::Running,
+            owner: None,
+            epoch: 0,
+            note: None,
+            cluster_cpu: false,
+        }
+    }
+
+    fn view(hosts: Vec<HostRecord>) -> View {
+        View {
+            hosts: hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
+            admin: HashMap::new(),
+            vms: HashMap::new(),
+            migrations: Vec::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_vm_with_a_nic_goes_only_where_its_bridge_is() {
+        let v = view(vec![host("h1", &["br-other"]), host("h2", &["br-lan"])]);
+        let vm = vm_with_nic("br-lan");
+        let why = v.unfit("h1", &vm, 0).unwrap();
+        assert!(why.contains("no bridge br-lan"), "{why}");
+        assert_eq!(v.unfit("h2", &vm, 0), None);
+        assert_eq!(v.best_host(&vm, None, &HashMap::new()).unwrap(), "h2");
+        let nowhere = v.best_host(&vm, Some("h2"), &HashMap::new()).unwrap_err();
+        assert!(nowhere.contains("no bridge br-lan"), "{nowhere}");
+    }
 }

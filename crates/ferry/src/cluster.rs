@@ -394,6 +394,14 @@ pub struct CreateArgs {
     /// `PATH,readonly` for read-only. Repeat for more.
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     pub disks: Vec<String>,
+    /// A network interface: a TAP on host bridge BRIDGE (which every host the VM may run on
+    /// must have), seen by the guest as virtio-net. Without mac= the cluster generates one,
+    /// kept across every move.
+    #[arg(
+        long = "nic",
+        value_name = "bridge=BRIDGE[,mac=MAC][,mtu=N][,queues=N]"
+    )]
+    pub nics: Vec<String>,
 }
 
 /// `ferry vm create`.
@@ -410,8 +418,14 @@ pub fn vm_create(api: &Api, a: CreateArgs, out: Output) -> Result<()> {
         let spec: vmm::config::DiskSpec = d.parse()?;
         disks.push(json!({"path": abs(spec.path)?, "readonly": spec.readonly}));
     }
+    let nics = a
+        .nics
+        .iter()
+        .map(|n| n.parse::<vmm::config::NicSpec>())
+        .collect::<Result<Vec<_>, _>>()?;
     let body = json!({
         "disks": disks,
+        "nics": nics,
         "name": a.name,
         "kernel": abs(a.kernel)?,
         "initrd": a.initrd.map(abs).transpose()?,

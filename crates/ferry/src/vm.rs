@@ -445,15 +445,7 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
     let mut nics = Vec::new();
     for (i, n) in b.nics.iter().enumerate() {
         let mut spec: vmm::config::NicSpec = n.parse()?;
-        if spec.mac.is_empty() {
-            let seed = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-                ^ (u64::from(std::process::id()) << 20)
-                ^ (i as u64) << 40;
-            spec.mac = vmm::config::generated_mac(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        }
+        spec.fill_mac(i);
         nics.push(spec);
     }
     let cfg = VmConfig {

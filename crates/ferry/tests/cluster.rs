@@ -911,3 +911,50 @@ fn a_migration_that_loses_its_source_at_the_commit_resolves_from_the_store() {
         assert_one_run_intact(&c.console("a"));
     }
 }
+
+/// The TAPs attached to host bridge `br`.
+fn taps_on(br: &str) -> Vec<String> {
+    let o = Command::new("ip")
+        .args(["-o", "link", "show", "master", br])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| Some(l.split(':').nth(1)?.trim().split('@').next()?.to_string()))
+        .collect()
+}
+
+#[test]
+fn cluster_vms_take_nics_and_go_only_where_their_bridge_is() {
+    let br = ferry_guests::TestBridge::new("fcnic0");
+    let c = Cluster::new(&bins(), "nic", 2, "");
+    let nic = format!("bridge={}", br.name());
+    let from = c.create("a", &["--nic", &nic]);
+    let rec = c.vm("a");
+    let mac = rec["nics"][0]["mac"].as_str().unwrap().to_string();
+    assert!(mac.starts_with("52:54:00:"), "a MAC is generated: {rec}");
+    assert_eq!(taps_on(br.name()).len(), 1, "one TAP for the running VM");
+
+    // A live migration moves the NIC with its MAC; the source's TAP goes with its worker.
+    let m = c.json(&["vm", "migrate", "a"]);
+    assert_eq!(m["state"], "succeeded", "{m}");
+    let to = c.vm("a")["host"].as_str().unwrap().to_string();
+    assert_ne!(to, from);
+    assert_eq!(c.vm("a")["nics"][0]["mac"], mac.as_str());
+    c.wait_until("one TAP on the bridge", Duration::from_secs(20), |_| {
+        taps_on(br.name()).len() == 1
+    });
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 3);
+    assert_one_run_intact(&c.console("a"));
+
+    // A NIC on a bridge no host has: defined, never placed, and the record says why.
+    c.define("b", &["--nic", "bridge=fcnone0"]);
+    c.wait_until("b's note", Duration::from_secs(20), |c| {
+        c.vm("b")["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("no bridge fcnone0"))
+    });
+    assert!(c.workers_of("b").is_empty());
+    assert_eq!(c.vm("b")["state"], "pending", "{}", c.vm("b"));
+}

@@ -77,7 +77,9 @@ pub struct VmConfig {
 pub struct NicSpec {
     /// The host bridge (the same name on every host the VM may move to).
     pub bridge: String,
-    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx` (unicast); kept across moves.
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx` (unicast); kept across moves. Empty
+    /// (or absent) only in a request, before [`NicSpec::fill_mac`].
+    #[serde(default)]
     pub mac: String,
     /// The MTU the guest is told (68 to 65535; the bridge's should match).
     #[serde(default = "default_mtu")]
@@ -129,6 +131,23 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 pub fn generated_mac(seed: u64) -> String {
     let b = seed.to_le_bytes();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+impl NicSpec {
+    /// Gives the `index`th NIC of a new VM a generated MAC when it has none (from the clock,
+    /// the process and the index: two NICs made at once differ).
+    pub fn fill_mac(&mut self, index: usize) {
+        if !self.mac.is_empty() {
+            return;
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ (u64::from(std::process::id()) << 20)
+            ^ (index as u64) << 40;
+        self.mac = generated_mac(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
 }
 
 impl std::str::FromStr for NicSpec {
