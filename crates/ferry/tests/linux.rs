@@ -678,3 +678,144 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
     ip(&["link", "del", br]);
     ip(&["netns", "del", ns]);
 }
+
+/// The cluster guest: checks a pattern it wrote on its disk and pings the peer every second.
+const CLUSTER_INIT: &str = r#"ip link set eth0 up
+ip addr add 10.78.0.2/24 dev eth0
+yes FERRY-CLUSTER-DISK | head -c 262144 > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && echo cl-disk-written
+n=0
+while true; do
+	blockdev --flushbufs /dev/vda
+	if dd if=/dev/vda bs=65536 skip=16 count=4 2>/dev/null | cmp -s - /tmp/p; then d=ok; else d=BAD; fi
+	if ping -c 1 -W 2 10.78.0.3 >/dev/null 2>&1; then p=ok; else p=lost; fi
+	echo "cl-tick $n disk=$d net=$p"
+	n=$((n + 1))
+	sleep 1
+done
+"#;
+
+/// (`cl-tick` counter, disk intact, peer answered) of a console.
+fn cluster_ticks(text: &str) -> Vec<(u64, bool, bool)> {
+    ferry_guests::whole_lines(text)
+        .filter_map(|l| {
+            let mut w = l.strip_prefix("cl-tick ")?.split_whitespace();
+            Some((
+                w.next()?.parse().ok()?,
+                w.next()? == "disk=ok",
+                w.next()? == "net=ok",
+            ))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_drain() {
+    use ferry_testkit::cluster::{Bins, Cluster};
+    let (br, ns) = ("fbr78", "fns78");
+    let _ = std::process::Command::new("modprobe").arg("tun").status();
+    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
+        let _ = std::process::Command::new("ip")
+            .args(&cleanup)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    ip(&["link", "add", br, "type", "bridge"]);
+    ip(&["link", "set", br, "up"]);
+    // The peer: a namespace at 10.78.0.3 on the bridge, as another machine of the VM's LAN.
+    ip(&["netns", "add", ns]);
+    ip(&[
+        "link", "add", "fv78h", "type", "veth", "peer", "name", "fv78n",
+    ]);
+    ip(&["link", "set", "fv78h", "master", br, "up"]);
+    ip(&["link", "set", "fv78n", "netns", ns]);
+    ip(&["-n", ns, "addr", "add", "10.78.0.3/24", "dev", "fv78n"]);
+    ip(&["-n", ns, "link", "set", "fv78n", "up"]);
+    let peer_pings = |what: &str| {
+        let o = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "ping",
+                "-c",
+                "3",
+                "-W",
+                "5",
+                "10.78.0.2",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{what}: the peer cannot reach the VM: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    };
+
+    let bins = Bins {
+        ferry: env!("CARGO_BIN_EXE_ferry").into(),
+        ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
+        ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
+    };
+    // Everything in a lab host runs ~12 times slower: a longer lease than the other tests'.
+    let c = Cluster::with_ttl(&bins, "lab", 2, "", &[], 10);
+    let initrd = ferry_guests::linux_initrd(&guest_dir(), CLUSTER_INIT, &[]).unwrap();
+    let initrd_path = c.dir.join("shared/initrd-cluster");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    let disk = c.dir.join("shared/lx.img");
+    c.json(&["disk", "create", disk.to_str().unwrap(), "--size", "16M"]);
+    c.json(&[
+        "vm",
+        "create",
+        "lx",
+        "--kernel",
+        guest_dir().join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        initrd_path.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "128M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--nic",
+        &format!("bridge={br},mac=52:54:00:78:00:02"),
+    ]);
+    let console = c.console("lx");
+    let good = |t: &str| cluster_ticks(t).iter().filter(|x| x.1 && x.2).count();
+    wait_for(&console, "3 ticks with disk and peer", |t| good(t) >= 3);
+    peer_pings("before any move");
+    let first = c.vm("lx")["host"].as_str().unwrap().to_string();
+
+    // A live migration, then a drain of the host it went to: the VM comes back to the first.
+    let m = c.json(&["vm", "migrate", "lx"]);
+    assert_eq!(m["state"], "succeeded", "{m}");
+    let second = c.vm("lx")["host"].as_str().unwrap().to_string();
+    assert_ne!(second, first);
+    let n = good(&std::fs::read_to_string(&console).unwrap());
+    wait_for(&console, "3 more good ticks after the migration", |t| {
+        good(t) >= n + 3
+    });
+    peer_pings("after the migration");
+    c.json(&["host", "drain", &second]);
+    assert_eq!(c.vm("lx")["host"], first.as_str());
+    let n = good(&std::fs::read_to_string(&console).unwrap());
+    wait_for(&console, "3 more good ticks after the drain", |t| {
+        good(t) >= n + 3
+    });
+    peer_pings("after the drain");
+
+    // One boot throughout (the counter never restarted), the disk always intact.
+    let all = cluster_ticks(&std::fs::read_to_string(&console).unwrap());
+    assert!(
+        all.windows(2).all(|w| w[1].0 == w[0].0 + 1),
+        "the guest restarted or lost ticks: {all:?}"
+    );
+    assert!(all.iter().all(|x| x.1), "the disk pattern changed: {all:?}");
+    assert_eq!(c.workers_of("lx").len(), 1);
+    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
+        let _ = std::process::Command::new("ip").args(&cleanup).status();
+    }
+}

@@ -149,6 +149,19 @@ impl Cluster {
         limits: &str,
         env: &[(&str, &str, &str)],
     ) -> Cluster {
+        Cluster::with_ttl(bins, name, n, limits, env, 3)
+    }
+
+    /// [`Cluster::with_env`] with a lease TTL of `ttl_s` seconds (3 elsewhere: fast failure
+    /// detection; longer where everything runs slowly, as in a lab host).
+    pub fn with_ttl(
+        bins: &Bins,
+        name: &str,
+        n: usize,
+        limits: &str,
+        env: &[(&str, &str, &str)],
+        ttl_s: u32,
+    ) -> Cluster {
         let dir = std::env::temp_dir().join(format!("ferry-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("shared")).unwrap();
@@ -195,7 +208,7 @@ shared_dir = "{shared}"
 run_dir = "{run}"
 token_file = "{token}"
 pki_dir = "{pki}"
-lease_ttl_s = 3
+lease_ttl_s = {ttl_s}
 
 [store]
 kind = "etcd"
