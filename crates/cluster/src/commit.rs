@@ -4,6 +4,8 @@
 //!
 //! - The source agent answers its worker's commit request by the swap: won, the worker sends
 //!   COMMIT; lost (the record changed: an HA restart, a fence), the worker takes the VM back.
+//! - A source worker that never heard the swap's answer (paused, COMMIT unsent) is resumed by
+//!   the reconcile loop while the store still names its host under its epoch.
 //! - A destination worker whose source went away after READY waits; its agent runs it once
 //!   the store names this host the VM's owner (the swap was won, whatever became of COMMIT),
 //!   and a receiver for a migration that ended without the swap is stopped by the reconcile
@@ -17,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::agent::Agent;
 use crate::records::{vm_key, MigrationRecord, VmRecord};
+use crate::ClusterError;
 
 /// How long the source waits between tries when the store does not answer the swap.
 const RETRY: Duration = Duration::from_millis(200);
@@ -104,6 +107,18 @@ impl Agent {
             }
             tokio::time::sleep(RETRY).await;
         }
+    }
+
+    /// Source side, from the reconcile loop: a worker whose migration ended without the swap
+    /// (the store still names this host under the worker's epoch) but that never heard the
+    /// answer is paused with COMMIT unsent; the VM runs here, nowhere else: resume it.
+    pub(crate) async fn resume_unknown_outcome(&self, name: &str) -> Result<(), ClusterError> {
+        warn!("{name}: its migration's outcome was lost; the store names this host: resuming it");
+        let n = name.to_string();
+        let _ = self
+            .run_blocking(move |w| w.request(&n, &Request::MigrationResolve { commit: false }))
+            .await?;
+        Ok(())
     }
 
     /// Destination side, from the reconcile loop: a receiving worker whose source went away

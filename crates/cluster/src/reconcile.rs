@@ -188,14 +188,7 @@ impl Agent {
                     warn!("{n}: not owned by this host any more: stopping its worker");
                     self.kill(&n, s.pid).await;
                 }
-                Settle::Resume => {
-                    warn!("{n}: its migration's outcome was lost; the store names this host: resuming it");
-                    let _ = self
-                        .run_blocking(move |w| {
-                            w.request(&n, &Request::MigrationResolve { commit: false })
-                        })
-                        .await?;
-                }
+                Settle::Resume => self.resume_unknown_outcome(&n).await?,
                 Settle::Stop => {
                     info!("{n}: stopping (desired state: stopped)");
                     self.st().epochs.remove(&n);
