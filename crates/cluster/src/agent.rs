@@ -51,7 +51,7 @@ pub(crate) struct State {
     pub(crate) last_renewal: Option<Instant>,
     /// The epoch each local VM was started (or received) under.
     pub(crate) epochs: HashMap<String, u64>,
-    /// Migrations this host is driving as the source.
+    /// Migrations this host drives (or drove) as the source, until the store shows them ended.
     pub(crate) driving: HashSet<u64>,
     /// Running records as last published.
     pub(crate) published: HashMap<String, RunningRecord>,

@@ -287,19 +287,21 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts a driver for every running migration from this host not driven yet.
+    /// Starts a driver for every running migration from this host not driven yet. A
+    /// driver's id stays in `driving` after it ends, until a pass reads the migration as no
+    /// longer running: a pass that read the record before the driver's last write must not
+    /// drive the same migration a second time.
     fn drive_outgoing(self: &Arc<Self>, migrations: Vec<MigrationRecord>) {
-        for m in migrations {
-            if m.state == MigrationState::Running
-                && m.from == self.cfg.host
-                && self.st().driving.insert(m.id)
-            {
+        let mine: Vec<MigrationRecord> = migrations
+            .into_iter()
+            .filter(|m| m.state == MigrationState::Running && m.from == self.cfg.host)
+            .collect();
+        let running: HashSet<u64> = mine.iter().map(|m| m.id).collect();
+        self.st().driving.retain(|id| running.contains(id));
+        for m in mine {
+            if self.st().driving.insert(m.id) {
                 let me = Arc::clone(self);
-                tokio::spawn(async move {
-                    let id = m.id;
-                    me.drive_migration(m).await;
-                    me.st().driving.remove(&id);
-                });
+                tokio::spawn(async move { me.drive_migration(m).await });
             }
         }
     }
