@@ -138,6 +138,14 @@ struct Tally {
     problems: Vec<String>,
 }
 
+impl Tally {
+    /// Records a problem, printed at once so that an interrupted soak still tells.
+    fn problem(&mut self, p: String) {
+        eprintln!("soak: PROBLEM {p}");
+        self.problems.push(p);
+    }
+}
+
 struct Soak {
     c: Cluster,
     /// Per host: the fault file its workers read, and the mark a held worker creates.
@@ -256,13 +264,12 @@ impl Soak {
                 continue;
             }
             t.twice += 1;
-            t.problems
-                .push(format!("{vm}: beat {} followed by beat {}", w[0].0, w[1].0));
+            t.problem(format!("{vm}: beat {} followed by beat {}", w[0].0, w[1].0));
         }
         let bad = bad_lines(&text);
         if new.iter().any(|b| !b.1) {
             t.damaged += 1;
-            t.problems.push(format!("{vm}: damaged memory: {bad:?}"));
+            t.problem(format!("{vm}: damaged memory: {bad:?}"));
         }
         self.judged.insert(vm.to_string(), all.len());
         rebooted
@@ -454,6 +461,20 @@ fn soak() {
                 Heal::Reconnect(h) => s.c.proxies[&h].cut.store(false, Ordering::SeqCst),
             }
         }
+        // The whole cluster is back (every host joined, none fenced) before anything is
+        // judged: an after-effect of this step's fault must not land in the next one.
+        let whole = wait_until(Duration::from_secs(60), || {
+            s.api_call(Method::Get, "/v1/hosts", None)
+                .ok()
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|hs| hs.len() == hosts.len() && hs.iter().all(|h| h["state"] == "up"))
+        });
+        if !whole {
+            t.stuck += 1;
+            t.problem(format!(
+                "step {step}: the cluster did not come back whole in 60 s"
+            ));
+        }
         // The migration ends.
         let ended = wait_until(Duration::from_secs(90), || migration_done(&s.migration(id)));
         s.disarm_all();
@@ -461,7 +482,7 @@ fn soak() {
         let state = record["state"].as_str().unwrap_or("?").to_string();
         if !ended {
             t.stuck += 1;
-            t.problems.push(format!(
+            t.problem(format!(
                 "step {step}: migration {id} of {vm} still {state} after 90 s"
             ));
         }
@@ -479,7 +500,7 @@ fn soak() {
             });
             if !settled {
                 t.lost += 1;
-                t.problems.push(format!(
+                t.problem(format!(
                     "step {step}: {v} not running in exactly one place 60 s after healing: {:?} {}",
                     s.c.worker_states(v),
                     s.c.vm(v)
@@ -490,8 +511,7 @@ fn soak() {
             let n = beats_in(&log).len();
             if ferry_testkit::console::try_wait_beats(&log, n + 2).is_err() {
                 t.stuck += 1;
-                t.problems
-                    .push(format!("step {step}: {v} runs but does not beat"));
+                t.problem(format!("step {step}: {v} runs but does not beat"));
             }
             let rebooted = s.judge_console(v, &mut t);
             if v == vm {
@@ -527,6 +547,12 @@ fn soak() {
             .or_default()
             .entry(outcome)
             .or_default() += 1;
+        // The matrix so far: an interrupted soak leaves what it saw.
+        let so_far = format!(
+            "soak (still running, or interrupted): {} migrations, {} faults, lost={} twice={} damaged={} stuck={}",
+            t.migrations, t.faults, t.lost, t.twice, t.damaged, t.stuck
+        );
+        write_matrix(&t, seed, started.elapsed(), &so_far);
     }
     stop.store(true, Ordering::SeqCst);
     let _ = sampler.join();
