@@ -31,21 +31,17 @@ impl Demo {
             .iter()
             .rposition(|l| l.starts_with("dirtier: start"))
             .context("the guest never booted again")?;
-        let beats: Vec<(u64, bool)> = lines[from..]
-            .iter()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next()? == "beat").then_some(())?;
-                Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-            })
-            .collect();
+        let beats = ferry_testkit::beats(&(lines[from..].join("\n") + "\n"));
         if beats.first().is_some_and(|b| b.0 > 1) {
             bail!(
                 "the VM was not restarted: its counter went on at {}",
                 beats[0].0
             );
         }
-        if let Some(w) = beats.windows(2).find(|w| w[1].0 != w[0].0 + 1) {
+        if let Some(w) = beats
+            .windows(2)
+            .find(|w| !ferry_testkit::console::one_run(w))
+        {
             bail!("two counters on one console: {} then {}", w[0].0, w[1].0);
         }
         if beats.iter().any(|b| !b.1) {
@@ -122,14 +118,11 @@ impl Demo {
     /// Every beat of the guest's life, across all its hosts: one counter, all `ok`.
     fn check(&self) -> Result<usize> {
         let text = std::fs::read_to_string(&self.console)?;
-        let beats: Vec<(u64, bool)> = whole_lines(&text)
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                (w.next()? == "beat").then_some(())?;
-                Some((w.next()?.parse().ok()?, w.next()? == "ok"))
-            })
-            .collect();
-        if let Some(w) = beats.windows(2).find(|w| w[1].0 != w[0].0 + 1) {
+        let beats = ferry_testkit::beats(&text);
+        if let Some(w) = beats
+            .windows(2)
+            .find(|w| !ferry_testkit::console::one_run(w))
+        {
             bail!("the guest's counter jumped from {} to {}", w[0].0, w[1].0);
         }
         if beats.iter().any(|b| !b.1) {
@@ -170,10 +163,7 @@ fn signal(pid: u32, sig: &str) -> Result<()> {
     Ok(())
 }
 
-/// The complete lines of a console log (a guest still printing leaves a partial last one).
-pub(crate) fn whole_lines(text: &str) -> std::str::Lines<'_> {
-    text[..text.rfind('\n').map_or(0, |i| i + 1)].lines()
-}
+pub(crate) use ferry_testkit::whole_lines;
 
 /// Runs the cluster demo.
 pub fn run(ws: &Path) -> Result<()> {
@@ -265,7 +255,6 @@ pub fn run(ws: &Path) -> Result<()> {
         *d.api.borrow_mut() = other_api;
         println!("$ kill -STOP {agent}   # the agent of {second}");
         signal(agent, "STOP")?;
-        let thaw = |_: ()| signal(agent, "CONT");
         let moved = (|| -> Result<String> {
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
@@ -280,7 +269,7 @@ pub fn run(ws: &Path) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(200));
             }
         })();
-        thaw(())?;
+        signal(agent, "CONT")?;
         let fourth = moved?;
         d.follow(4)?;
         d.check_restart()?;

@@ -17,11 +17,7 @@ use ferry_testkit::console::{assert_one_run_intact, beats_now, wait_beats};
 use serde_json::Value;
 
 fn bins() -> Bins {
-    Bins {
-        ferry: env!("CARGO_BIN_EXE_ferry").into(),
-        ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
-        ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
-    }
+    ferry_testkit::bins!()
 }
 
 #[test]

@@ -475,6 +475,64 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     env.ok(&["vm", "stop", "d"]);
 }
 
+/// A LAN for a guest's NIC: bridge `fbr<N>` (with the host at 10.N.0.1 if `host_ip`) and a
+/// second machine on it, namespace `fns<N>` at 10.N.0.3, both at `mtu`; removed on drop.
+struct Lan {
+    br: String,
+    ns: String,
+}
+
+impl Lan {
+    fn new(n: u8, mtu: u16, host_ip: bool) -> Lan {
+        let lan = Lan {
+            br: format!("fbr{n}"),
+            ns: format!("fns{n}"),
+        };
+        lan.remove(); // what a killed run left
+                      // A host without udev (the lab) has /dev/net/tun only once the module is loaded.
+        let _ = std::process::Command::new("modprobe").arg("tun").status();
+        let (br, ns, mtu) = (lan.br.as_str(), lan.ns.as_str(), mtu.to_string());
+        let (vh, vn) = (format!("fv{n}h"), format!("fv{n}n"));
+        ip(&["link", "add", br, "mtu", &mtu, "type", "bridge"]);
+        if host_ip {
+            ip(&["addr", "add", &format!("10.{n}.0.1/24"), "dev", br]);
+        }
+        ip(&["link", "set", br, "up"]);
+        ip(&["netns", "add", ns]);
+        ip(&[
+            "link", "add", &vh, "mtu", &mtu, "type", "veth", "peer", "name", &vn, "mtu", &mtu,
+        ]);
+        ip(&["link", "set", &vh, "master", br, "up"]);
+        ip(&["link", "set", &vn, "netns", ns]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("10.{n}.0.3/24"),
+            "dev",
+            &vn,
+        ]);
+        ip(&["-n", ns, "link", "set", &vn, "up"]);
+        lan
+    }
+
+    fn remove(&self) {
+        for args in [["link", "del", &self.br], ["netns", "del", &self.ns]] {
+            let _ = std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
 /// The guest's network workload: eth0 at 10.77.0.2 with the MTU the device says, its queue
 /// pairs listed, then every second a ping with an 8972-byte payload to the host — a 9000-byte
 /// IP packet, one frame at MTU 9000 (the guest does not fragment at its own MTU, and the
@@ -561,30 +619,8 @@ fn df_ping(ns: &str, size: u32, count: u32) -> (bool, String) {
 fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_after_a_live_migration()
 {
     let env = Env::new("vnet");
-    let br = "fbr77";
-    let ns = "fns77";
-    // A host without udev (the lab) has /dev/net/tun only once the module is loaded.
-    let _ = std::process::Command::new("modprobe").arg("tun").status();
-    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
-        let _ = std::process::Command::new("ip")
-            .args(&cleanup)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-    ip(&["link", "add", br, "type", "bridge"]);
-    ip(&["link", "set", br, "mtu", "9000"]);
-    ip(&["addr", "add", "10.77.0.1/24", "dev", br]);
-    ip(&["link", "set", br, "up"]);
-    // A second machine on the bridge: a namespace at 10.77.0.3.
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "link", "add", "fv77h", "mtu", "9000", "type", "veth", "peer", "name", "fv77n", "mtu",
-        "9000",
-    ]);
-    ip(&["link", "set", "fv77h", "master", br, "up"]);
-    ip(&["link", "set", "fv77n", "netns", ns]);
-    ip(&["-n", ns, "addr", "add", "10.77.0.3/24", "dev", "fv77n"]);
-    ip(&["-n", ns, "link", "set", "fv77n", "up"]);
+    let lan = Lan::new(77, 9000, true);
+    let (br, ns) = (lan.br.as_str(), lan.ns.as_str());
     let initrd = initrd_with_init(&env, NET_INIT);
     let mac = "52:54:00:77:00:02";
     let mac_bytes = [0x52, 0x54, 0x00, 0x77, 0x00, 0x02];
@@ -675,8 +711,6 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
     let on_b = net_ticks(&std::fs::read_to_string(env.console("b")).unwrap());
     let lost = on_b.iter().filter(|x| !x.1).count();
     assert!(lost <= 1, "{lost} pings lost across the move: {on_b:?}");
-    ip(&["link", "del", br]);
-    ip(&["netns", "del", ns]);
 }
 
 /// The cluster guest: checks a pattern it wrote on its disk and pings the peer every second.
@@ -712,26 +746,10 @@ fn cluster_ticks(text: &str) -> Vec<(u64, bool, bool)> {
 #[test]
 #[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
 fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_drain() {
-    use ferry_testkit::cluster::{Bins, Cluster};
-    let (br, ns) = ("fbr78", "fns78");
-    let _ = std::process::Command::new("modprobe").arg("tun").status();
-    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
-        let _ = std::process::Command::new("ip")
-            .args(&cleanup)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-    ip(&["link", "add", br, "type", "bridge"]);
-    ip(&["link", "set", br, "up"]);
+    use ferry_testkit::cluster::Cluster;
     // The peer: a namespace at 10.78.0.3 on the bridge, as another machine of the VM's LAN.
-    ip(&["netns", "add", ns]);
-    ip(&[
-        "link", "add", "fv78h", "type", "veth", "peer", "name", "fv78n",
-    ]);
-    ip(&["link", "set", "fv78h", "master", br, "up"]);
-    ip(&["link", "set", "fv78n", "netns", ns]);
-    ip(&["-n", ns, "addr", "add", "10.78.0.3/24", "dev", "fv78n"]);
-    ip(&["-n", ns, "link", "set", "fv78n", "up"]);
+    let lan = Lan::new(78, 1500, false);
+    let (br, ns) = (lan.br.as_str(), lan.ns.as_str());
     let peer_pings = |what: &str| {
         let o = std::process::Command::new("ip")
             .args([
@@ -754,11 +772,7 @@ fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_dr
         );
     };
 
-    let bins = Bins {
-        ferry: env!("CARGO_BIN_EXE_ferry").into(),
-        ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
-        ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
-    };
+    let bins = ferry_testkit::bins!();
     // Everything in a lab host runs ~12 times slower: a longer lease than the other tests'.
     let c = Cluster::with_ttl(&bins, "lab", 2, "", &[], 10);
     let initrd = ferry_guests::linux_initrd(&guest_dir(), CLUSTER_INIT, &[]).unwrap();
@@ -815,7 +829,4 @@ fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_dr
     );
     assert!(all.iter().all(|x| x.1), "the disk pattern changed: {all:?}");
     assert_eq!(c.workers_of("lx").len(), 1);
-    for cleanup in [vec!["link", "del", br], vec!["netns", "del", ns]] {
-        let _ = std::process::Command::new("ip").args(&cleanup).status();
-    }
 }

@@ -35,11 +35,7 @@ use migration::MigrateOptions;
 use serde_json::{json, Value};
 
 fn bins() -> Bins {
-    Bins {
-        ferry: env!("CARGO_BIN_EXE_ferry").into(),
-        ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
-        ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
-    }
+    ferry_testkit::bins!()
 }
 
 /// xorshift64*: the soak's choices, reproducible from its seed.
@@ -441,11 +437,13 @@ fn soak() {
             t.faults += 1;
             heals = s.inject(fault, vm, id, &from, &to);
         }
-        // Let the held worker go on (a cancel first has to reach it: the source agent reads
-        // the record every 300 ms), then heal after a while (a frozen agent or a cut link must
-        // outlast the lease to matter).
+        // Let the held worker go on, then heal after a while (a frozen agent or a cut link must
+        // outlast the lease to matter). A cancel first has to reach the worker (its agent
+        // reads the record every 300 ms): a hold that watches for it ends by itself, so the
+        // hold stays until the migration ends or 10 s pass (the holds after the commit point
+        // cannot be cancelled).
         if fault == Fault::Cancel && reached {
-            std::thread::sleep(Duration::from_secs(1));
+            wait_until(Duration::from_secs(10), || migration_done(&s.migration(id)));
         }
         // A corruption stays armed while the migration streams.
         if fault != Fault::CorruptFrame {

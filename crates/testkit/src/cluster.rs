@@ -30,6 +30,19 @@ pub struct Bins {
     pub ferry_vm: PathBuf,
 }
 
+/// The [`Bins`] of the calling test binary of the `ferry` crate (its `CARGO_BIN_EXE_*`, which
+/// only a test of the crate that builds the binaries knows).
+#[macro_export]
+macro_rules! bins {
+    () => {
+        $crate::cluster::Bins {
+            ferry: env!("CARGO_BIN_EXE_ferry").into(),
+            ferryd: env!("CARGO_BIN_EXE_ferryd").into(),
+            ferry_vm: env!("CARGO_BIN_EXE_ferry-vm").into(),
+        }
+    };
+}
+
 impl Bins {
     /// The three binaries in directory `dir` (`target/debug`, `target/release`).
     pub fn in_dir(dir: &std::path::Path) -> Bins {
