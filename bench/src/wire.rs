@@ -45,6 +45,7 @@ fn config(name: &str, memory_mib: u64) -> VmConfig {
         cpu_hide: Vec::new(),
         disks: Vec::new(),
         nics: Vec::new(),
+        scsi: None,
     }
 }
 

@@ -212,6 +212,7 @@ pub fn run(ws: &Path) -> Result<()> {
             "demo",
             "--disk",
             &disk,
+            "--scsi",
             "--kernel",
             &image.display().to_string(),
             "--memory",
@@ -228,6 +229,11 @@ pub fn run(ws: &Path) -> Result<()> {
         d.ferry(&["vm", "migrate", "demo"])?;
         d.follow(4)?;
         let second = d.host_of("demo")?;
+        println!("\n== 3b. give it another disk while it runs: SCSI hot-plug, through any host ==");
+        let data = dir.join("shared/disks/data.img").display().to_string();
+        d.ferry(&["disk", "create", &data, "--size", "32M"])?;
+        d.ferry(&["vm", "disk", "add", "demo", &data])?;
+        d.ferry(&["vm", "disk", "list", "demo"])?;
         println!("\n== 4. maintenance: drain {second} (its VMs move away live), then return it with failback ==");
         d.ferry(&["host", "drain", &second])?;
         d.ferry(&["host", "list"])?;
@@ -247,8 +253,12 @@ pub fn run(ws: &Path) -> Result<()> {
         d.ferry(&["cluster", "status"])?;
         let n = d.check()?;
         d.ferry(&["disk", "inspect", &disk])?;
+        // The hot-plugged disk went along with every move; taken away, its lock goes.
+        d.ferry(&["vm", "disk", "list", "demo"])?;
+        d.ferry(&["vm", "disk", "remove", "demo", &data])?;
+        d.ferry(&["disk", "inspect", &data])?;
         println!(
-            "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed; its disk moved with it (held read-write by one worker at a time)."
+            "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed; its disks moved with it (held read-write by one worker at a time), the one added while it ran included."
         );
         println!("\n== 5. {second} hangs: its agent is frozen (SIGSTOP); its worker stops the VM by itself before the lease expires, and the cluster restarts the VM elsewhere, never twice ==");
         let (agent, other_api) = agent_pid(&dir, &second)?;

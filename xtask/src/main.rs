@@ -33,13 +33,14 @@ enum Task {
         #[arg(long)]
         no_lab: bool,
     },
-    /// Run the fuzz targets (fuzz/: a hostile guest driver against virtio-blk and virtio-net)
-    /// with cargo-fuzz on the nightly toolchain, for a while each.
+    /// Run the fuzz targets (fuzz/: a hostile guest driver against virtio-blk, virtio-net and
+    /// virtio-scsi; a hostile migration source; a hostile state file) with cargo-fuzz on the
+    /// nightly toolchain, for a while each.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only this target (virtio_blk, virtio_net).
+        /// Only this target (virtio_blk, virtio_net, virtio_scsi, migration_stream, state_file).
         target: Option<String>,
     },
     /// The soak: a local cluster (3 hosts, real etcd), two HA dirtier VMs migrating back and
@@ -170,7 +171,13 @@ fn bench_in_lab(args: Vec<String>, mem_mib: u32, timeout_s: u32) -> Result<()> {
 }
 
 /// The fuzz targets in fuzz/fuzz_targets.
-const FUZZ_TARGETS: [&str; 4] = ["virtio_blk", "virtio_net", "migration_stream", "state_file"];
+const FUZZ_TARGETS: [&str; 5] = [
+    "virtio_blk",
+    "virtio_net",
+    "virtio_scsi",
+    "migration_stream",
+    "state_file",
+];
 
 /// Runs each fuzz target (or `only`) for `seconds`; fails on the first crash (cargo-fuzz
 /// leaves the input under fuzz/artifacts).

@@ -9,7 +9,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -93,6 +93,13 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/vms/{name}/cpu", post(set_cpu))
+        .route("/v1/vms/{name}/disks", get(list_disks).post(add_disk))
+        .route("/v1/vms/{name}/disks/{lun}", delete(remove_disk))
+        .route("/v1/internal/vms/{name}/disks", post(add_disk_here))
+        .route(
+            "/v1/internal/vms/{name}/disks/{lun}",
+            delete(remove_disk_here),
+        )
         .route("/v1/cpu-baseline", get(cpu_baseline))
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
@@ -151,6 +158,7 @@ async fn vm_view(a: &Agent, v: &VmRecord, view: &View) -> Result<Value, ClusterE
         "memory_mib": v.config.memory_mib,
         "disks": v.config.disks,
         "nics": v.config.nics,
+        "scsi": v.config.scsi,
         "cpu_model": if v.cluster_cpu { "cluster" } else { v.config.cpu.name() },
         "cpu_features": running.iter().find(|r| Some(&r.host) == v.owner.as_ref()).map(|r| r.cpu_features.clone()),
         "running_on": running,
@@ -349,6 +357,10 @@ struct CreateVm {
     /// Network interfaces (virtio-net, in order); an empty `mac` is generated here.
     #[serde(default)]
     nics: Vec<vmm::config::NicSpec>,
+    /// A virtio-scsi controller and its first disks (added and removed later while the VM
+    /// runs).
+    #[serde(default)]
+    scsi: Option<vmm::config::ScsiSpec>,
 }
 
 /// A CPU model name: one of the VMM's, or `cluster`.
@@ -389,6 +401,13 @@ async fn create_vm(
         }
         std::fs::metadata(p).map_err(|e| bad(400, format!("cannot read {}: {e}", p.display())))?;
     }
+    let scsi_paths = req
+        .scsi
+        .iter()
+        .flat_map(|s| s.disks.iter().map(|d| &d.path));
+    for p in scsi_paths {
+        vmm::disk::inspect(p).map_err(|e| bad(400, e.to_string()))?;
+    }
     for d in &req.disks {
         if !d.path.is_absolute() {
             return Err(bad(
@@ -422,6 +441,7 @@ async fn create_vm(
                 n
             })
             .collect(),
+        scsi: req.scsi.clone(),
     };
     config.validate().map_err(|e| bad(400, e.to_string()))?;
     vmm::boot::detect(&config.kernel).map_err(|e| bad(400, e.to_string()))?;
@@ -604,6 +624,39 @@ async fn set_cpu(State(a): Shared, Path(n): Path<String>, Body(req): Body<SetCpu
         ));
     }
     Ok(Json(json!({"name": n, "cpu_model": req.cpu})))
+}
+
+/// `GET /v1/vms/{name}/disks`: the disks of the VM's SCSI controller (its record's).
+async fn list_disks(State(a): Shared, Path(n): Path<String>) -> ApiResult {
+    let luns = a.disk_list(&n).await?;
+    Ok(Json(json!({ "luns": luns })))
+}
+
+/// `POST /v1/vms/{name}/disks`: adds a disk where the VM runs (or to a stopped VM's record).
+async fn add_disk(
+    State(a): Shared,
+    Path(n): Path<String>,
+    Body(req): Body<crate::disks::DiskAdd>,
+) -> ApiResult {
+    Ok(Json(json!(a.disk_add(&n, req, false).await?)))
+}
+
+/// `DELETE /v1/vms/{name}/disks/{lun}`.
+async fn remove_disk(State(a): Shared, Path((n, lun)): Path<(String, u16)>) -> ApiResult {
+    Ok(Json(json!(a.disk_remove(&n, lun, false).await?)))
+}
+
+/// The agent that runs the VM, asked by another.
+async fn add_disk_here(
+    State(a): Shared,
+    Path(n): Path<String>,
+    Body(req): Body<crate::disks::DiskAdd>,
+) -> ApiResult {
+    Ok(Json(json!(a.disk_add(&n, req, true).await?)))
+}
+
+async fn remove_disk_here(State(a): Shared, Path((n, lun)): Path<(String, u16)>) -> ApiResult {
+    Ok(Json(json!(a.disk_remove(&n, lun, true).await?)))
 }
 
 /// The features every live host offers, and for each feature some host lacks, which hosts

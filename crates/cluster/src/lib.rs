@@ -12,6 +12,7 @@ pub mod config;
 pub mod coordinator;
 pub mod db;
 mod destination;
+pub mod disks;
 pub mod inventory;
 mod lease;
 pub mod peer;

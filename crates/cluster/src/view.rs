@@ -298,6 +298,7 @@ mod tests {
                 cpu_hide: Vec::new(),
                 disks: Vec::new(),
                 nics: vec![n],
+                scsi: None,
             },
             ha: true,
             desired: Desired::Running,

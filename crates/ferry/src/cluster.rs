@@ -402,22 +402,40 @@ pub struct CreateArgs {
         value_name = "bridge=BRIDGE[,mac=MAC][,mtu=N][,queues=N]"
     )]
     pub nics: Vec<String>,
+    /// A virtio-scsi controller, whose disks can be added and removed while the VM runs;
+    /// implied by --scsi-disk.
+    #[arg(long)]
+    pub scsi: bool,
+    /// A disk on the SCSI controller (image or host block device on every host);
+    /// `PATH,readonly` for read-only. Repeat for more (LUNs 0, 1, …).
+    #[arg(long = "scsi-disk", value_name = "PATH[,readonly]")]
+    pub scsi_disks: Vec<String>,
+}
+
+/// `p` made absolute against the current directory (paths go to agents on other hosts).
+fn abs(p: PathBuf) -> Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 /// `ferry vm create`.
 pub fn vm_create(api: &Api, a: CreateArgs, out: Output) -> Result<()> {
-    let abs = |p: PathBuf| -> Result<PathBuf> {
-        Ok(if p.is_absolute() {
-            p
-        } else {
-            std::env::current_dir()?.join(p)
-        })
-    };
     let mut disks = Vec::new();
     for d in &a.disks {
         let spec: vmm::config::DiskSpec = d.parse()?;
         disks.push(json!({"path": abs(spec.path)?, "readonly": spec.readonly}));
     }
+    let mut scsi_disks = Vec::new();
+    for d in &a.scsi_disks {
+        let mut spec: vmm::config::DiskSpec = d.parse()?;
+        spec.path = abs(spec.path)?;
+        scsi_disks.push(spec);
+    }
+    let scsi =
+        (a.scsi || !scsi_disks.is_empty()).then(|| vmm::config::ScsiSpec::with_disks(&scsi_disks));
     let nics = a
         .nics
         .iter()
@@ -426,6 +444,7 @@ pub fn vm_create(api: &Api, a: CreateArgs, out: Output) -> Result<()> {
     let body = json!({
         "disks": disks,
         "nics": nics,
+        "scsi": scsi,
         "name": a.name,
         "kernel": abs(a.kernel)?,
         "initrd": a.initrd.map(abs).transpose()?,
@@ -610,5 +629,53 @@ pub fn migration_cancel(api: &Api, id: &str, out: Output) -> Result<()> {
         &["ID", "CANCEL"],
         vec![vec![id.into(), "requested".into()]],
     );
+    Ok(())
+}
+
+/// `ferry --api vm disk …`: through the cluster, wherever the VM runs (or in a stopped VM's
+/// record).
+pub fn vm_disk(api: &Api, c: crate::vm::DiskCmd, out: Output) -> Result<()> {
+    use crate::vm::{disk_row, DiskCmd, DISK_HEADERS};
+    use vmm::devices::virtio::scsi::LunInfo;
+    let v = match c {
+        DiskCmd::List { name } => {
+            let v = api.get(&format!("/v1/vms/{name}/disks"))?;
+            let luns: Vec<LunInfo> = serde_json::from_value(v["luns"].clone())?;
+            print(out, &v, DISK_HEADERS, luns.iter().map(disk_row).collect());
+            return Ok(());
+        }
+        DiskCmd::Add {
+            name,
+            path,
+            readonly,
+            lun,
+        } => api.post(
+            &format!("/v1/vms/{name}/disks"),
+            json!({"path": abs(path)?, "readonly": readonly, "lun": lun}),
+        )?,
+        DiskCmd::Remove { name, path, lun } => {
+            let lun = match (lun, path) {
+                (Some(n), _) => n,
+                (None, Some(p)) => {
+                    let p = abs(p)?;
+                    let v = api.get(&format!("/v1/vms/{name}/disks"))?;
+                    let luns: Vec<LunInfo> = serde_json::from_value(v["luns"].clone())?;
+                    luns.iter()
+                        .find(|l| l.path == p)
+                        .map(|l| l.lun)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "no LUN of {name}'s SCSI controller holds {}",
+                                p.display()
+                            )
+                        })?
+                }
+                (None, None) => anyhow::bail!("give the disk's path or --lun"),
+            };
+            api.delete(&format!("/v1/vms/{name}/disks/{lun}"))?
+        }
+    };
+    let l: LunInfo = serde_json::from_value(v)?;
+    print(out, &l, DISK_HEADERS, vec![disk_row(&l)]);
     Ok(())
 }

@@ -42,6 +42,14 @@ pub struct BootOpts {
     /// read-only. Repeat for more (Linux names them /dev/vda, /dev/vdb, …).
     #[arg(long = "disk", value_name = "PATH[,readonly]")]
     disks: Vec<String>,
+    /// A virtio-scsi controller, whose disks can be added and removed while the VM runs
+    /// (`ferry vm disk add|remove`); implied by --scsi-disk.
+    #[arg(long)]
+    scsi: bool,
+    /// A disk on the SCSI controller: a raw image or a host block device (pass-through);
+    /// `PATH,readonly` for read-only. Repeat for more (LUNs 0, 1, …; Linux: /dev/sda, …).
+    #[arg(long = "scsi-disk", value_name = "PATH[,readonly]")]
+    scsi_disks: Vec<String>,
     /// A network interface: a TAP on host bridge BRIDGE, seen by the guest as virtio-net
     /// (eth0, eth1, …). Without mac= one is generated (52:54:00:…) and kept across moves;
     /// queues= gives it that many queue pairs (one per vCPU is usual).
@@ -164,6 +172,10 @@ pub enum VmCmd {
         #[command(flatten)]
         security: crate::pki::SecurityArgs,
     },
+    /// Add, remove and list the disks of a running VM's SCSI controller (started with --scsi
+    /// or --scsi-disk).
+    #[command(subcommand)]
+    Disk(DiskCmd),
     /// Move a running VM to a receiving worker (live by default); with --api, to another
     /// cluster host through the coordinator.
     Migrate {
@@ -178,6 +190,40 @@ pub enum VmCmd {
         no_wait: bool,
         #[command(flatten)]
         opts: crate::migrate::MigrateArgs,
+    },
+}
+
+/// `ferry vm disk` verbs: the disks on a running VM's SCSI controller.
+#[derive(Debug, Subcommand)]
+pub enum DiskCmd {
+    /// Add a disk while the VM runs (the guest sees a new /dev/sdX).
+    Add {
+        /// VM name.
+        name: String,
+        /// A raw image or a host block device.
+        path: PathBuf,
+        /// Attach read-only.
+        #[arg(long)]
+        readonly: bool,
+        /// The LUN (0 to 255; default: the lowest free one).
+        #[arg(long)]
+        lun: Option<u16>,
+    },
+    /// Remove a disk: flushed, closed and gone from the guest.
+    Remove {
+        /// VM name.
+        name: String,
+        /// The disk's path (or give --lun).
+        #[arg(required_unless_present = "lun", conflicts_with = "lun")]
+        path: Option<PathBuf>,
+        /// The disk's LUN.
+        #[arg(long)]
+        lun: Option<u16>,
+    },
+    /// List the disks on the SCSI controller: LUN, path, mode, size, lock.
+    List {
+        /// VM name.
+        name: String,
     },
 }
 
@@ -205,6 +251,7 @@ fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
             cluster::vm_action(api, &name, "start", out)
         }
         VmCmd::Stop { name } => cluster::vm_action(api, &name, "stop", out),
+        VmCmd::Disk(c) => cluster::vm_disk(api, c, out),
         VmCmd::Migrate {
             name,
             to,
@@ -228,6 +275,7 @@ fn verb(c: &VmCmd) -> &'static str {
         VmCmd::Restore { .. } => "restore",
         VmCmd::MemoryHash { .. } => "memory-hash",
         VmCmd::Receive { .. } => "receive",
+        VmCmd::Disk(_) => "disk",
         _ => "this verb",
     }
 }
@@ -362,6 +410,7 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
             );
             Ok(())
         }
+        VmCmd::Disk(c) => disk(c, out),
         VmCmd::Save { name, to } => {
             let to = absolute(&to)?;
             let pid = status(&name)?.pid;
@@ -385,6 +434,60 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
             Ok(())
         }
     }
+}
+
+pub const DISK_HEADERS: &[&str] = &["LUN", "PATH", "MODE", "SIZE", "LOCK"];
+
+/// A row of `vm disk list` (and of add and remove): the LUN as the worker reports it, with
+/// who holds its disk's lock now.
+pub fn disk_row(l: &vmm::devices::virtio::scsi::LunInfo) -> Vec<String> {
+    let lock = vmm::disk::inspect(&l.path)
+        .map(|i| i.lock.to_string())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    vec![
+        l.lun.to_string(),
+        l.path.display().to_string(),
+        if l.readonly { "ro" } else { "rw" }.into(),
+        mib(l.size),
+        lock,
+    ]
+}
+
+/// `ferry vm disk …` on this host.
+fn disk(c: DiskCmd, out: Output) -> Result<()> {
+    use vmm::devices::virtio::scsi::LunInfo;
+    let (name, req) = match c {
+        DiskCmd::List { name } => {
+            let v = request(&name, &Request::DiskList)?;
+            let list: ferry_worker::api::DiskList = serde_json::from_value(v)?;
+            let rows = list.luns.iter().map(disk_row).collect();
+            print(out, &list, DISK_HEADERS, rows);
+            return Ok(());
+        }
+        DiskCmd::Add {
+            name,
+            path,
+            readonly,
+            lun,
+        } => {
+            let path = absolute(&path)?;
+            (
+                name,
+                Request::DiskAdd {
+                    path,
+                    readonly,
+                    lun,
+                },
+            )
+        }
+        DiskCmd::Remove { name, path, lun } => {
+            let path = path.map(|p| absolute(&p)).transpose()?;
+            (name, Request::DiskRemove { lun, path })
+        }
+    };
+    let l: LunInfo = serde_json::from_value(request(&name, &req)?)?;
+    print(out, &l, DISK_HEADERS, vec![disk_row(&l)]);
+    Ok(())
 }
 
 const STATUS_HEADERS: &[&str] = &[
@@ -442,6 +545,14 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
             .with_context(|| format!("cannot use disk {}", spec.path.display()))?;
         disks.push(spec);
     }
+    let mut scsi_disks = Vec::new();
+    for d in &b.scsi_disks {
+        let mut spec: vmm::config::DiskSpec = d.parse()?;
+        spec.path = absolute(&spec.path)?;
+        vmm::disk::inspect(&spec.path)
+            .with_context(|| format!("cannot use disk {}", spec.path.display()))?;
+        scsi_disks.push(spec);
+    }
     let mut nics = Vec::new();
     for (i, n) in b.nics.iter().enumerate() {
         let mut spec: vmm::config::NicSpec = n.parse()?;
@@ -459,6 +570,8 @@ fn make_config(name: &str, b: BootOpts) -> Result<VmConfig> {
         cpu_hide: Vec::new(),
         disks,
         nics,
+        scsi: (b.scsi || !scsi_disks.is_empty())
+            .then(|| vmm::config::ScsiSpec::with_disks(&scsi_disks)),
     };
     cfg.validate()?;
     vmm::boot::detect(&cfg.kernel)?;

@@ -954,3 +954,141 @@ fn cluster_vms_take_nics_and_go_only_where_their_bridge_is() {
     assert!(c.workers_of("b").is_empty());
     assert_eq!(c.vm("b")["state"], "pending", "{}", c.vm("b"));
 }
+
+/// `POST /v1/vms/NAME/disks` on the host at `api` (any host: the one running the VM does it).
+fn add_disk_at(api: &str, vm: &str, body: Value) -> Result<Value, peer::PeerError> {
+    peer::call(
+        &format!("{api}/v1/vms/{vm}/disks"),
+        TOKEN,
+        Method::Post,
+        Some(body),
+    )
+}
+
+/// The LUNs (number, path) of VM `vm` as the cluster lists them.
+fn luns_of(c: &Cluster, vm: &str) -> Vec<(u64, String)> {
+    c.json(&["vm", "disk", "list", vm])["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["lun"].as_u64().unwrap(),
+                l["path"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn scsi_disks_added_through_any_host_follow_the_vm_through_moves_and_an_ha_restart() {
+    let mut c = Cluster::new(&bins(), "scsi", 3, "");
+    let disk = |n: &str| {
+        let p = c.dir.join(n).to_str().unwrap().to_string();
+        c.json(&["disk", "create", &p, "--size", "16M"]);
+        p
+    };
+    let (d0, d1, d2) = (disk("s0.img"), disk("s1.img"), disk("s2.img"));
+    let lock = |c: &Cluster, p: &str| c.json(&["disk", "inspect", p])["lock"].clone();
+    let h = c.create("a", &["--scsi-disk", &d0]);
+    c.create("plain", &[]);
+    assert_eq!(luns_of(&c, "a"), vec![(0, d0.clone())]);
+
+    // Through a host that does not run it: the request goes to the one that does.
+    let other = c.hosts.iter().find(|x| x.name != h).unwrap().api.clone();
+    let added = add_disk_at(&other, "a", serde_json::json!({"path": d1})).unwrap();
+    assert_eq!(added["lun"], 1, "{added}");
+    assert_eq!(lock(&c, &d1), "read-write");
+    assert_eq!(luns_of(&c, "a"), vec![(0, d0.clone()), (1, d1.clone())]);
+    // Refusals, each with its status and reason; nothing changes.
+    for (body, status, why) in [
+        (
+            serde_json::json!({"path": d1}),
+            409,
+            "is LUN 1 of this VM already",
+        ),
+        (serde_json::json!({"path": "rel.img"}), 400, "absolute"),
+        (
+            serde_json::json!({"path": d2, "lun": 300}),
+            400,
+            "out of range",
+        ),
+        (
+            serde_json::json!({"path": d2, "lun": 0}),
+            409,
+            "LUN 0 is taken",
+        ),
+        (
+            serde_json::json!({"path": "/nonexistent.img"}),
+            409,
+            "nonexistent.img",
+        ),
+    ] {
+        match add_disk_at(&other, "a", body.clone()) {
+            Err(peer::PeerError::Refused { status: s, message }) => {
+                assert_eq!(s, status, "{body}: {message}");
+                assert!(message.contains(why), "{body}: {message}");
+            }
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+    let e = c.fails(&["vm", "disk", "add", "plain", &d2]);
+    assert!(e.contains("no SCSI controller"), "{e}");
+    assert_eq!(luns_of(&c, "a"), vec![(0, d0.clone()), (1, d1.clone())]);
+    // Removed by path through the CLI: the lock goes with it.
+    c.json(&["vm", "disk", "remove", "a", &d0]);
+    assert_eq!(lock(&c, &d0), "free");
+    assert_eq!(luns_of(&c, "a"), vec![(1, d1.clone())]);
+
+    // A live migration and a drain carry the disk the VM has now.
+    let target = c.hosts.iter().find(|x| x.name != h).unwrap().name.clone();
+    let m = c.json(&["vm", "migrate", "a", "--to", &target]);
+    assert_eq!(m["state"], "succeeded", "{m}");
+    assert_eq!(lock(&c, &d1), "read-write");
+    let drained = c.vm("a")["host"].as_str().unwrap().to_string();
+    c.json(&["host", "drain", &drained]);
+    assert_ne!(c.vm("a")["host"], drained.as_str());
+    assert_eq!(c.workers_of("a").len(), 1);
+    assert_eq!(lock(&c, &d1), "read-write");
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 2);
+    assert_one_run_intact(&c.console("a"));
+    // Added on the new host, then the host dies: the HA restart opens both disks.
+    c.json(&["vm", "disk", "add", "a", &d2, "--lun", "4"]);
+    assert_eq!(luns_of(&c, "a"), vec![(1, d1.clone()), (4, d2.clone())]);
+    let host_a = c.vm("a")["host"].as_str().unwrap().to_string();
+    c.kill_host(&host_a);
+    c.wait_until("a restarted elsewhere", Duration::from_secs(30), |c| {
+        let v = c.vm("a");
+        v["state"] == "running" && v["host"] != host_a.as_str()
+    });
+    assert_eq!(c.workers_of("a").len(), 1);
+    for d in [&d1, &d2] {
+        assert_eq!(
+            lock(&c, d),
+            "read-write",
+            "{d} not opened by the restarted VM"
+        );
+    }
+    assert_eq!(lock(&c, &d0), "free");
+    let n = beats_now(&c.console("a"));
+    wait_beats(&c.console("a"), n + 2);
+
+    // A stopped VM's disks change in its record, and it starts with them.
+    c.json(&["vm", "stop", "a"]);
+    c.wait_until("a stopped", Duration::from_secs(30), |c| {
+        c.vm("a")["state"] == "stopped" && c.workers_of("a").is_empty()
+    });
+    c.json(&["vm", "disk", "remove", "a", "--lun", "4"]);
+    c.json(&["vm", "disk", "add", "a", &d0, "--lun", "9", "--readonly"]);
+    assert_eq!(luns_of(&c, "a"), vec![(1, d1.clone()), (9, d0.clone())]);
+    c.json(&["vm", "start", "a"]);
+    c.wait_until(
+        "a running with its new disks",
+        Duration::from_secs(30),
+        |c| c.vm("a")["state"] == "running",
+    );
+    c.wait_until("the disks' locks", Duration::from_secs(10), |c| {
+        lock(c, &d0) == "read-only" && lock(c, &d1) == "read-write" && lock(c, &d2) == "free"
+    });
+}

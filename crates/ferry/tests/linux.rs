@@ -303,6 +303,16 @@ fn initrd_with_init(env: &Env, body: &str) -> PathBuf {
     path
 }
 
+/// A new 8 MiB image `name` in the test's directory with `mark` in its first bytes.
+fn marked_image(env: &Env, name: &str, mark: &str) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let p = env.dir.join(name);
+    env.ok(&["disk", "create", p.to_str().unwrap(), "--size", "8M"]);
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(mark.as_bytes(), 0).unwrap();
+    p
+}
+
 /// The guest's disk workload: reads the host's mark from /dev/vda, says whether the pattern
 /// of an earlier boot is already there (`disk-already-there`), writes a 1 MiB pattern at
 /// 1 MiB and reads it back past the page cache, discards 4–5 MiB, finds it cannot write the
@@ -348,11 +358,10 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     let env = Env::new("vblk");
     let g = guest_dir();
     let initrd_path = initrd_with_init(&env, DISK_INIT);
-    let (rw, ro) = (env.dir.join("rw.img"), env.dir.join("ro.img"));
-    for (p, mark) in [(&rw, "FERRY-DISK-MARK"), (&ro, "FERRY-RO-MARKER")] {
-        env.ok(&["disk", "create", p.to_str().unwrap(), "--size", "8M"]);
+    let rw = marked_image(&env, "rw.img", "FERRY-DISK-MARK");
+    let ro = marked_image(&env, "ro.img", "FERRY-RO-MARKER");
+    for p in [&rw, &ro] {
         let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-        f.write_all_at(mark.as_bytes(), 0).unwrap();
         // Data for the guest to discard.
         f.write_all_at(&[0x5a; 1 << 20], 4 << 20).unwrap();
     }
@@ -473,6 +482,180 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
     });
     assert!(text.contains("disk-already-there"), "{text}");
     env.ok(&["vm", "stop", "d"]);
+}
+
+/// The guest's SCSI workload, with the dirtier beside it (its `tick` lines check memory):
+/// every second, each new `/dev/sd*` is announced with its size, read-only flag and the host's
+/// mark; a read-write one gets a 1 MiB pattern at 1 MiB, read back past the page cache; a
+/// read-only one is found unwritable; each one gone is announced; then
+/// `scsi-tick N sda=ok|BAD|ro …` re-checks the pattern of every read-write disk.
+const SCSI_INIT: &str = r#"/bin/dirtier 8 > /dev/console &
+yes FERRY-SCSI-TEST | head -c 1048576 > /tmp/p
+seen=""
+n=0
+while true; do
+	for d in /sys/block/sd*; do
+		[ -e "$d" ] || continue
+		s=${d##*/}
+		case " $seen " in *" $s "*) continue;; esac
+		seen="$seen $s"
+		i=0; while [ ! -b /dev/$s ] && [ $i -lt 10 ]; do sleep 1; i=$((i + 1)); done
+		echo "scsi-added $s size=$(cat $d/size) ro=$(cat $d/ro) mark=$(head -c 15 /dev/$s)"
+		if [ "$(cat $d/ro)" = 0 ]; then
+			dd if=/tmp/p of=/dev/$s bs=65536 seek=16 conv=fsync 2>/dev/null
+			blockdev --flushbufs /dev/$s
+			if dd if=/dev/$s bs=65536 skip=16 count=16 2>/dev/null | cmp -s - /tmp/p; then echo "scsi-rw-ok $s"; else echo "SCSI-ERROR readback $s"; fi
+		elif dd if=/tmp/p of=/dev/$s bs=512 count=1 conv=fsync 2>/dev/null; then
+			echo "SCSI-ERROR ro-write-accepted $s"
+		else
+			echo "scsi-ro-refused $s"
+		fi
+	done
+	now=""
+	line=""
+	for s in $seen; do
+		if [ ! -e /sys/block/$s ]; then echo "scsi-removed $s"; continue; fi
+		now="$now $s"
+		if [ "$(cat /sys/block/$s/ro)" = 1 ]; then line="$line $s=ro"; continue; fi
+		blockdev --flushbufs /dev/$s
+		if dd if=/dev/$s bs=65536 skip=16 count=16 2>/dev/null | cmp -s - /tmp/p; then line="$line $s=ok"; else line="$line $s=BAD"; fi
+	done
+	seen=$now
+	echo "scsi-tick $n$line"
+	n=$((n + 1))
+	sleep 1
+done
+"#;
+
+/// The `scsi-tick` lines of a console: (counter, what each disk said).
+fn scsi_ticks(text: &str) -> Vec<(u64, String)> {
+    ferry_guests::whole_lines(text)
+        .filter_map(|l| {
+            let rest = l.strip_prefix("scsi-tick ")?;
+            let (n, disks) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some((n.parse().ok()?, disks.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
+fn linux_sees_scsi_disks_come_and_go_while_it_runs_and_keeps_them_through_a_live_migration() {
+    use std::os::unix::fs::FileExt;
+    let env = Env::new("scsi");
+    let g = guest_dir();
+    let initrd = initrd_with_init(&env, SCSI_INIT);
+    let rw = marked_image(&env, "data.img", "FERRY-SCSI-MARK");
+    let ro = marked_image(&env, "tools.img", "FERRY-SCSI-ROMK");
+    let (rw_s, ro_s) = (rw.to_str().unwrap(), ro.to_str().unwrap());
+    env.ok(&[
+        "vm",
+        "start",
+        "a",
+        "--kernel",
+        g.join("vmlinux").to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0",
+        "--memory",
+        "128M",
+        "--scsi",
+        "--console-log",
+        env.console("a").to_str().unwrap(),
+    ]);
+    let healthy = |t: &str| {
+        assert!(!t.contains("SCSI-ERROR"), "{t}");
+        assert!(!t.contains("=BAD"), "{t}");
+    };
+    let ca = env.console("a");
+    let text = wait_for(&ca, "the guest's SCSI loop and its dirtier", |t| {
+        healthy(t);
+        scsi_ticks(t).len() >= 2 && !ticks(t).is_empty()
+    });
+    assert!(text.contains("Virtio SCSI HBA"), "{text}");
+    assert!(
+        scsi_ticks(&text).iter().all(|(_, d)| d.is_empty()),
+        "a disk before any was added"
+    );
+
+    // Added at run time: a new /dev/sda with the host's mark, written and read back.
+    env.ok(&["vm", "disk", "add", "a", rw_s]);
+    wait_for(&ca, "the added disk written and read back", |t| {
+        healthy(t);
+        t.contains("scsi-rw-ok sda")
+    });
+    let text = std::fs::read_to_string(&ca).unwrap();
+    assert!(
+        text.contains("scsi-added sda size=16384 ro=0 mark=FERRY-SCSI-MARK"),
+        "{text}"
+    );
+    let mut got = vec![0u8; 1 << 20];
+    std::fs::File::open(&rw)
+        .unwrap()
+        .read_exact_at(&mut got, 1 << 20)
+        .unwrap();
+    let want: Vec<u8> = b"FERRY-SCSI-TEST\n"
+        .iter()
+        .copied()
+        .cycle()
+        .take(1 << 20)
+        .collect();
+    assert!(got == want, "the image does not hold what the guest wrote");
+    // A read-only one: seen read-only, writes refused.
+    env.ok(&["vm", "disk", "add", "a", ro_s, "--readonly", "--lun", "5"]);
+    wait_for(&ca, "the read-only disk refusing a write", |t| {
+        healthy(t);
+        t.contains("scsi-ro-refused sdb")
+    });
+    assert!(
+        std::fs::read_to_string(&ca)
+            .unwrap()
+            .contains("scsi-added sdb size=16384 ro=1 mark=FERRY-SCSI-ROMK"),
+        "the read-only disk was not seen as such"
+    );
+    // Removed: gone from the guest, its lock released.
+    env.ok(&["vm", "disk", "remove", "a", ro_s]);
+    wait_for(&ca, "the removed disk gone", |t| {
+        healthy(t);
+        t.contains("scsi-removed sdb")
+    });
+    assert_eq!(env.json(&["disk", "inspect", ro_s])["lock"], "free");
+    wait_for(&ca, "a tick with only sda", |t| {
+        healthy(t);
+        scsi_ticks(t).last().is_some_and(|(_, d)| d == "sda=ok")
+    });
+
+    // Live migration: the destination opens the disk the VM has now, the guest keeps it.
+    let cb = env.console("b");
+    let addr = env.receive("b", "127.0.0.1:0");
+    env.ok(&["vm", "migrate", "a", "--to", &addr]);
+    let listed = env.json(&["vm", "disk", "list", "b"]);
+    assert_eq!(listed["luns"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["luns"][0]["path"], rw_s, "{listed}");
+    wait_for(&cb, "3 SCSI ticks and a dirtier tick after the move", |t| {
+        healthy(t);
+        scsi_ticks(t).len() >= 3 && !ticks(t).is_empty()
+    });
+    // And takes a disk again on the destination.
+    env.ok(&["vm", "disk", "add", "b", ro_s, "--readonly"]);
+    wait_for(&cb, "the read-only disk added on the destination", |t| {
+        healthy(t);
+        t.contains("mark=FERRY-SCSI-ROMK")
+    });
+    env.ok(&["vm", "stop", "b"]);
+    let joined = env.joined_consoles("a", "b");
+    let all: Vec<u64> = scsi_ticks(&joined).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "the guest's SCSI loop restarted or skipped: {all:?}"
+    );
+    let dirtier = ticks(&joined);
+    assert!(
+        dirtier.windows(2).all(|w| w[1] == w[0] + 1),
+        "the dirtier restarted or skipped: {dirtier:?}"
+    );
+    assert!(!joined.contains("DIRTIER-ERROR"), "{joined}");
 }
 
 /// A LAN for a guest's NIC: bridge `fbr<N>` (with the host at 10.N.0.1 if `host_ip`) and a

@@ -61,6 +61,7 @@ fn dirtier(vcpus: u8, cmdline: &str) -> VmConfig {
         cpu_hide: Vec::new(),
         disks: Vec::new(),
         nics: Vec::new(),
+        scsi: None,
     }
 }
 

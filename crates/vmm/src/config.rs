@@ -30,6 +30,9 @@ pub enum ConfigError {
     /// A disk given wrongly.
     #[error("invalid disk {0:?}: expected an absolute PATH or PATH,readonly (at most {max} disks)", max = crate::devices::virtio::MAX_DEVICES)]
     BadDisk(String),
+    /// A SCSI disk given wrongly.
+    #[error("invalid SCSI disk {0}: LUNs are 0 to 255, each used once, paths absolute and each used once")]
+    BadScsiDisk(String),
     /// A network interface given wrongly.
     #[error("invalid NIC {0:?}: expected bridge=BRIDGE[,mac=xx:xx:xx:xx:xx:xx][,mtu=68..65535][,queues=1..16][,offloads=on|off] with a unicast MAC and a bridge name of 1 to 15 characters")]
     BadNic(String),
@@ -69,6 +72,49 @@ pub struct VmConfig {
     /// Network interfaces, as virtio-net devices after the disks (Linux: eth0, eth1, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<NicSpec>,
+    /// A virtio-scsi controller after the NICs, whose disks can be added and removed while
+    /// the VM runs (Linux: `/dev/sda`, …); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scsi: Option<ScsiSpec>,
+}
+
+/// A VM's SCSI controller and the disks on it (docs/disks.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScsiSpec {
+    /// Its disks, each at its LUN (target 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ScsiDiskSpec>,
+}
+
+/// A disk on the SCSI controller: an image or a host block device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScsiDiskSpec {
+    /// The LUN (0 to 255).
+    pub lun: u16,
+    /// The image or host block device (absolute path).
+    pub path: PathBuf,
+    /// Attach read-only.
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+impl ScsiSpec {
+    /// A controller holding `disks` at LUNs 0, 1, … in order.
+    pub fn with_disks(disks: &[DiskSpec]) -> ScsiSpec {
+        ScsiSpec {
+            disks: disks
+                .iter()
+                .zip(0u16..)
+                .map(|(d, lun)| ScsiDiskSpec {
+                    lun,
+                    path: d.path.clone(),
+                    readonly: d.readonly,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A network interface of a VM: a TAP the worker creates on a host bridge.
@@ -221,13 +267,31 @@ impl VmConfig {
         if self.disks.len() > crate::devices::virtio::MAX_DEVICES {
             return Err(ConfigError::BadDisk(format!("{} disks", self.disks.len())));
         }
-        if self.disks.len() + self.nics.len() > crate::devices::virtio::MAX_DEVICES {
+        let controllers = usize::from(self.scsi.is_some());
+        if self.disks.len() + self.nics.len() + controllers > crate::devices::virtio::MAX_DEVICES {
             return Err(ConfigError::BadNic(format!(
-                "{} NICs with {} disks (at most {} devices)",
+                "{} NICs with {} disks and {controllers} SCSI controller (at most {} devices)",
                 self.nics.len(),
                 self.disks.len(),
                 crate::devices::virtio::MAX_DEVICES
             )));
+        }
+        if let Some(scsi) = &self.scsi {
+            let mut luns = std::collections::BTreeSet::new();
+            let mut paths = std::collections::BTreeSet::new();
+            for d in &scsi.disks {
+                if d.lun >= crate::devices::virtio::scsi::MAX_LUNS
+                    || !d.path.is_absolute()
+                    || !luns.insert(d.lun)
+                    || !paths.insert(&d.path)
+                {
+                    return Err(ConfigError::BadScsiDisk(format!(
+                        "LUN {} {}",
+                        d.lun,
+                        d.path.display()
+                    )));
+                }
+            }
         }
         for n in &self.nics {
             let name_ok = !n.bridge.is_empty()
@@ -320,6 +384,7 @@ mod tests {
             cpu_hide: Vec::new(),
             disks: Vec::new(),
             nics: Vec::new(),
+            scsi: None,
         }
     }
 
@@ -356,6 +421,50 @@ mod tests {
             .validate(),
             Err(ConfigError::BadName(_))
         ));
+    }
+
+    #[test]
+    fn scsi_disks_need_distinct_luns_and_paths() {
+        let disk = |lun, path: &str| ScsiDiskSpec {
+            lun,
+            path: path.into(),
+            readonly: false,
+        };
+        let with = |disks| VmConfig {
+            scsi: Some(ScsiSpec { disks }),
+            ..cfg()
+        };
+        assert!(with(vec![disk(0, "/a"), disk(255, "/b")])
+            .validate()
+            .is_ok());
+        for bad in [
+            vec![disk(256, "/a")],
+            vec![disk(0, "a")],
+            vec![disk(1, "/a"), disk(1, "/b")],
+            vec![disk(1, "/a"), disk(2, "/a")],
+        ] {
+            assert!(
+                matches!(
+                    with(bad.clone()).validate(),
+                    Err(ConfigError::BadScsiDisk(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let specs: Vec<DiskSpec> = ["/x,readonly", "/y"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let s = ScsiSpec::with_disks(&specs);
+        assert_eq!(
+            s.disks[0],
+            ScsiDiskSpec {
+                lun: 0,
+                path: "/x".into(),
+                readonly: true
+            }
+        );
+        assert_eq!(s.disks[1].lun, 1);
     }
 
     #[test]

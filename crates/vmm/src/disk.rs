@@ -1,4 +1,5 @@
-//! Raw disk images: sparse files on the cluster's shared directory, opened under an
+//! Raw disk images — sparse files on the cluster's shared directory — and host block devices
+//! (pass-through disks, e.g. a LUN of a SAN every host sees), each opened under an
 //! open-file-description (OFD) lock so that two processes — on this host or, on a file system
 //! that forwards POSIX locks such as NFSv4, on two hosts — can never have the same disk open
 //! read-write (readers share; a writer excludes everyone). The lock lives as long as the open
@@ -78,10 +79,33 @@ pub fn create(path: &Path, size: u64) -> Result<DiskInfo, DiskError> {
     inspect(path)
 }
 
-/// Size, allocation and lock state of an image.
+/// The size of an open image or host block device (whose metadata says 0: its end is its
+/// size).
+fn size_of(f: &File, path: &Path) -> Result<u64, DiskError> {
+    use std::io::Seek;
+    use std::os::unix::fs::FileTypeExt;
+    let m = f.metadata().map_err(io(path))?;
+    if m.file_type().is_block_device() {
+        let mut f = f;
+        return f.seek(std::io::SeekFrom::End(0)).map_err(io(path));
+    }
+    if !m.is_file() {
+        return Err(DiskError::Io(
+            path.to_path_buf(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a disk image or a block device",
+            ),
+        ));
+    }
+    Ok(m.len())
+}
+
+/// Size, allocation and lock state of an image or host block device.
 pub fn inspect(path: &Path) -> Result<DiskInfo, DiskError> {
     let f = File::open(path).map_err(io(path))?;
     let m = f.metadata().map_err(io(path))?;
+    let size = size_of(&f, path)?;
     let lock = match probe(&f, libc::F_WRLCK).map_err(io(path))? {
         None => "free",
         Some(t) if t == libc::F_RDLCK as i16 => "read-only",
@@ -89,7 +113,7 @@ pub fn inspect(path: &Path) -> Result<DiskInfo, DiskError> {
     };
     Ok(DiskInfo {
         path: path.to_path_buf(),
-        size: m.len(),
+        size,
         allocated: m.blocks() * 512,
         lock,
     })
@@ -146,7 +170,10 @@ impl Disk {
                 _ => DiskError::Io(path.to_path_buf(), e),
             });
         }
-        let size = file.metadata().map_err(io(path))?.len();
+        let size = size_of(&file, path)?;
+        if size == 0 || !size.is_multiple_of(SECTOR) {
+            return Err(DiskError::BadSize(size));
+        }
         Ok(Disk {
             file,
             path: path.to_path_buf(),

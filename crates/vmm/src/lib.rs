@@ -7,13 +7,16 @@
 #![deny(missing_docs)]
 
 pub mod boot;
+pub mod bus;
 pub mod config;
 pub mod cpuid;
+pub mod device_manager;
 pub mod devices;
 pub mod disk;
 pub mod host;
 pub mod machine;
 pub mod memory;
+pub mod persist;
 pub mod snapshot;
 pub mod throttle;
 pub mod vcpu;

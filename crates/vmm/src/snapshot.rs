@@ -22,7 +22,7 @@ pub const MAGIC: [u8; 8] = *b"FERRYST\0";
 /// Format major version: a reader refuses any other.
 pub const MAJOR: u16 = 3;
 /// Format minor version: a reader refuses a newer one.
-pub const MINOR: u16 = 0;
+pub const MINOR: u16 = 1;
 /// Size limit of the CONF section.
 pub const MAX_CONFIG: u64 = 1 << 20;
 /// Size limit of the VCPU, VMST and DEVS sections.

@@ -39,6 +39,7 @@ fn dirtier(name: &str, vcpus: u8) -> VmConfig {
         cpu_hide: Vec::new(),
         disks: Vec::new(),
         nics: Vec::new(),
+        scsi: None,
     }
 }
 

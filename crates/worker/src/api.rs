@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use vmm::machine::{RunState, StopReason};
 
 /// Protocol version, reported in every status.
-pub const API_VERSION: u32 = 2;
+pub const API_VERSION: u32 = 3;
 /// Largest request line accepted.
 pub const MAX_REQUEST: usize = 64 * 1024;
 
@@ -61,6 +61,31 @@ pub enum Request {
         /// Run the VM here.
         commit: bool,
     },
+    /// Add a disk to the VM's SCSI controller while it runs: opened under its lock first, the
+    /// guest told (Linux: a new `/dev/sdX`). Refused while the VM migrates.
+    DiskAdd {
+        /// The image or host block device (absolute path).
+        path: PathBuf,
+        /// Attach read-only.
+        #[serde(default)]
+        readonly: bool,
+        /// The LUN (0 to 255); absent: the lowest free one.
+        #[serde(default)]
+        lun: Option<u16>,
+    },
+    /// Remove a disk from the SCSI controller, by LUN or by path (exactly one): the requests
+    /// in flight complete, the disk is flushed and closed, the guest told. Refused while the VM
+    /// migrates.
+    DiskRemove {
+        /// The LUN.
+        #[serde(default)]
+        lun: Option<u16>,
+        /// The disk's path.
+        #[serde(default)]
+        path: Option<PathBuf>,
+    },
+    /// The SCSI controller's disks.
+    DiskList,
     /// Move the self-fencing deadline of a worker started with `--fence-deadline` on to
     /// `until_ms` (CLOCK_BOOTTIME, milliseconds; an earlier value changes nothing). Refused
     /// once the deadline has passed: the worker is then stopping its VM.
@@ -101,6 +126,14 @@ impl Response {
             result: None,
         }
     }
+}
+
+/// What `disk-list` returns.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskList {
+    /// The SCSI controller's disks, by LUN.
+    pub luns: Vec<vmm::devices::virtio::scsi::LunInfo>,
 }
 
 /// What `status` returns.

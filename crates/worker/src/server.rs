@@ -18,7 +18,9 @@ use vmm::VmConfig;
 use migration::commit::{Decision, GateAnswer};
 use migration::{MigrateOptions, MigrationError, MigrationStatus};
 
-use crate::api::{Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST};
+use crate::api::{
+    DiskList, Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST,
+};
 use crate::fence::{boottime_ms, Deadline};
 use crate::paths;
 
@@ -386,12 +388,32 @@ impl Worker {
         let Some(m) = self.machine.get() else {
             return (Response::err("the VM is still being received"), false);
         };
+        if let Request::DiskList = req {
+            return match m.scsi_disks() {
+                Some(luns) => (Response::ok(DiskList { luns }), false),
+                None => (
+                    Response::err("the VM has no SCSI controller (start it with --scsi)"),
+                    false,
+                ),
+            };
+        }
         if self
             .outgoing()
             .is_some_and(|o| !o.done.load(Ordering::SeqCst))
         {
+            let msg = match req {
+                Request::DiskAdd { .. } | Request::DiskRemove { .. } => {
+                    "the VM is migrating; try again when it ends"
+                }
+                _ => "the VM is migrating; cancel the migration first",
+            };
+            return (Response::err(msg), false);
+        }
+        if self.fenced.load(Ordering::SeqCst)
+            && matches!(req, Request::DiskAdd { .. } | Request::DiskRemove { .. })
+        {
             return (
-                Response::err("the VM is migrating; cancel the migration first"),
+                Response::err("this VM was handed over to another host; its disks are not here"),
                 false,
             );
         }
@@ -419,6 +441,36 @@ impl Worker {
                     .map(|h| serde_json::json!({"hash": format!("{h:016x}")}))),
                 false,
             ),
+            Request::DiskAdd {
+                path,
+                readonly,
+                lun,
+            } => {
+                if !path.is_absolute() {
+                    return (Response::err("the disk's path must be absolute"), false);
+                }
+                (
+                    r(m.add_scsi_disk(&path, readonly, lun)
+                        .map(|l| serde_json::json!(l))),
+                    false,
+                )
+            }
+            Request::DiskRemove { lun, path } => {
+                let which = match (lun, path) {
+                    (Some(n), None) => vmm::device_manager::LunRef::Lun(n),
+                    (None, Some(p)) => vmm::device_manager::LunRef::Path(p),
+                    _ => {
+                        return (
+                            Response::err("disk-remove takes a lun or a path, not both"),
+                            false,
+                        )
+                    }
+                };
+                (
+                    r(m.remove_scsi_disk(&which).map(|l| serde_json::json!(l))),
+                    false,
+                )
+            }
             Request::Save { path } => {
                 if !path.is_absolute() {
                     return (Response::err("save path must be absolute"), false);

@@ -11,6 +11,8 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::Persist;
+
 /// COM1's first I/O port.
 pub const COM1_BASE: u16 = 0x3f8;
 /// IIR bit 0: set when no interrupt is pending.
@@ -167,12 +169,32 @@ impl SerialDevice {
         Arc::clone(&self.serial.writer().clock)
     }
 
+    /// A guest read of register `offset`.
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.serial.read(offset)
+    }
+
+    /// A guest write of register `offset`.
+    pub fn write(&mut self, offset: u8, value: u8) {
+        if let Err(e) = self.serial.write(offset, value) {
+            tracing::debug!("serial write: {e:?}");
+        }
+    }
+
+    /// Queues input for the guest (console input), as much as fits.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl Persist for SerialDevice {
+    type State = SerialDeviceState;
+    /// The interrupt eventfd (an irqfd) and where the console goes.
+    type Args<'a> = (EventFd, ConsoleOut);
+    type Error = SerialError;
+
     /// A UART with saved registers.
-    pub fn restore(
-        irq: EventFd,
-        out: ConsoleOut,
-        state: &SerialDeviceState,
-    ) -> Result<Self, SerialError> {
+    fn restore((irq, out): Self::Args<'_>, state: &SerialDeviceState) -> Result<Self, SerialError> {
         let s = SerialState {
             baud_divisor_low: state.baud_divisor_low,
             baud_divisor_high: state.baud_divisor_high,
@@ -199,7 +221,7 @@ impl SerialDevice {
     }
 
     /// Captures the device state.
-    pub fn save(&self) -> SerialDeviceState {
+    fn save(&self) -> SerialDeviceState {
         let s = self.serial.state();
         SerialDeviceState {
             baud_divisor_low: s.baud_divisor_low,
@@ -213,23 +235,6 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer,
         }
-    }
-
-    /// A guest read of register `offset`.
-    pub fn read(&mut self, offset: u8) -> u8 {
-        self.serial.read(offset)
-    }
-
-    /// A guest write of register `offset`.
-    pub fn write(&mut self, offset: u8, value: u8) {
-        if let Err(e) = self.serial.write(offset, value) {
-            tracing::debug!("serial write: {e:?}");
-        }
-    }
-
-    /// Queues input for the guest (console input), as much as fits.
-    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
     }
 }
 
@@ -251,8 +256,10 @@ mod tests {
         assert_eq!(dev.enqueue_input(b"hi"), 2);
         let saved = dev.save();
         let mut back = SerialDevice::restore(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            ConsoleOut::default(),
+            (
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                ConsoleOut::default(),
+            ),
             &saved,
         )
         .unwrap();
@@ -274,7 +281,8 @@ mod tests {
         assert_eq!(saved.interrupt_identification & IIR_NO_INTERRUPT, 0);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let _back =
-            SerialDevice::restore(irq.try_clone().unwrap(), ConsoleOut::default(), &saved).unwrap();
+            SerialDevice::restore((irq.try_clone().unwrap(), ConsoleOut::default()), &saved)
+                .unwrap();
         assert!(
             irq.read().is_ok(),
             "the pending interrupt was not raised again"
@@ -286,8 +294,8 @@ mod tests {
         )
         .save();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let _q =
-            SerialDevice::restore(irq.try_clone().unwrap(), ConsoleOut::default(), &quiet).unwrap();
+        let _q = SerialDevice::restore((irq.try_clone().unwrap(), ConsoleOut::default()), &quiet)
+            .unwrap();
         assert!(irq.read().is_err());
     }
 }

@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 
-use super::{read_config_bytes, BackendError, VirtioDevice};
+use super::{read_config_bytes, BackendError, DeviceState, DeviceStateError, VirtioDevice};
 use crate::disk::{Disk, SECTOR};
 use crate::memory::{GuestMemoryMmap, GuestRam};
 
@@ -335,10 +335,29 @@ impl VirtioDevice for Block {
     fn released(&self) -> bool {
         self.disk.is_none()
     }
+
+    fn save_state(&self) -> DeviceState {
+        DeviceState::None
+    }
+
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::None => Ok(()),
+            other => Err(DeviceStateError::WrongKind {
+                saved: other.kind(),
+                device: "block",
+            }),
+        }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use crate::persist::Persist;
     use std::path::PathBuf;
     use std::sync::Arc;
 
@@ -627,7 +646,7 @@ mod tests {
             b.d.irq.try_clone().unwrap(),
         );
         let _ = std::fs::remove_file(&other);
-        b.d.t.restore(&saved).unwrap();
+        b.d.t.load(&saved).unwrap();
         assert_eq!(b.d.t.save(), saved);
         b.d.ram.set_device_logging(true);
         assert_eq!(b.request(T_IN, 1, 4096, WRITE), S_OK);
@@ -645,10 +664,10 @@ mod tests {
         // Saved state that does not fit is refused.
         let mut wrong = saved.clone();
         wrong.device_type = 1;
-        assert!(b.d.t.restore(&wrong).is_err());
+        assert!(b.d.t.load(&wrong).is_err());
         let mut wrong = saved;
         wrong.queues[0].size = 1000;
-        assert!(b.d.t.restore(&wrong).is_err());
+        assert!(b.d.t.load(&wrong).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceState, QueueSnapshot, VirtioDevice, F_VERSION_1};
 use crate::memory::GuestRam;
+use crate::persist::Persist;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -46,6 +47,9 @@ pub enum MmioError {
     /// Saved state for another device or layout.
     #[error("saved virtio state does not match the device: {0}")]
     Mismatch(String),
+    /// The device's own state does not fit it.
+    #[error(transparent)]
+    Device(#[from] super::DeviceStateError),
 }
 
 /// Saved state of a transport and its queues.
@@ -396,8 +400,26 @@ impl MmioTransport {
         self.device.released()
     }
 
+    /// Runs queue `i` now if the driver is ready (the device has something for the guest
+    /// that does not wait for a notify: a hot-plug event).
+    pub fn kick_queue(&mut self, i: usize) {
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_NEEDS_RESET == 0 {
+            self.run_queue(i);
+        }
+    }
+
+    /// The device behind the transport, for a run-time operation on it.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
     /// The transport's state (the VM must be paused).
-    pub fn save(&self) -> MmioState {
+    fn save_state(&self) -> MmioState {
         MmioState {
             device_type: self.device.device_type(),
             status: self.status,
@@ -427,7 +449,8 @@ impl MmioTransport {
     }
 
     /// Takes over saved state (before the vCPUs run). A pending interrupt is raised again.
-    pub fn restore(&mut self, s: &MmioState) -> Result<(), MmioError> {
+    /// Nothing changes when the state does not fit.
+    pub fn load(&mut self, s: &MmioState) -> Result<(), MmioError> {
         if s.device_type != self.device.device_type() || s.queues.len() != self.queues.len() {
             return Err(MmioError::Mismatch(format!(
                 "device type {} with {} queues saved, {} with {} here",
@@ -473,9 +496,7 @@ impl MmioTransport {
             }
             queues.push(queue);
         }
-        self.device
-            .restore_state(&s.device)
-            .map_err(MmioError::Mismatch)?;
+        self.device.restore_state(&s.device)?;
         self.queues = queues;
         self.status = s.status;
         self.driver_features = s.driver_features;
@@ -491,5 +512,22 @@ impl MmioTransport {
             let _ = self.irq.write(1);
         }
         Ok(())
+    }
+}
+
+impl Persist for MmioTransport {
+    type State = MmioState;
+    /// The device (its backend open), guest RAM and the interrupt eventfd (an irqfd).
+    type Args<'a> = (Box<dyn VirtioDevice>, Arc<GuestRam>, EventFd);
+    type Error = MmioError;
+
+    fn save(&self) -> MmioState {
+        self.save_state()
+    }
+
+    fn restore((device, ram, irq): Self::Args<'_>, state: &MmioState) -> Result<Self, MmioError> {
+        let mut t = MmioTransport::new(device, ram, irq);
+        t.load(state)?;
+        Ok(t)
     }
 }

@@ -10,6 +10,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod scsi;
 pub mod tap;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod testing;
@@ -75,16 +76,13 @@ pub trait VirtioDevice: Send {
     /// The driver reset the device: back to the state before feature negotiation.
     fn reset(&mut self) {}
     /// The device's own state beyond its transport and queues (the VM is paused).
-    fn save_state(&self) -> DeviceState {
-        DeviceState::None
-    }
-    /// Takes over saved device state (before [`VirtioDevice::activate`] on a restore).
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
-        match state {
-            DeviceState::None => Ok(()),
-            other => Err(format!("state {other:?} for a device without state")),
-        }
-    }
+    fn save_state(&self) -> DeviceState;
+    /// Takes over saved device state (before [`VirtioDevice::activate`] on a restore); a
+    /// state that does not fit the device is refused and nothing is changed.
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError>;
+    /// The device as `Any`, for the device manager's run-time operations on a device of a
+    /// known kind (adding a LUN to the SCSI controller).
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Descriptors to watch for input (a TAP's queues) and an eventfd that wakes the watcher,
     /// for a device that receives on its own; the device's I/O thread then watches them too.
     /// The device signals the eventfd whenever [`VirtioDevice::wants_input`] may have turned
@@ -120,6 +118,50 @@ pub enum DeviceState {
         active_pairs: u16,
         /// The config space's status field (link up; announce pending).
         status: u16,
+    },
+    /// virtio-scsi: the LUNs it has now and the events the guest has not been given.
+    Scsi(scsi::ScsiState),
+}
+
+impl DeviceState {
+    /// What kind of device the state is for, in words.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::None => "stateless",
+            DeviceState::Net { .. } => "network",
+            DeviceState::Scsi(_) => "SCSI",
+        }
+    }
+}
+
+/// Why a device's saved state does not fit the device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// State of another kind of device.
+    #[error("{saved} device state for a {device} device")]
+    WrongKind {
+        /// The saved state's kind.
+        saved: &'static str,
+        /// The device's.
+        device: &'static str,
+    },
+    /// A saved value the device cannot take.
+    #[error("saved {what} {value} does not fit the device (at most {max})")]
+    OutOfRange {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: u64,
+        /// The largest the device takes.
+        max: u64,
+    },
+    /// The SCSI controller's saved LUN set is not the one it was built with.
+    #[error("the saved LUN set {saved:?} is not the controller's {here:?}")]
+    LunSet {
+        /// The LUNs saved.
+        saved: Vec<u16>,
+        /// The LUNs here.
+        here: Vec<u16>,
     },
 }
 

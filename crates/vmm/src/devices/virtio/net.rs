@@ -17,7 +17,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{offload, Tap, VNET_HDR_LEN};
-use super::{read_config_bytes, DeviceState, VirtioDevice};
+use super::{read_config_bytes, DeviceState, DeviceStateError, VirtioDevice};
 use crate::memory::{GuestMemoryMmap, GuestRam};
 
 /// virtio device ID of a network device.
@@ -379,21 +379,32 @@ impl VirtioDevice for Net {
         }
     }
 
-    fn restore_state(&mut self, state: &DeviceState) -> Result<(), String> {
+    fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
         match *state {
             DeviceState::Net {
                 active_pairs,
                 status,
-            } if (1..=self.pairs).contains(&active_pairs) => {
+            } => {
+                if !(1..=self.pairs).contains(&active_pairs) {
+                    return Err(DeviceStateError::OutOfRange {
+                        what: "active queue pairs",
+                        value: u64::from(active_pairs),
+                        max: u64::from(self.pairs),
+                    });
+                }
                 self.active_pairs = active_pairs;
                 self.status = status | S_LINK_UP;
                 Ok(())
             }
-            ref other => Err(format!(
-                "{other:?} does not fit a network device with {} queue pairs",
-                self.pairs
-            )),
+            ref other => Err(DeviceStateError::WrongKind {
+                saved: other.kind(),
+                device: "network",
+            }),
         }
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 
     fn poll_fds(&self) -> Option<(Vec<std::os::fd::RawFd>, EventFd)> {
@@ -425,6 +436,7 @@ impl VirtioDevice for Net {
 
 #[cfg(test)]
 mod tests {
+    use crate::persist::Persist;
     use std::os::fd::{AsRawFd, OwnedFd};
 
     use ferry_guests::packet_socket;
@@ -755,7 +767,7 @@ mod tests {
             Arc::clone(&d.ram),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         );
-        restored.restore(&saved).unwrap();
+        restored.load(&saved).unwrap();
         assert_eq!(restored.save(), saved);
         // ...but not into a device with another shape.
         let tap = Tap::create(&format!("{name}q"), [0xfe, 0, 0, 0, 0, 7], 1500, None, 2).unwrap();
@@ -764,16 +776,13 @@ mod tests {
             Arc::clone(&d.ram),
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         );
-        assert!(other.restore(&saved).is_err());
+        assert!(other.load(&saved).is_err());
         let mut bad = saved.clone();
         bad.device = DeviceState::Net {
             active_pairs: 2,
             status: 1,
         };
-        assert!(
-            restored.restore(&bad).is_err(),
-            "two pairs on a one-pair NIC"
-        );
+        assert!(restored.load(&bad).is_err(), "two pairs on a one-pair NIC");
         // The driver announces and acknowledges: the request is cleared.
         w32(&mut d.t, 0x64, 2);
         assert_eq!(
