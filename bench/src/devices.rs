@@ -1,11 +1,12 @@
-//! Device benchmarks: virtio-blk and virtio-net inside a Linux guest against the same work done
+//! Device benchmarks: virtio-blk, virtio-scsi and virtio-net inside a Linux guest against the same work done
 //! on the host in the same run, printed as ratios. Needs a KVM that runs Linux: `cargo xtask
 //! bench-devices` runs it in a lab host.
 //!
 //! The workload is one static program, `bench/guest/ferrybench.c`, run both in the guest (put
 //! into the shared guest's initramfs) and on the host:
 //! - **disk**: sequential 1 MiB write and read, then random 4 KiB reads and writes, with
-//!   direct I/O, in the guest on `/dev/vda` against the host on the image file itself;
+//!   direct I/O, in the guest on `/dev/vda` (virtio-blk) and on `/dev/sda` (the same image as
+//!   a virtio-scsi LUN) against the host on the image file itself;
 //! - **network**: one TCP stream for 5 s, guest → namespace and namespace → guest, against
 //!   namespace → namespace over the same bridge; at MTU 1500 and 9000, and with the NIC's
 //!   offloads on and off (`--nic …,offloads=off`).
@@ -216,29 +217,59 @@ fn disk(b: &Bench, tool: &Path) -> Result<()> {
     b.ferry(&["disk", "create", img_s, "--size", "512M"])?;
     let (mib, secs) = ("256", "3");
     let host = results(&tool_output(None, tool, &["disk", img_s, mib, secs])?);
-    let init =
-        format!("ferrybench disk /dev/vda {mib} {secs}\necho BENCH-DONE\nexec sleep 1000000\n");
-    let guest = results(&guest_run(
+    let on = |dev: &str| {
+        format!("ferrybench disk {dev} {mib} {secs}\necho BENCH-DONE\nexec sleep 1000000\n")
+    };
+    let blk = results(&guest_run(
         b,
         tool,
         "bench-disk",
-        &init,
+        &on("/dev/vda"),
         &["--disk", img_s],
         |_| Ok(()),
     )?);
-    println!("\n## Disk: guest /dev/vda (virtio-blk) vs the image file on the host");
-    println!(
-        "(direct I/O: guest {}, host {})",
-        value(&guest, "disk-direct-io")? as u8,
-        value(&host, "disk-direct-io")? as u8
+    // The same image as LUN 0 of the SCSI controller (the guest waits for sd to attach it).
+    let scsi_init = format!(
+        "i=0; while [ ! -b /dev/sda ] && [ $i -lt 60 ]; do sleep 1; i=$((i + 1)); done\n{}",
+        on("/dev/sda")
     );
-    for (name, unit) in [
+    let scsi = results(&guest_run(
+        b,
+        tool,
+        "bench-scsi",
+        &scsi_init,
+        &["--scsi-disk", img_s],
+        |_| Ok(()),
+    )?);
+    const ROWS: [(&str, &str); 4] = [
         ("disk-seq-write", "MB/s"),
         ("disk-seq-read", "MB/s"),
         ("disk-rand-read", "IOPS"),
         ("disk-rand-write", "IOPS"),
+    ];
+    for (title, guest) in [
+        (
+            "guest /dev/vda (virtio-blk) vs the image file on the host",
+            &blk,
+        ),
+        (
+            "guest /dev/sda (virtio-scsi LUN) vs the image file on the host",
+            &scsi,
+        ),
     ] {
-        ratio_line(name, value(&guest, name)?, value(&host, name)?, unit);
+        println!("\n## Disk: {title}");
+        println!(
+            "(direct I/O: guest {}, host {})",
+            value(guest, "disk-direct-io")? as u8,
+            value(&host, "disk-direct-io")? as u8
+        );
+        for (name, unit) in ROWS {
+            ratio_line(name, value(guest, name)?, value(&host, name)?, unit);
+        }
+    }
+    println!("\n## Disk: virtio-scsi vs virtio-blk, the same guest work on the same image");
+    for (name, unit) in ROWS {
+        ratio_line(name, value(&scsi, name)?, value(&blk, name)?, unit);
     }
     let _ = std::fs::remove_file(&img);
     Ok(())

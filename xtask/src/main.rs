@@ -90,7 +90,7 @@ enum Task {
         #[arg(long)]
         linux: bool,
     },
-    /// Benchmark virtio-blk and virtio-net in a Linux guest against the host, inside a lab
+    /// Benchmark virtio-blk, virtio-scsi and virtio-net in a Linux guest against the host, inside a lab
     /// host (bench/src/devices.rs): disk throughput and IOPS, TCP streams at MTU 1500/9000 and
     /// with offloads on/off.
     BenchDevices {

@@ -41,8 +41,8 @@ pub fn run(cmd: DiskCmd, out: Output) -> Result<()> {
         &["PATH", "SIZE", "ALLOCATED", "LOCK"],
         vec![vec![
             info.path.display().to_string(),
-            crate::vm::mib(info.size),
-            crate::vm::mib(info.allocated),
+            crate::output::mib(info.size),
+            crate::output::mib(info.allocated),
             info.lock.to_string(),
         ]],
     );

@@ -8,6 +8,7 @@ mod migrate;
 mod output;
 mod pki;
 mod vm;
+mod vm_disk;
 
 use clap::{Parser, Subcommand, ValueEnum};
 

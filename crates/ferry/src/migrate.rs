@@ -10,8 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use migration::protocol::Compression;
 use migration::{MigrateOptions, MigrationStatus, TimeoutPolicy};
 
+use crate::output::mib;
 use crate::output::print;
-use crate::vm::{mib, request, status, wait_exit};
+use crate::vm::{request, status, wait_exit};
 use crate::Output;
 
 /// What to do when pre-copy does not converge in time.

@@ -12,7 +12,7 @@ use vmm::config::{parse_mib, validate_name};
 use vmm::VmConfig;
 
 use crate::cluster::{self, Api};
-use crate::output::print;
+use crate::output::{mib, print};
 use crate::Output;
 
 /// Boot options shared by `run` and `start`.
@@ -175,7 +175,7 @@ pub enum VmCmd {
     /// Add, remove and list the disks of a running VM's SCSI controller (started with --scsi
     /// or --scsi-disk).
     #[command(subcommand)]
-    Disk(DiskCmd),
+    Disk(crate::vm_disk::DiskCmd),
     /// Move a running VM to a receiving worker (live by default); with --api, to another
     /// cluster host through the coordinator.
     Migrate {
@@ -190,40 +190,6 @@ pub enum VmCmd {
         no_wait: bool,
         #[command(flatten)]
         opts: crate::migrate::MigrateArgs,
-    },
-}
-
-/// `ferry vm disk` verbs: the disks on a running VM's SCSI controller.
-#[derive(Debug, Subcommand)]
-pub enum DiskCmd {
-    /// Add a disk while the VM runs (the guest sees a new /dev/sdX).
-    Add {
-        /// VM name.
-        name: String,
-        /// A raw image or a host block device.
-        path: PathBuf,
-        /// Attach read-only.
-        #[arg(long)]
-        readonly: bool,
-        /// The LUN (0 to 255; default: the lowest free one).
-        #[arg(long)]
-        lun: Option<u16>,
-    },
-    /// Remove a disk: flushed, closed and gone from the guest.
-    Remove {
-        /// VM name.
-        name: String,
-        /// The disk's path (or give --lun).
-        #[arg(required_unless_present = "lun", conflicts_with = "lun")]
-        path: Option<PathBuf>,
-        /// The disk's LUN.
-        #[arg(long)]
-        lun: Option<u16>,
-    },
-    /// List the disks on the SCSI controller: LUN, path, mode, size, lock.
-    List {
-        /// VM name.
-        name: String,
     },
 }
 
@@ -251,7 +217,7 @@ fn run_cluster(cmd: VmCmd, api: &Api, out: Output) -> Result<()> {
             cluster::vm_action(api, &name, "start", out)
         }
         VmCmd::Stop { name } => cluster::vm_action(api, &name, "stop", out),
-        VmCmd::Disk(c) => cluster::vm_disk(api, c, out),
+        VmCmd::Disk(c) => crate::vm_disk::run_cluster(api, c, out),
         VmCmd::Migrate {
             name,
             to,
@@ -410,7 +376,7 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
             );
             Ok(())
         }
-        VmCmd::Disk(c) => disk(c, out),
+        VmCmd::Disk(c) => crate::vm_disk::run_local(c, out),
         VmCmd::Save { name, to } => {
             let to = absolute(&to)?;
             let pid = status(&name)?.pid;
@@ -436,60 +402,6 @@ pub fn run(cmd: VmCmd, out: Output, api: Option<&Api>) -> Result<()> {
     }
 }
 
-pub const DISK_HEADERS: &[&str] = &["LUN", "PATH", "MODE", "SIZE", "LOCK"];
-
-/// A row of `vm disk list` (and of add and remove): the LUN as the worker reports it, with
-/// who holds its disk's lock now.
-pub fn disk_row(l: &vmm::devices::virtio::scsi::LunInfo) -> Vec<String> {
-    let lock = vmm::disk::inspect(&l.path)
-        .map(|i| i.lock.to_string())
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    vec![
-        l.lun.to_string(),
-        l.path.display().to_string(),
-        if l.readonly { "ro" } else { "rw" }.into(),
-        mib(l.size),
-        lock,
-    ]
-}
-
-/// `ferry vm disk …` on this host.
-fn disk(c: DiskCmd, out: Output) -> Result<()> {
-    use vmm::devices::virtio::scsi::LunInfo;
-    let (name, req) = match c {
-        DiskCmd::List { name } => {
-            let v = request(&name, &Request::DiskList)?;
-            let list: ferry_worker::api::DiskList = serde_json::from_value(v)?;
-            let rows = list.luns.iter().map(disk_row).collect();
-            print(out, &list, DISK_HEADERS, rows);
-            return Ok(());
-        }
-        DiskCmd::Add {
-            name,
-            path,
-            readonly,
-            lun,
-        } => {
-            let path = absolute(&path)?;
-            (
-                name,
-                Request::DiskAdd {
-                    path,
-                    readonly,
-                    lun,
-                },
-            )
-        }
-        DiskCmd::Remove { name, path, lun } => {
-            let path = path.map(|p| absolute(&p)).transpose()?;
-            (name, Request::DiskRemove { lun, path })
-        }
-    };
-    let l: LunInfo = serde_json::from_value(request(&name, &req)?)?;
-    print(out, &l, DISK_HEADERS, vec![disk_row(&l)]);
-    Ok(())
-}
-
 const STATUS_HEADERS: &[&str] = &[
     "NAME", "STATE", "VCPUS", "MEMORY", "PID", "UPTIME", "KERNEL",
 ];
@@ -504,10 +416,6 @@ fn status_row(s: &Status) -> Vec<String> {
         format!("{}s", s.uptime_s),
         s.kernel.display().to_string(),
     ]
-}
-
-pub fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {

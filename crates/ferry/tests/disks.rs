@@ -235,3 +235,39 @@ fn a_live_migration_carries_the_disks_the_vm_has_now_and_refuses_changes_meanwhi
     env.ok(&["vm", "disk", "add", "b", &d3]);
     assert_eq!(luns(&env, "b").len(), 3);
 }
+
+#[test]
+fn a_host_block_device_is_added_locked_and_released_like_an_image() {
+    let env = Env::new("scsi-blockdev");
+    let backing = image(&env, "backing.img");
+    let out = Command::new("losetup")
+        .args(["-f", "--show", &backing])
+        .output()
+        .expect("losetup (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _detach = Detach(dev.clone());
+    start(&env, "a", &["--scsi"]);
+    start(&env, "b", &["--scsi"]);
+    let added = env.json(&["vm", "disk", "add", "a", &dev]);
+    assert_eq!(added["size"], 8 << 20, "{added}");
+    assert_eq!(lock(&env, &dev), "read-write");
+    assert_eq!(env.json(&["disk", "inspect", &dev])["size"], 8 << 20);
+    let e = env.fails(&["vm", "disk", "add", "b", &dev, "--readonly"]);
+    assert!(e.contains("in use"), "{e}");
+    env.ok(&["vm", "disk", "remove", "a", &dev]);
+    assert_eq!(lock(&env, &dev), "free");
+    env.ok(&["vm", "disk", "add", "b", &dev, "--readonly"]);
+    assert_eq!(lock(&env, &dev), "read-only");
+    assert_ran_on(&env, "a", "a", 2);
+}

@@ -896,17 +896,27 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
     assert!(lost <= 1, "{lost} pings lost across the move: {on_b:?}");
 }
 
-/// The cluster guest: checks a pattern it wrote on its disk and pings the peer every second.
+/// The cluster guest: checks a pattern it wrote on its disk and pings the peer every second;
+/// once a SCSI disk appears (/dev/sda, added while it runs) it writes a pattern there too and
+/// checks it every second (`scsi=none` before).
 const CLUSTER_INIT: &str = r#"ip link set eth0 up
 ip addr add 10.78.0.2/24 dev eth0
 yes FERRY-CLUSTER-DISK | head -c 262144 > /tmp/p
+yes FERRY-CLUSTER-SCSI | head -c 262144 > /tmp/q
 dd if=/tmp/p of=/dev/vda bs=65536 seek=16 conv=fsync 2>/dev/null && echo cl-disk-written
 n=0
+w=""
 while true; do
 	blockdev --flushbufs /dev/vda
 	if dd if=/dev/vda bs=65536 skip=16 count=4 2>/dev/null | cmp -s - /tmp/p; then d=ok; else d=BAD; fi
 	if ping -c 1 -W 2 10.78.0.3 >/dev/null 2>&1; then p=ok; else p=lost; fi
-	echo "cl-tick $n disk=$d net=$p"
+	s=none
+	if [ -b /dev/sda ]; then
+		if [ -z "$w" ]; then dd if=/tmp/q of=/dev/sda bs=65536 seek=16 conv=fsync 2>/dev/null && w=1 && echo cl-scsi-written; fi
+		blockdev --flushbufs /dev/sda
+		if dd if=/dev/sda bs=65536 skip=16 count=4 2>/dev/null | cmp -s - /tmp/q; then s=ok; else s=BAD; fi
+	fi
+	echo "cl-tick $n disk=$d net=$p scsi=$s"
 	n=$((n + 1))
 	sleep 1
 done
@@ -928,7 +938,7 @@ fn cluster_ticks(text: &str) -> Vec<(u64, bool, bool)> {
 
 #[test]
 #[ignore = "needs a KVM that boots Linux: run with `cargo xtask lab-tests`"]
-fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_drain() {
+fn linux_guest_in_a_cluster_keeps_its_disks_and_peer_through_a_migration_and_a_drain() {
     use ferry_testkit::cluster::Cluster;
     // The peer: a namespace at 10.78.0.3 on the bridge, as another machine of the VM's LAN.
     let lan = Lan::new(78, 1500, false);
@@ -979,12 +989,26 @@ fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_dr
         disk.to_str().unwrap(),
         "--nic",
         &format!("bridge={br},mac=52:54:00:78:00:02"),
+        "--scsi",
     ]);
     let console = c.console("lx");
     let good = |t: &str| cluster_ticks(t).iter().filter(|x| x.1 && x.2).count();
     wait_for(&console, "3 ticks with disk and peer", |t| good(t) >= 3);
     peer_pings("before any move");
     let first = c.vm("lx")["host"].as_str().unwrap().to_string();
+    // A disk added through the cluster while the guest runs: it writes and checks it.
+    let scsi = c.dir.join("shared/lx-data.img");
+    c.json(&["disk", "create", scsi.to_str().unwrap(), "--size", "16M"]);
+    c.json(&["vm", "disk", "add", "lx", scsi.to_str().unwrap()]);
+    let scsi_ok = |t: &str| {
+        ferry_guests::whole_lines(t)
+            .filter(|l| l.ends_with("scsi=ok"))
+            .count()
+    };
+    wait_for(&console, "the added SCSI disk written and checked", |t| {
+        assert!(!t.contains("scsi=BAD"), "{t}");
+        scsi_ok(t) >= 2
+    });
 
     // A live migration, then a drain of the host it went to: the VM comes back to the first.
     let m = c.json(&["vm", "migrate", "lx"]);
@@ -999,10 +1023,24 @@ fn linux_guest_in_a_cluster_keeps_its_disk_and_peer_through_a_migration_and_a_dr
     c.json(&["host", "drain", &second]);
     assert_eq!(c.vm("lx")["host"], first.as_str());
     let n = good(&std::fs::read_to_string(&console).unwrap());
+    let s = scsi_ok(&std::fs::read_to_string(&console).unwrap());
     wait_for(&console, "3 more good ticks after the drain", |t| {
-        good(t) >= n + 3
+        good(t) >= n + 3 && scsi_ok(t) >= s + 3
     });
     peer_pings("after the drain");
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(
+        !text.contains("scsi=BAD"),
+        "the SCSI disk's pattern changed: {text}"
+    );
+    assert_eq!(
+        c.json(&["vm", "disk", "list", "lx"])["luns"][0]["path"],
+        scsi.to_str().unwrap()
+    );
+    assert_eq!(
+        c.json(&["disk", "inspect", scsi.to_str().unwrap()])["lock"],
+        "read-write"
+    );
 
     // One boot throughout (the counter never restarted), the disk always intact.
     let all = cluster_ticks(&std::fs::read_to_string(&console).unwrap());

@@ -27,6 +27,9 @@ use crate::memory::GuestRam;
 use crate::persist::Persist;
 use crate::vm;
 
+// A VM's controller has a request queue per vCPU.
+const _: () = assert!(crate::config::MAX_VCPUS as u16 <= scsi::MAX_REQUEST_QUEUES);
+
 /// The i8042's command port: writing 0xfe there pulses the CPU reset line.
 const I8042_COMMAND: u64 = 0x64;
 const I8042_RESET: u8 = 0xfe;

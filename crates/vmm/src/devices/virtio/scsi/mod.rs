@@ -42,7 +42,7 @@ pub const EVENT_QUEUE: usize = 1;
 /// The first request queue.
 pub const FIRST_REQUEST_QUEUE: usize = 2;
 /// Most request queues (one per vCPU).
-pub const MAX_REQUEST_QUEUES: u16 = crate::config::MAX_VCPUS as u16;
+pub const MAX_REQUEST_QUEUES: u16 = 32;
 /// Entries of each queue.
 pub const QUEUE_SIZE: u16 = 128;
 

@@ -630,3 +630,101 @@ fn state_round_trips_with_luns_and_undelivered_events() {
         Err(ScsiError::Resized { lun: 4, .. })
     ));
 }
+
+/// A loop device over a fresh image, detached on drop.
+struct Loop {
+    dev: PathBuf,
+    backing: PathBuf,
+}
+
+impl Loop {
+    fn new(name: &str) -> Loop {
+        let backing = image(name, 1 << 20);
+        let out = std::process::Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(&backing)
+            .output()
+            .expect("losetup (util-linux) is needed for the pass-through tests");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Loop { dev, backing }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+        let _ = std::fs::remove_file(&self.backing);
+    }
+}
+
+#[test]
+fn a_host_block_device_is_a_lun_like_an_image() {
+    use std::os::unix::fs::FileExt;
+    let lo = Loop::new("passthrough");
+    let mut c = Ctl::new("passthrough", &[]);
+    let n = c
+        .scsi()
+        .plug(None, Disk::open(&lo.dev, false).unwrap())
+        .unwrap();
+    assert_eq!(
+        c.scsi().luns()[0].size,
+        1 << 20,
+        "the device's size, not its inode's"
+    );
+    assert!(
+        Disk::open(&lo.dev, true).is_err(),
+        "the device is locked like an image"
+    );
+    let d = c.good(n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(be32(&d[0..4]), 2047);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    c.good(n, &write10(8, 8), &data, 0);
+    c.good(n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(c.good(n, &read10(8, 8), &[], 4096), data);
+    // Unmapping a block device zeroes the range (whatever the device does underneath).
+    let mut list = vec![0u8; 24];
+    list[2..4].copy_from_slice(&16u16.to_be_bytes());
+    list[8..16].copy_from_slice(&8u64.to_be_bytes());
+    list[16..20].copy_from_slice(&4u32.to_be_bytes());
+    c.good(n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list, 0);
+    assert_eq!(c.good(n, &read10(8, 4), &[], 2048), vec![0u8; 2048]);
+    c.scsi().unplug(n).unwrap();
+    // Through the device to the file beneath it.
+    let mut under = vec![0u8; 2048];
+    std::fs::File::open(&lo.backing)
+        .unwrap()
+        .read_exact_at(&mut under, 12 * 512)
+        .unwrap();
+    assert_eq!(under, data[2048..], "the writes reached the backing file");
+    Disk::open(&lo.dev, false).expect("the lock went with the LUN");
+}
+
+#[test]
+fn a_full_controller_refuses_another_disk_and_changes_nothing() {
+    let mut scsi = Scsi::new(1).unwrap();
+    let dir = std::env::temp_dir().join(format!("ferry-vscsi-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..MAX_LUNS {
+        let p = dir.join(format!("{i}.img"));
+        crate::disk::create(&p, 512).unwrap();
+        assert_eq!(scsi.attach(None, Disk::open(&p, true).unwrap()).unwrap(), i);
+    }
+    let extra = dir.join("extra.img");
+    crate::disk::create(&extra, 512).unwrap();
+    assert!(matches!(scsi.check_add(None, &extra), Err(ScsiError::Full)));
+    let disk = Disk::open(&extra, false).unwrap();
+    assert!(matches!(scsi.plug(None, disk), Err(ScsiError::Full)));
+    assert_eq!(scsi.luns().len(), usize::from(MAX_LUNS));
+    // The refused disk was dropped, not kept: its lock is free.
+    Disk::open(&extra, false).expect("the refused disk is not held");
+    let _ = std::fs::remove_dir_all(&dir);
+}
