@@ -241,7 +241,10 @@ pub fn run(ws: &Path) -> Result<()> {
         let third = d.host_of("demo")?;
         d.ferry(&["host", "resume", &second, "--failback"])?;
         let deadline = Instant::now() + Duration::from_secs(120);
-        while d.host_of("demo")? != second {
+        // Back on it, and the migration ended (the owner changes a moment before the
+        // migration's record does; a disk change is refused until then).
+        while d.host_of("demo")? != second || d.json(&["vm", "show", "demo"])?["state"] != "running"
+        {
             if Instant::now() > deadline {
                 bail!("the VM did not move back to {second}");
             }
