@@ -21,6 +21,7 @@
 
 mod devices;
 mod qemu;
+mod sim;
 mod wire;
 
 use std::path::{Path, PathBuf};
@@ -157,6 +158,30 @@ fn main() -> Result<()> {
         };
         let b = Bench::fresh("ferry-bench-wire")?;
         return wire::run(&b.dir, mib);
+    }
+    if args.first().map(String::as_str) == Some("sim") {
+        let mut a = sim::SimArgs {
+            hosts: 64,
+            vms: 2000,
+            days: 7,
+            seed: 1,
+        };
+        let mut it = args[1..].iter();
+        while let Some(k) = it.next() {
+            let v: u64 = it
+                .next()
+                .context("a number after each sim option")?
+                .parse()
+                .context("sim options take numbers")?;
+            match k.as_str() {
+                "--hosts" => a.hosts = usize::try_from(v)?,
+                "--vms" => a.vms = usize::try_from(v)?,
+                "--days" => a.days = v,
+                "--seed" => a.seed = v,
+                other => bail!("unknown sim option {other} (--hosts, --vms, --days, --seed)"),
+            }
+        }
+        return sim::run(&a);
     }
     if args.first().map(String::as_str) == Some("devices") {
         let b = Bench::fresh("ferry-bench-devices")?;

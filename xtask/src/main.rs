@@ -90,6 +90,22 @@ enum Task {
         #[arg(long)]
         linux: bool,
     },
+    /// Simulate the cluster's balancing and power policy (the coordinator's own code) on a
+    /// simulated cluster and clock (bench/src/sim.rs); prints one `sim: …` line at the end.
+    Sim {
+        /// Hosts.
+        #[arg(long, default_value_t = 64)]
+        hosts: u64,
+        /// VMs.
+        #[arg(long, default_value_t = 2000)]
+        vms: u64,
+        /// Simulated days.
+        #[arg(long, default_value_t = 7)]
+        days: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Benchmark virtio-blk, virtio-scsi and virtio-net in a Linux guest against the host, inside a lab
     /// host (bench/src/devices.rs): disk throughput and IOPS, TCP streams at MTU 1500/9000 and
     /// with offloads on/off.
@@ -360,6 +376,24 @@ fn main() -> Result<()> {
                 cluster_demo::run(&workspace())
             }
         }
+        Task::Sim {
+            hosts,
+            vms,
+            days,
+            seed,
+        } => run({
+            let mut c = cargo();
+            c.args(["run", "--release", "-q", "-p", "ferry-bench", "--", "sim"]);
+            for (k, v) in [
+                ("--hosts", hosts),
+                ("--vms", vms),
+                ("--days", days),
+                ("--seed", seed),
+            ] {
+                c.arg(k).arg(v.to_string());
+            }
+            c
+        }),
         Task::BenchDevices { only } => {
             let args = std::iter::once("devices".to_string()).chain(only);
             bench_in_lab(args.collect(), 4096, 3600)

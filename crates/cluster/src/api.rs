@@ -101,6 +101,12 @@ pub fn router(agent: Arc<Agent>) -> Router {
             delete(remove_disk_here),
         )
         .route("/v1/cpu-baseline", get(cpu_baseline))
+        .route("/v1/cluster/balance", get(get_balance).post(set_balance))
+        .route("/v1/cluster/recommendations", get(recommendations))
+        .route(
+            "/v1/cluster/recommendations/{vm}/apply",
+            post(apply_recommendation),
+        )
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
         .route("/v1/migrations/{id}/cancel", post(cancel_migration))
@@ -303,7 +309,7 @@ async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeR
             }
             queued.push(to_json(
                 &a.db
-                    .queue_migration(&m.vm, &m.to, &h, "failback", Default::default())
+                    .queue_migration(&m.vm, &m.to, &h, "failback", Default::default(), None)
                     .await?,
             ));
         }
@@ -581,7 +587,7 @@ async fn migrate_vm(
         return Err(bad(400, format!("options.connections must be 1 to {max}")));
     }
     let m =
-        a.db.queue_migration(&n, &from, &to, "user", req.options)
+        a.db.queue_migration(&n, &from, &to, "user", req.options, None)
             .await?;
     Ok((StatusCode::ACCEPTED, Json(to_json(&m))))
 }
@@ -657,6 +663,133 @@ async fn add_disk_here(
 
 async fn remove_disk_here(State(a): Shared, Path((n, lun)): Path<(String, u16)>) -> ApiResult {
     Ok(Json(json!(a.disk_remove(&n, lun, true).await?)))
+}
+
+/// The cluster's balancing policy: the store's, or this agent's `[balance]` if none was set.
+async fn policy(a: &Agent) -> Result<PolicyRecord, ClusterError> {
+    Ok(match a.db.get::<PolicyRecord>(&policy_key()).await? {
+        Some((_, p)) => p,
+        None => PolicyRecord {
+            balance: a.cfg.balance.mode,
+            threshold: a.cfg.balance.threshold,
+        },
+    })
+}
+
+/// `GET /v1/cluster/balance`.
+async fn get_balance(State(a): Shared) -> ApiResult {
+    let p = policy(&a).await?;
+    Ok(Json(json!({
+        "mode": p.balance,
+        "threshold": p.threshold,
+        "interval_s": a.cfg.balance.interval_s,
+        "cooldown_s": a.cfg.balance.cooldown_s,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetBalance {
+    #[serde(default)]
+    mode: Option<BalanceMode>,
+    #[serde(default)]
+    threshold: Option<u8>,
+}
+
+/// `POST /v1/cluster/balance`: the mode and threshold for the whole cluster.
+async fn set_balance(State(a): Shared, Body(req): Body<SetBalance>) -> ApiResult {
+    if let Some(t) = req.threshold.filter(|t| !(1..=5).contains(t)) {
+        return Err(bad(
+            400,
+            format!("threshold {t}: 1 (conservative) to 5 (aggressive)"),
+        ));
+    }
+    let key = policy_key();
+    loop {
+        let (rev, mut p) = match a.db.get::<PolicyRecord>(&key).await? {
+            Some((rev, p)) => (rev, p),
+            None => (0, policy(&a).await?),
+        };
+        p.balance = req.mode.unwrap_or(p.balance);
+        p.threshold = req.threshold.unwrap_or(p.threshold);
+        if a.db
+            .store
+            .compare_and_put(&key, rev, encode(&p)?, None)
+            .await?
+        {
+            return Ok(Json(json!({"mode": p.balance, "threshold": p.threshold})));
+        }
+    }
+}
+
+/// `GET /v1/cluster/recommendations`: the coordinator's last balancing pass.
+async fn recommendations(State(a): Shared) -> ApiResult {
+    let p = policy(&a).await?;
+    let r =
+        a.db.get::<RecommendationsRecord>(&recommendations_key())
+            .await?
+            .map(|(_, r)| r)
+            .unwrap_or_default();
+    Ok(Json(json!({
+        "mode": p.balance,
+        "threshold": p.threshold,
+        "at": r.at,
+        "imbalance": r.imbalance,
+        "target": r.target,
+        "moves": r.moves,
+    })))
+}
+
+/// `POST /v1/cluster/recommendations/{vm}/apply`: queues the recommended move of `vm`.
+async fn apply_recommendation(
+    State(a): Shared,
+    Path(vm): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Some((_, r)) =
+        a.db.get::<RecommendationsRecord>(&recommendations_key())
+            .await?
+    else {
+        return Err(bad(404, "no recommendations yet (is balancing off?)"));
+    };
+    let Some(m) = r.moves.iter().find(|m| m.vm == vm) else {
+        return Err(bad(404, format!("no recommendation for {vm}")));
+    };
+    let view = View::read(&a.db).await?;
+    let Some(v) = view.vms.get(&vm) else {
+        return Err(bad(404, format!("no VM named {vm:?} in the cluster")));
+    };
+    if v.owner.as_deref() != Some(m.from.as_str()) {
+        return Err(bad(
+            409,
+            format!(
+                "{vm} is no longer on {}; the recommendation is stale",
+                m.from
+            ),
+        ));
+    }
+    if let Some(active) = view.active_migration(&vm) {
+        return Err(bad(
+            409,
+            format!(
+                "{vm} already has migration {} ({:?})",
+                active.id, active.state
+            ),
+        ));
+    }
+    if let Some(why) = view.unfit(&m.to, v, 0) {
+        return Err(bad(409, why));
+    }
+    let q =
+        a.db.queue_migration(
+            &vm,
+            &m.from,
+            &m.to,
+            "balance",
+            Default::default(),
+            Some(m.reason.clone()),
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(to_json(&q))))
 }
 
 /// The features every live host offers, and for each feature some host lacks, which hosts

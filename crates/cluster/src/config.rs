@@ -40,6 +40,47 @@ fn one() -> u32 {
     1
 }
 
+/// Load balancing (`[balance]`): the mode and threshold the cluster starts with (`ferry
+/// cluster balance` changes them for the whole cluster, in the store), how often the
+/// coordinator looks, and how long a moved VM is left alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// `off`, `manual` (recommend) or `auto` (migrate).
+    #[serde(default)]
+    pub mode: crate::records::BalanceMode,
+    /// 1 (conservative) to 5 (aggressive).
+    #[serde(default = "three")]
+    pub threshold: u8,
+    /// Seconds between the coordinator's balancing passes.
+    #[serde(default = "sixty")]
+    pub interval_s: u64,
+    /// Seconds a VM moved by balancing is not moved again by it.
+    #[serde(default = "six_hundred")]
+    pub cooldown_s: u64,
+}
+
+fn three() -> u8 {
+    3
+}
+fn sixty() -> u64 {
+    60
+}
+fn six_hundred() -> u64 {
+    600
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            mode: Default::default(),
+            threshold: 3,
+            interval_s: 60,
+            cooldown_s: 600,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -80,6 +121,9 @@ pub struct AgentConfig {
     /// Limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Load balancing.
+    #[serde(default)]
+    pub balance: BalanceConfig,
 }
 
 fn default_ttl() -> u64 {
@@ -105,6 +149,11 @@ impl AgentConfig {
             return Err(ClusterError::Config(
                 "lease_ttl_s must be at least 3 (the host fences itself a second before it expires)"
                     .into(),
+            ));
+        }
+        if !(1..=5).contains(&self.balance.threshold) {
+            return Err(ClusterError::Config(
+                "balance.threshold must be 1 (conservative) to 5 (aggressive)".into(),
             ));
         }
         if self.limits.per_host == 0 {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::agent::Agent;
+use crate::balancing::Balancer;
 use crate::records::*;
 use crate::view::View;
 use crate::ClusterError;
@@ -19,6 +20,7 @@ pub const COORDINATE_EVERY: Duration = Duration::from_millis(700);
 
 /// Campaigns for the coordinator key and, while holding it, runs the cluster loops.
 pub async fn coordinator_loop(a: Arc<Agent>) {
+    let mut balancer = Balancer::default();
     loop {
         tokio::time::sleep(COORDINATE_EVERY).await;
         match campaign(&a).await {
@@ -27,7 +29,7 @@ pub async fn coordinator_loop(a: Arc<Agent>) {
                     info!("this host is now the coordinator");
                     a.set_coordinator(true);
                 }
-                if let Err(e) = pass(&a).await {
+                if let Err(e) = pass(&a, &mut balancer).await {
                     warn!("coordinator: {e}");
                 }
             }
@@ -72,12 +74,14 @@ async fn campaign(a: &Agent) -> Result<bool, ClusterError> {
 }
 
 /// One pass of the cluster loops.
-async fn pass(a: &Agent) -> Result<(), ClusterError> {
+async fn pass(a: &Agent, balancer: &mut Balancer) -> Result<(), ClusterError> {
     let view = View::read(&a.db).await?;
     finish_orphaned_migrations(a, &view).await?;
     place(a, &view).await?;
     let view = View::read(&a.db).await?;
     drain(a, &view).await?;
+    let view = View::read(&a.db).await?;
+    balancer.step(&a.db, &view, &a.cfg.balance).await?;
     let view = View::read(&a.db).await?;
     admit(a, &view).await?;
     Ok(())
@@ -263,7 +267,7 @@ async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
             match v.best_host(vm, Some(h), &extra) {
                 Ok(to) => {
                     *extra.entry(to.clone()).or_default() += vm.config.memory_mib;
-                    a.db.queue_migration(name, h, &to, "drain", Default::default())
+                    a.db.queue_migration(name, h, &to, "drain", Default::default(), None)
                         .await?;
                 }
                 Err(why) => warn!("drain of {h}: {name} stays: {why}"),

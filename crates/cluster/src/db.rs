@@ -138,7 +138,8 @@ impl Db {
         ))
     }
 
-    /// Queues a migration of `vm` from `from` to `to` for `reason` (user, drain, failback…).
+    /// Queues a migration of `vm` from `from` to `to` for `reason` (user, drain, failback,
+    /// balance…), with `why` the cluster asked for it, if it did.
     pub async fn queue_migration(
         &self,
         vm: &str,
@@ -146,6 +147,7 @@ impl Db {
         to: &str,
         reason: &str,
         options: migration::MigrateOptions,
+        why: Option<String>,
     ) -> Result<MigrationRecord, ClusterError> {
         let id = self.next_migration_id().await?;
         let m = MigrationRecord {
@@ -163,6 +165,7 @@ impl Db {
             progress: None,
             report: None,
             error: None,
+            why,
         };
         self.store
             .compare_and_put(&migration_key(id), 0, encode(&m)?, None)

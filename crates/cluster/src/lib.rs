@@ -7,6 +7,8 @@
 
 pub mod agent;
 pub mod api;
+pub mod balance;
+mod balancing;
 mod commit;
 pub mod config;
 pub mod coordinator;

@@ -270,6 +270,9 @@ pub struct MigrationRecord {
     /// The error, once it failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// Why the cluster asked for it (balancing: the loads and the expected gain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 /// The coordinator's record (leased by it).
@@ -286,4 +289,68 @@ pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Load balancing's mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BalanceMode {
+    /// Nothing is computed.
+    #[default]
+    Off,
+    /// Recommendations are published; nothing moves until applied.
+    Manual,
+    /// Recommendations are queued as migrations (reason `balance`).
+    Auto,
+}
+
+/// The cluster's policy, set by `ferry cluster balance` (absent: each agent's `[balance]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    /// Balancing mode.
+    pub balance: BalanceMode,
+    /// Balancing threshold, 1 to 5.
+    pub threshold: u8,
+}
+
+/// A balancing recommendation the coordinator published.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Recommendation {
+    /// The VM (also the recommendation's id: one per VM at most).
+    pub vm: String,
+    /// From this host.
+    pub from: String,
+    /// To this host.
+    pub to: String,
+    /// Imbalance before.
+    pub before: f64,
+    /// Imbalance after.
+    pub after: f64,
+    /// Why, in words.
+    pub reason: String,
+    /// The command that applies it.
+    pub command: String,
+}
+
+/// What the coordinator's last balancing pass found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecommendationsRecord {
+    /// Unix time of the pass.
+    pub at: u64,
+    /// The cluster's imbalance then.
+    pub imbalance: f64,
+    /// The target of the threshold.
+    pub target: f64,
+    /// The moves, best first.
+    pub moves: Vec<Recommendation>,
+}
+
+/// The policy record's key.
+pub fn policy_key() -> String {
+    format!("{PREFIX}policy")
+}
+
+/// The recommendations record's key.
+pub fn recommendations_key() -> String {
+    format!("{PREFIX}recommendations")
 }

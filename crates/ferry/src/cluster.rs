@@ -110,6 +110,25 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 0)]
         id: u8,
     },
+    /// Show or set load balancing for the whole cluster (needs --api): `off`, `manual`
+    /// (recommend only) or `auto` (migrate), threshold 1 (conservative) to 5 (aggressive).
+    Balance {
+        /// The mode.
+        #[arg(long, value_parser = ["off", "manual", "auto"])]
+        mode: Option<String>,
+        /// The threshold.
+        #[arg(long)]
+        threshold: Option<u8>,
+    },
+    /// The coordinator's balancing recommendations, each with its reason and the command that
+    /// applies it; `apply VM` queues one (needs --api).
+    Recommendations {
+        /// `apply`.
+        #[arg(value_parser = ["apply"])]
+        action: Option<String>,
+        /// The VM whose recommendation to apply.
+        vm: Option<String>,
+    },
     /// Stop the local cluster and remove everything `up` created (VMs, namespaces, bridges,
     /// etcd, its directory).
     Down {
@@ -137,6 +156,64 @@ pub fn run_cluster(cmd: ClusterCmd, api: Option<&Api>, out: Output) -> Result<()
             localcluster::Net::new(id)?,
             out,
         ),
+        ClusterCmd::Balance { mode, threshold } => {
+            let api = api.context("`ferry cluster balance` needs --api URL (or FERRY_API)")?;
+            let v = if mode.is_none() && threshold.is_none() {
+                api.get("/v1/cluster/balance")?
+            } else {
+                api.post(
+                    "/v1/cluster/balance",
+                    json!({"mode": mode, "threshold": threshold}),
+                )?
+            };
+            print(
+                out,
+                &v,
+                &["MODE", "THRESHOLD"],
+                vec![vec![s(&v["mode"]), s(&v["threshold"])]],
+            );
+            Ok(())
+        }
+        ClusterCmd::Recommendations { action, vm } => {
+            let api =
+                api.context("`ferry cluster recommendations` needs --api URL (or FERRY_API)")?;
+            if action.is_some() {
+                let vm = vm.context("`recommendations apply` needs the VM's name")?;
+                let m = api.post(
+                    &format!("/v1/cluster/recommendations/{vm}/apply"),
+                    json!({}),
+                )?;
+                print(out, &m, MIGRATION_HEADERS, vec![migration_row(&m)]);
+                return Ok(());
+            }
+            let v = api.get("/v1/cluster/recommendations")?;
+            let rows = v["moves"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .map(|m| {
+                    vec![
+                        s(&m["vm"]),
+                        s(&m["from"]),
+                        s(&m["to"]),
+                        s(&m["reason"]),
+                        s(&m["command"]),
+                    ]
+                })
+                .collect();
+            if out == Output::Table {
+                println!(
+                    "balancing {} (threshold {}): imbalance {:.3}, target {:.3}",
+                    s(&v["mode"]),
+                    s(&v["threshold"]),
+                    v["imbalance"].as_f64().unwrap_or(0.0),
+                    v["target"].as_f64().unwrap_or(0.0)
+                );
+            }
+            print(out, &v, &["VM", "FROM", "TO", "WHY", "APPLY WITH"], rows);
+            Ok(())
+        }
         ClusterCmd::Status => {
             let Some(api) = api else {
                 bail!(

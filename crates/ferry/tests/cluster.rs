@@ -1092,3 +1092,99 @@ fn scsi_disks_added_through_any_host_follow_the_vm_through_moves_and_an_ha_resta
         lock(c, &d0) == "read-only" && lock(c, &d1) == "read-write" && lock(c, &d2) == "free"
     });
 }
+
+#[test]
+fn balancing_spreads_vms_from_one_host_within_the_limits_and_manual_mode_only_recommends() {
+    // Balancing every 2 s, a moved VM left alone for 5 s: a test's time scale.
+    let c = Cluster::new(
+        &bins(),
+        "balance",
+        3,
+        "\n[balance]\ninterval_s = 2\ncooldown_s = 5\n",
+    );
+    // Every VM on h1: the other hosts are paused while they are created.
+    for h in ["h2", "h3"] {
+        c.json(&["host", "drain", h]);
+    }
+    let vms = ["b1", "b2", "b3", "b4"];
+    for vm in vms {
+        assert_eq!(c.create(vm, &[]), "h1");
+    }
+    for h in ["h2", "h3"] {
+        c.json(&["host", "resume", h]);
+    }
+    // Manual: recommendations with their reason and command; nothing moves.
+    c.json(&["cluster", "balance", "--mode", "manual", "--threshold", "3"]);
+    c.wait_until("a recommendation", Duration::from_secs(60), |c| {
+        c.json(&["cluster", "recommendations"])["moves"]
+            .as_array()
+            .is_some_and(|m| !m.is_empty())
+    });
+    let r = c.json(&["cluster", "recommendations"]);
+    let first = &r["moves"][0];
+    assert_eq!(first["from"], "h1", "{r}");
+    assert!(
+        first["reason"].as_str().unwrap().contains("imbalance"),
+        "{r}"
+    );
+    assert!(first["command"].as_str().unwrap().contains("apply"), "{r}");
+    assert!(c
+        .json(&["migration", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(vms.iter().all(|v| c.vm(v)["host"] == "h1"));
+    // Applied by hand: one migration with reason balance.
+    let vm = first["vm"].as_str().unwrap().to_string();
+    let m = c.json(&["cluster", "recommendations", "apply", &vm]);
+    assert_eq!(m["reason"], "balance", "{m}");
+    c.wait_until("the applied move done", Duration::from_secs(60), |c| {
+        c.vm(&vm)["host"] != "h1" && c.vm(&vm)["state"] == "running"
+    });
+
+    // Auto: the VMs spread out, never more than ⌊3/2⌋ = 1 migration at once.
+    c.json(&["cluster", "balance", "--mode", "auto"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ms = c.json(&["migration", "list"]);
+        let running = ms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["state"] == "running")
+            .count();
+        assert!(running <= 1, "{running} migrations at once: {ms}");
+        let mut per: HashMap<String, usize> = HashMap::new();
+        for v in vms {
+            *per.entry(c.vm(v)["host"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+        if per.len() == 3 && running == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VMs did not spread: {per:?}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ms = c.json(&["migration", "list"]);
+    for m in ms.as_array().unwrap() {
+        assert_eq!(m["reason"], "balance", "{m}");
+        assert_eq!(m["state"], "succeeded", "{m}");
+        assert!(
+            m["why"].as_str().is_some_and(|w| w.contains("imbalance")),
+            "{m}"
+        );
+    }
+    for v in vms {
+        assert_eq!(c.workers_of(v).len(), 1, "{v}");
+        let n = beats_now(&c.console(v));
+        wait_beats(&c.console(v), n + 2);
+        assert_one_run_intact(&c.console(v));
+    }
+    // Bad input is refused.
+    let e = c.fails(&["cluster", "balance", "--threshold", "9"]);
+    assert!(e.contains("threshold"), "{e}");
+}

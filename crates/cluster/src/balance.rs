@@ -1,0 +1,740 @@
+//! Load balancing and power consolidation: pure decisions over a model of the cluster — hosts
+//! with their capacity, VMs with their demand — so that the coordinator (over the store's view)
+//! and the simulator (`ferry-bench sim`, over a simulated cluster) run the same code.
+//!
+//! **Balance** (after VMware DRS): a host's load is its VMs' CPU demand over its cores; the
+//! cluster's imbalance is the standard deviation of that load over the hosts that are on. Above
+//! the target of the chosen threshold (1 conservative … 5 aggressive), the move that lowers the
+//! imbalance most for its cost — a VM's memory and dirty rate are what a live migration pays —
+//! is taken, the model updated, and so on, until the target is met, no move gains enough, or
+//! the pass's budget of moves is spent. A move never puts a host above the high-load mark or
+//! past its memory, never goes where the VM does not fit (the caller's rule: CPU features,
+//! bridges, maintenance), and never touches a VM that is not movable (migrating, cooling down).
+//!
+//! **Power** (after VMware DPM): hosts are kept between a low and a high cluster load. Below
+//! the low mark for the power-off window, the host whose VMs fit on the others with the least
+//! memory moved is emptied and switched off — never below the minimum of hosts on, and only if
+//! the hosts left could still take in the busiest one's VMs (the HA reserve). Above the high
+//! mark for the power-on window, or when a host is overloaded, a standby host is switched on.
+
+use std::collections::HashMap;
+
+/// A host as the policy sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Host {
+    /// Its name.
+    pub name: String,
+    /// CPU capacity, in cores.
+    pub cores: f64,
+    /// Memory for VMs, MiB.
+    pub memory_mib: u64,
+    /// Powered on (not standby).
+    pub on: bool,
+    /// Takes VMs (on, up, not paused, draining or fenced).
+    pub accepts: bool,
+}
+
+/// A VM as the policy sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Vm {
+    /// Its name.
+    pub name: String,
+    /// The host it runs on.
+    pub host: String,
+    /// CPU demand, in cores.
+    pub cpu: f64,
+    /// Memory it is given, MiB.
+    pub memory_mib: u64,
+    /// How fast it dirties memory, MiB/s (a migration's cost grows with it).
+    pub dirty_mib_s: f64,
+    /// May be moved now (not migrating, not in its cool-down).
+    pub movable: bool,
+}
+
+/// The cluster the policy decides over.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Model {
+    /// Every host, standby ones included.
+    pub hosts: Vec<Host>,
+    /// Every running VM.
+    pub vms: Vec<Vm>,
+}
+
+/// How eager balancing is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BalanceParams {
+    /// 1 (only a gross imbalance is worth a move) to 5 (any imbalance is).
+    pub threshold: u8,
+    /// Most moves one pass proposes.
+    pub max_moves: usize,
+    /// No move may leave its destination above this load (a fraction of its cores).
+    pub high: f64,
+    /// A move must lower the imbalance by at least this much (small: in a large cluster one
+    /// VM moves the spread little).
+    pub min_gain: f64,
+}
+
+impl Default for BalanceParams {
+    fn default() -> Self {
+        BalanceParams {
+            threshold: 3,
+            max_moves: 4,
+            high: 0.8,
+            min_gain: 0.0005,
+        }
+    }
+}
+
+/// The imbalance a threshold tolerates.
+pub fn target(threshold: u8) -> f64 {
+    match threshold {
+        0 | 1 => 0.30,
+        2 => 0.20,
+        3 => 0.10,
+        4 => 0.05,
+        _ => 0.02,
+    }
+}
+
+/// A proposed migration and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Move {
+    /// The VM.
+    pub vm: String,
+    /// From this host.
+    pub from: String,
+    /// To this one.
+    pub to: String,
+    /// Imbalance before the move (in the pass's model).
+    pub before: f64,
+    /// Imbalance after it.
+    pub after: f64,
+    /// In words: the loads that caused it and the expected gain.
+    pub reason: String,
+}
+
+/// Load of each host that is on, by name: (CPU demand, memory used, cores, memory).
+struct Loads {
+    index: HashMap<String, usize>,
+    /// The hosts that are on, by index.
+    names: Vec<String>,
+    /// Whether each takes VMs.
+    accepts: Vec<bool>,
+    cpu: Vec<f64>,
+    mem: Vec<u64>,
+    cores: Vec<f64>,
+    memory: Vec<u64>,
+    /// Σ load and Σ load² over the hosts, for the imbalance in O(1) per candidate.
+    sum: f64,
+    sum_sq: f64,
+}
+
+impl Loads {
+    fn of(m: &Model) -> Loads {
+        let on: Vec<&Host> = m.hosts.iter().filter(|h| h.on).collect();
+        let index = on
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.name.clone(), i))
+            .collect::<HashMap<_, _>>();
+        let mut cpu = vec![0.0; on.len()];
+        let mut mem = vec![0u64; on.len()];
+        for v in &m.vms {
+            if let Some(&i) = index.get(&v.host) {
+                cpu[i] += v.cpu;
+                mem[i] += v.memory_mib;
+            }
+        }
+        let cores: Vec<f64> = on.iter().map(|h| h.cores.max(f64::EPSILON)).collect();
+        let memory = on.iter().map(|h| h.memory_mib).collect();
+        let mut l = Loads {
+            index,
+            names: on.iter().map(|h| h.name.clone()).collect(),
+            accepts: on.iter().map(|h| h.accepts).collect(),
+            cpu,
+            mem,
+            cores,
+            memory,
+            sum: 0.0,
+            sum_sq: 0.0,
+        };
+        for i in 0..l.cpu.len() {
+            let x = l.load(i);
+            l.sum += x;
+            l.sum_sq += x * x;
+        }
+        l
+    }
+
+    fn load(&self, i: usize) -> f64 {
+        self.cpu[i] / self.cores[i]
+    }
+
+    fn n(&self) -> f64 {
+        self.cpu.len() as f64
+    }
+
+    fn stddev(sum: f64, sum_sq: f64, n: f64) -> f64 {
+        if n < 1.0 {
+            return 0.0;
+        }
+        let mean = sum / n;
+        (sum_sq / n - mean * mean).max(0.0).sqrt()
+    }
+
+    fn imbalance(&self) -> f64 {
+        Self::stddev(self.sum, self.sum_sq, self.n())
+    }
+
+    /// The imbalance if `cpu` cores of demand went from host `a` to host `b`.
+    fn imbalance_after(&self, a: usize, b: usize, cpu: f64) -> f64 {
+        let (la, lb) = (self.load(a), self.load(b));
+        let (na, nb) = (
+            (self.cpu[a] - cpu) / self.cores[a],
+            (self.cpu[b] + cpu) / self.cores[b],
+        );
+        let sum = self.sum - la - lb + na + nb;
+        let sum_sq = self.sum_sq - la * la - lb * lb + na * na + nb * nb;
+        Self::stddev(sum, sum_sq, self.n())
+    }
+
+    fn apply(&mut self, a: usize, b: usize, cpu: f64, mem: u64) {
+        let (la, lb) = (self.load(a), self.load(b));
+        self.cpu[a] -= cpu;
+        self.cpu[b] += cpu;
+        self.mem[a] = self.mem[a].saturating_sub(mem);
+        self.mem[b] += mem;
+        let (na, nb) = (self.load(a), self.load(b));
+        self.sum += na + nb - la - lb;
+        self.sum_sq += na * na + nb * nb - la * la - lb * lb;
+    }
+}
+
+/// The cluster's imbalance: the standard deviation of host load over the hosts that are on.
+pub fn imbalance(m: &Model) -> f64 {
+    Loads::of(m).imbalance()
+}
+
+/// The moves that bring the imbalance down towards the threshold's target, best first.
+/// `fits(vm, host)`: whether the VM may run there at all (the caller's placement rules).
+pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) -> Vec<Move> {
+    let mut loads = Loads::of(m);
+    let goal = target(p.threshold);
+    let hosts: HashMap<&str, &Host> = m.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+    let mut placed: Vec<String> = m.vms.iter().map(|v| v.host.clone()).collect();
+    let mut moved = vec![false; m.vms.len()];
+    let mut moves = Vec::new();
+    while moves.len() < p.max_moves {
+        let before = loads.imbalance();
+        // (With a margin for rounding: a spread exactly at the target is met.)
+        if before <= goal + 1e-9 {
+            break;
+        }
+        // (score, vm index, destination index, imbalance after)
+        let mut best: Option<(f64, usize, usize, f64)> = None;
+        for (vi, v) in m.vms.iter().enumerate() {
+            if !v.movable || moved[vi] || v.cpu <= 0.0 {
+                continue;
+            }
+            let Some(&a) = loads.index.get(&placed[vi]) else {
+                continue;
+            };
+            // Only a move off a host above the mean lowers the spread.
+            if loads.load(a) <= loads.sum / loads.n() {
+                continue;
+            }
+            // What the move costs: its memory, more when it dirties fast (pre-copy rounds).
+            let cost = (v.memory_mib as f64 / 1024.0).max(0.25) * (1.0 + v.dirty_mib_s / 100.0);
+            for b in 0..loads.names.len() {
+                if b == a || !loads.accepts[b] {
+                    continue;
+                }
+                let Some(dest) = hosts.get(loads.names[b].as_str()) else {
+                    continue;
+                };
+                if loads.mem[b] + v.memory_mib > loads.memory[b]
+                    || (loads.cpu[b] + v.cpu) / loads.cores[b] > p.high
+                    || !fits(v, dest)
+                {
+                    continue;
+                }
+                let after = loads.imbalance_after(a, b, v.cpu);
+                let gain = before - after;
+                if gain < p.min_gain {
+                    continue;
+                }
+                let score = gain / cost;
+                if best.is_none_or(|(s, ..)| score > s) {
+                    best = Some((score, vi, b, after));
+                }
+            }
+        }
+        let Some((_, vi, b, after)) = best else {
+            break;
+        };
+        let v = &m.vms[vi];
+        let a = loads.index[&placed[vi]];
+        let to = loads.names[b].clone();
+        let reason = format!(
+            "{} at {:.0}% CPU, {to} at {:.0}%: imbalance {before:.2} → {after:.2} (target {goal:.2})",
+            placed[vi],
+            loads.load(a) * 100.0,
+            loads.load(b) * 100.0
+        );
+        moves.push(Move {
+            vm: v.name.clone(),
+            from: placed[vi].clone(),
+            to: to.clone(),
+            before,
+            after,
+            reason,
+        });
+        loads.apply(a, b, v.cpu, v.memory_mib);
+        placed[vi] = to;
+        moved[vi] = true;
+    }
+    moves
+}
+
+/// Hosts an idle cluster tries to empty in one pass, least memory first.
+const MAX_CANDIDATES: usize = 8;
+
+/// How power consolidation keeps the hosts that are on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PowerParams {
+    /// Below this cluster load (demand over the cores that are on), hosts may be switched off.
+    pub low: f64,
+    /// Above it, a standby host is switched on; no host is filled past it by an evacuation.
+    pub high: f64,
+    /// Hosts always kept on.
+    pub min_on: usize,
+    /// How long the load must stay below `low` before a host goes off, seconds.
+    pub off_after_s: u64,
+    /// How long it must stay above `high` before a host comes on, seconds.
+    pub on_after_s: u64,
+}
+
+impl Default for PowerParams {
+    fn default() -> Self {
+        PowerParams {
+            low: 0.45,
+            high: 0.81,
+            min_on: 2,
+            off_after_s: 40 * 60,
+            on_after_s: 5 * 60,
+        }
+    }
+}
+
+/// What power consolidation advises now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Power {
+    /// Nothing to do.
+    Hold,
+    /// Empty this host with these moves, then switch it off.
+    Off {
+        /// The host.
+        host: String,
+        /// Where its VMs go.
+        moves: Vec<Move>,
+        /// Why.
+        reason: String,
+    },
+    /// Switch these standby hosts on: as many as bring the cluster load back to the middle
+    /// of the band (at least one).
+    On {
+        /// The hosts.
+        hosts: Vec<String>,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The cluster's load: demand over the cores of the hosts that are on.
+pub fn cluster_load(m: &Model) -> f64 {
+    let cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
+    let demand: f64 = m.vms.iter().map(|v| v.cpu).sum();
+    if cores > 0.0 {
+        demand / cores
+    } else if demand > 0.0 {
+        f64::INFINITY
+    } else {
+        0.0
+    }
+}
+
+/// How long the load has been out of the band, which the caller keeps between passes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PowerWindow {
+    below_since: Option<u64>,
+    above_since: Option<u64>,
+}
+
+impl PowerWindow {
+    /// Records the load at `now` (seconds) and says which way it has stayed out of the band
+    /// long enough: `Some(false)` off, `Some(true)` on.
+    pub fn observe(
+        &mut self,
+        now: u64,
+        load: f64,
+        overloaded: bool,
+        p: &PowerParams,
+    ) -> Option<bool> {
+        if load < p.low {
+            self.above_since = None;
+            let since = *self.below_since.get_or_insert(now);
+            return (now.saturating_sub(since) >= p.off_after_s).then_some(false);
+        }
+        self.below_since = None;
+        if load > p.high || overloaded {
+            let since = *self.above_since.get_or_insert(now);
+            // An overloaded host does not wait out the window.
+            return (overloaded || now.saturating_sub(since) >= p.on_after_s).then_some(true);
+        }
+        self.above_since = None;
+        None
+    }
+
+    /// Starts both windows again (after the cluster acted).
+    pub fn reset(&mut self) {
+        *self = PowerWindow::default();
+    }
+}
+
+/// Whether any host that is on carries more demand than it has cores.
+pub fn overloaded(m: &Model) -> bool {
+    let l = Loads::of(m);
+    (0..l.cpu.len()).any(|i| l.load(i) > 1.0)
+}
+
+/// What to switch given `way` (from [`PowerWindow::observe`]): the host to empty and its
+/// moves, or the standby host to wake.
+pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) -> bool) -> Power {
+    if way {
+        let demand: f64 = m.vms.iter().map(|v| v.cpu).sum();
+        let mut cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
+        let mid = (p.low + p.high) / 2.0;
+        let mut hosts = Vec::new();
+        for h in m.hosts.iter().filter(|h| !h.on) {
+            if !hosts.is_empty() && cores * mid >= demand {
+                break;
+            }
+            cores += h.cores;
+            hosts.push(h.name.clone());
+        }
+        return match hosts.is_empty() {
+            false => Power::On {
+                hosts,
+                reason: format!(
+                    "cluster load {:.0}% above {:.0}%{}",
+                    cluster_load(m) * 100.0,
+                    p.high * 100.0,
+                    if overloaded(m) {
+                        ", a host overloaded"
+                    } else {
+                        ""
+                    }
+                ),
+            },
+            true => Power::Hold,
+        };
+    }
+    let on: Vec<&Host> = m.hosts.iter().filter(|h| h.on).collect();
+    if on.len() <= p.min_on {
+        return Power::Hold;
+    }
+    let loads = Loads::of(m);
+    // Candidates: the hosts with the least memory to move first.
+    let mut candidates: Vec<usize> = (0..loads.cpu.len()).collect();
+    candidates.sort_by_key(|&i| loads.mem[i]);
+    let hosts: HashMap<&str, &Host> = m.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+    let mut by_host: HashMap<&str, Vec<&Vm>> = HashMap::new();
+    for v in &m.vms {
+        by_host.entry(v.host.as_str()).or_default().push(v);
+    }
+    // The first few are enough: each further one moves more memory, and each costs a pass of
+    // its VMs over every host.
+    'candidate: for c in candidates.into_iter().take(MAX_CANDIDATES) {
+        let cname = loads.names[c].clone();
+        let mut cpu = loads.cpu.clone();
+        let mut mem = loads.mem.clone();
+        let mut vms: Vec<&Vm> = by_host.get(cname.as_str()).cloned().unwrap_or_default();
+        if vms.iter().any(|v| !v.movable) {
+            continue;
+        }
+        vms.sort_by_key(|v| std::cmp::Reverse(v.memory_mib));
+        let mut moves = Vec::new();
+        for v in vms {
+            // Best fit: the destination left least loaded after taking it.
+            let mut best: Option<(f64, usize)> = None;
+            for i in 0..cpu.len() {
+                if i == c || !loads.accepts[i] {
+                    continue;
+                }
+                let Some(h) = hosts.get(loads.names[i].as_str()) else {
+                    continue;
+                };
+                let load = (cpu[i] + v.cpu) / loads.cores[i];
+                if mem[i] + v.memory_mib > loads.memory[i] || load > p.high || !fits(v, h) {
+                    continue;
+                }
+                if best.is_none_or(|(l, _)| load < l) {
+                    best = Some((load, i));
+                }
+            }
+            let Some((_, i)) = best else {
+                continue 'candidate;
+            };
+            cpu[i] += v.cpu;
+            mem[i] += v.memory_mib;
+            moves.push(Move {
+                vm: v.name.clone(),
+                from: cname.clone(),
+                to: loads.names[i].clone(),
+                before: 0.0,
+                after: 0.0,
+                reason: format!("consolidating: {cname} is to be switched off"),
+            });
+        }
+        // The HA reserve: the hosts left must still take in the busiest one's VMs.
+        let left: Vec<usize> = (0..cpu.len()).filter(|&i| i != c).collect();
+        let spare_cpu: f64 = left.iter().map(|&i| loads.cores[i] * p.high - cpu[i]).sum();
+        let spare_mem: u64 = left
+            .iter()
+            .map(|&i| loads.memory[i].saturating_sub(mem[i]))
+            .sum();
+        let worst_cpu = left.iter().map(|&i| cpu[i]).fold(0.0, f64::max);
+        let worst_mem = left.iter().map(|&i| mem[i]).max().unwrap_or(0);
+        let biggest = left
+            .iter()
+            .max_by(|&&a, &&b| cpu[a].total_cmp(&cpu[b]))
+            .copied();
+        let reserve_ok = biggest.is_some_and(|b| {
+            spare_cpu - (loads.cores[b] * p.high - cpu[b]) >= worst_cpu
+                && spare_mem.saturating_sub(loads.memory[b].saturating_sub(mem[b])) >= worst_mem
+        });
+        if !reserve_ok {
+            continue;
+        }
+        return Power::Off {
+            host: cname.clone(),
+            reason: format!(
+                "cluster load {:.0}% below {:.0}%: {} VM(s) move off {cname}, {} hosts stay on",
+                cluster_load(m) * 100.0,
+                p.low * 100.0,
+                moves.len(),
+                on.len() - 1
+            ),
+            moves,
+        };
+    }
+    Power::Hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, cores: f64) -> Host {
+        Host {
+            name: name.into(),
+            cores,
+            memory_mib: 64 << 10,
+            on: true,
+            accepts: true,
+        }
+    }
+
+    fn vm(name: &str, host: &str, cpu: f64, mem: u64) -> Vm {
+        Vm {
+            name: name.into(),
+            host: host.into(),
+            cpu,
+            memory_mib: mem,
+            dirty_mib_s: 0.0,
+            movable: true,
+        }
+    }
+
+    fn any(_: &Vm, _: &Host) -> bool {
+        true
+    }
+
+    /// The model after `moves`.
+    fn after(m: &Model, moves: &[Move]) -> Model {
+        let mut m = m.clone();
+        for mv in moves {
+            let v = m.vms.iter_mut().find(|v| v.name == mv.vm).unwrap();
+            assert_eq!(v.host, mv.from);
+            v.host = mv.to.clone();
+        }
+        m
+    }
+
+    #[test]
+    fn vms_on_one_host_spread_until_the_target_is_met() {
+        let m = Model {
+            hosts: vec![host("h1", 8.0), host("h2", 8.0), host("h3", 8.0)],
+            vms: (0..6)
+                .map(|i| vm(&format!("v{i}"), "h1", 1.0, 1024))
+                .collect(),
+        };
+        assert!(imbalance(&m) > 0.3);
+        let p = BalanceParams {
+            max_moves: 10,
+            ..Default::default()
+        };
+        let moves = balance(&m, &p, any);
+        let end = after(&m, &moves);
+        assert!(imbalance(&end) <= target(3), "{moves:#?}");
+        // Each move lowered the imbalance and says so.
+        for mv in &moves {
+            assert!(mv.after < mv.before, "{mv:?}");
+            assert!(mv.reason.contains("imbalance"), "{mv:?}");
+        }
+        assert_eq!(moves.len(), 4, "2 VMs to each other host: {moves:#?}");
+        // Balanced already: nothing to do.
+        assert!(balance(&end, &p, any).is_empty());
+    }
+
+    #[test]
+    fn a_move_respects_fit_memory_the_high_mark_and_movability() {
+        let mut m = Model {
+            hosts: vec![host("h1", 4.0), host("h2", 4.0)],
+            vms: vec![vm("big", "h1", 3.5, 1024), vm("small", "h1", 0.5, 1024)],
+        };
+        let p = BalanceParams::default();
+        // "big" would leave h2 at 88% > 80%: only "small" can move.
+        let moves = balance(&m, &p, any);
+        assert_eq!(
+            moves.iter().map(|m| m.vm.as_str()).collect::<Vec<_>>(),
+            ["small"]
+        );
+        // Not where it does not fit.
+        assert!(balance(&m, &p, |v, h| !(v.name == "small" && h.name == "h2")).is_empty());
+        // Not past memory.
+        m.hosts[1].memory_mib = 512;
+        assert!(balance(&m, &p, any).is_empty());
+        m.hosts[1].memory_mib = 64 << 10;
+        // Not a VM that cannot move now, nor onto a host that takes none.
+        m.vms[1].movable = false;
+        assert!(balance(&m, &p, any).is_empty());
+        m.vms[1].movable = true;
+        m.hosts[1].accepts = false;
+        assert!(balance(&m, &p, any).is_empty());
+    }
+
+    #[test]
+    fn thresholds_order_from_conservative_to_aggressive_and_cost_weighs() {
+        let m = Model {
+            hosts: vec![host("h1", 10.0), host("h2", 10.0)],
+            vms: vec![
+                vm("a", "h1", 1.0, 1024),
+                vm("b", "h1", 1.0, 1024),
+                vm("c", "h1", 1.0, 16 << 10),
+                vm("d", "h2", 1.0, 1024),
+            ],
+        };
+        // Loads 0.3 and 0.1: imbalance 0.1.
+        assert!((imbalance(&m) - 0.1).abs() < 1e-9);
+        for t in 1..=3 {
+            let p = BalanceParams {
+                threshold: t,
+                ..Default::default()
+            };
+            assert!(balance(&m, &p, any).is_empty(), "threshold {t}");
+        }
+        let p = BalanceParams {
+            threshold: 5,
+            ..Default::default()
+        };
+        let moves = balance(&m, &p, any);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_ne!(
+            moves[0].vm, "c",
+            "the 16 GiB VM costs more to move for the same gain"
+        );
+    }
+
+    #[test]
+    fn a_window_must_pass_before_power_changes_and_an_overload_does_not_wait() {
+        let p = PowerParams::default();
+        let mut w = PowerWindow::default();
+        assert_eq!(w.observe(0, 0.2, false, &p), None);
+        assert_eq!(w.observe(p.off_after_s - 1, 0.2, false, &p), None);
+        assert_eq!(w.observe(p.off_after_s, 0.2, false, &p), Some(false));
+        // Back in the band: the window starts again.
+        assert_eq!(w.observe(p.off_after_s + 1, 0.5, false, &p), None);
+        assert_eq!(w.observe(p.off_after_s + 2, 0.2, false, &p), None);
+        assert_eq!(w.observe(10_000, 0.9, false, &p), None);
+        assert_eq!(w.observe(10_000 + p.on_after_s, 0.9, false, &p), Some(true));
+        w.reset();
+        assert_eq!(w.observe(20_000, 0.5, true, &p), Some(true));
+    }
+
+    #[test]
+    fn an_idle_cluster_empties_its_smallest_host_but_keeps_the_reserve_and_the_minimum() {
+        let mut hosts: Vec<Host> = (1..=4).map(|i| host(&format!("h{i}"), 8.0)).collect();
+        let vms = vec![
+            vm("a", "h1", 1.0, 4096),
+            vm("b", "h2", 1.0, 4096),
+            vm("c", "h3", 1.0, 4096),
+            vm("d", "h4", 0.5, 1024),
+        ];
+        let m = Model {
+            hosts: hosts.clone(),
+            vms: vms.clone(),
+        };
+        let p = PowerParams::default();
+        match power(&m, &p, false, any) {
+            Power::Off {
+                host,
+                moves,
+                reason,
+            } => {
+                assert_eq!(host, "h4", "the host with the least memory to move");
+                assert_eq!(moves.len(), 1);
+                assert_eq!(moves[0].vm, "d");
+                assert!(reason.contains("below"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two hosts on: the minimum.
+        hosts[2].on = false;
+        hosts[3].on = false;
+        let m2 = Model {
+            hosts: hosts.clone(),
+            vms: vms[..2].to_vec(),
+        };
+        assert_eq!(power(&m2, &p, false, any), Power::Hold);
+        // Waking: a standby host.
+        match power(&m2, &p, true, any) {
+            Power::On { hosts, .. } => assert_eq!(hosts, ["h3"], "one is enough for this load"),
+            other => panic!("{other:?}"),
+        }
+        // A load far above the band wakes as many as it needs.
+        let mut hot = m2.clone();
+        for v in &mut hot.vms {
+            v.cpu = 9.0;
+        }
+        match power(&hot, &p, true, any) {
+            Power::On { hosts, .. } => assert_eq!(hosts, ["h3", "h4"]),
+            other => panic!("{other:?}"),
+        }
+        // A VM that cannot move keeps its host on; so does a full cluster (the reserve).
+        let mut m3 = m.clone();
+        for v in &mut m3.vms {
+            v.movable = v.name != "d";
+        }
+        assert!(!matches!(power(&m3, &p, false, any), Power::Off { ref host, .. } if host == "h4"));
+        let busy = Model {
+            hosts: (1..=3).map(|i| host(&format!("h{i}"), 4.0)).collect(),
+            vms: vec![
+                vm("a", "h1", 2.0, 1024),
+                vm("b", "h2", 2.0, 1024),
+                vm("c", "h3", 0.9, 1024),
+            ],
+        };
+        assert_eq!(power(&busy, &p, false, any), Power::Hold);
+    }
+}
