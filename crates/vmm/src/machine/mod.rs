@@ -157,10 +157,22 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// What the CONF section of this VM's state holds.
+    /// What the CONF section of this VM's state holds: the config with the disks the SCSI
+    /// controller has now.
     pub fn saved_config(&self) -> SavedConfig {
+        let mut config = self.config.clone();
+        if let (Some(spec), Some(luns)) = (config.scsi.as_mut(), self.scsi_disks()) {
+            spec.disks = luns
+                .into_iter()
+                .map(|l| crate::config::ScsiDiskSpec {
+                    lun: l.lun,
+                    path: l.path,
+                    readonly: l.readonly,
+                })
+                .collect();
+        }
         SavedConfig {
-            config: self.config(),
+            config,
             kind: self.kind,
         }
     }
@@ -259,22 +271,11 @@ impl Machine {
         Ok(pages)
     }
 
-    /// The configuration, with the disks the SCSI controller has now.
-    pub fn config(&self) -> VmConfig {
-        let mut c = self.config.clone();
-        if let (Some(spec), Some(luns)) = (c.scsi.as_mut(), self.scsi_disks()) {
-            spec.disks = luns
-                .into_iter()
-                .map(|l| crate::config::ScsiDiskSpec {
-                    lun: l.lun,
-                    path: l.path,
-                    readonly: l.readonly,
-                })
-                .collect();
-        }
-        c
+    /// The configuration the VM was built with (its SCSI disks as they were then: see
+    /// [`Machine::saved_config`] for the ones it has now).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
-
     /// The kind of image booted.
     pub fn kernel_kind(&self) -> KernelKind {
         self.kind
