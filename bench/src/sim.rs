@@ -126,6 +126,8 @@ struct Sim {
     pass_ms_sum: f64,
     passes: u64,
     min_on: usize,
+    /// `FERRY_SIM_TRACE`: print every pass's power decision.
+    trace: bool,
 }
 
 impl Sim {
@@ -188,6 +190,7 @@ impl Sim {
             pass_ms_sum: 0.0,
             passes: 0,
             min_on: 0,
+            trace: std::env::var_os("FERRY_SIM_TRACE").is_some(),
         }
     }
 
@@ -426,7 +429,7 @@ impl Sim {
         let overloaded = balance::overloaded(&model);
         if let Some(way) = self.window.observe(t * 60, load, overloaded, &self.power) {
             let advice = balance::power(&model, &self.power, way, fits);
-            if std::env::var_os("FERRY_SIM_TRACE").is_some() {
+            if self.trace {
                 eprintln!("pass t={t} load={load:.2} way={way} -> {advice:?}");
             }
             match advice {
@@ -489,6 +492,7 @@ pub fn run(a: &SimArgs) -> Result<()> {
     let wall = Instant::now();
     let mut sim = Sim::new(a);
     let minutes = a.days * 1440;
+    let trace = sim.trace;
     println!(
         "# sim: {} hosts ({} cores, {} GiB each), {} VMs, {} days, seed {}",
         a.hosts,
@@ -503,7 +507,7 @@ pub fn run(a: &SimArgs) -> Result<()> {
             sim.pass(t);
         }
         sim.minute(t);
-        if std::env::var_os("FERRY_SIM_TRACE").is_some() && t % 60 == 0 {
+        if trace && t % 60 == 0 {
             let m = sim.model(t);
             let over = {
                 let mut cpu = std::collections::HashMap::new();

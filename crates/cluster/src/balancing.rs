@@ -125,20 +125,21 @@ impl Balancer {
 
     /// One balancing step of a coordinator pass: every `interval_s` it computes the moves,
     /// publishes them and, in `auto`, queues them (none while an earlier balancing migration is
-    /// still queued or running).
+    /// still queued or running). Returns whether it queued any (the pass then reads the store
+    /// again before admitting).
     pub async fn step(
         &mut self,
         db: &Db,
         view: &View,
         cfg: &BalanceConfig,
-    ) -> Result<(), ClusterError> {
+    ) -> Result<bool, ClusterError> {
         let t = Instant::now();
         self.observe(view, t);
         if self
             .last
             .is_some_and(|l| t.duration_since(l) < Duration::from_secs(cfg.interval_s))
         {
-            return Ok(());
+            return Ok(false);
         }
         self.last = Some(t);
         let policy = match db.get::<PolicyRecord>(&policy_key()).await? {
@@ -149,7 +150,7 @@ impl Balancer {
             },
         };
         if policy.balance == BalanceMode::Off {
-            return Ok(());
+            return Ok(false);
         }
         let model = self.model(view, Duration::from_secs(cfg.cooldown_s), now());
         let params = BalanceParams {
@@ -182,15 +183,16 @@ impl Balancer {
         };
         put_recommendations(db, &rec).await?;
         if policy.balance != BalanceMode::Auto {
-            return Ok(());
+            return Ok(false);
         }
         let balancing = view
             .migrations
             .iter()
             .any(|m| m.reason == "balance" && !m.state.done());
         if balancing {
-            return Ok(());
+            return Ok(false);
         }
+        let mut queued = false;
         for m in &moves {
             if view.active_migration(&m.vm).is_some() {
                 continue;
@@ -205,8 +207,9 @@ impl Balancer {
                 Some(m.reason.clone()),
             )
             .await?;
+            queued = true;
         }
-        Ok(())
+        Ok(queued)
     }
 }
 

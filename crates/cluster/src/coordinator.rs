@@ -81,8 +81,11 @@ async fn pass(a: &Agent, balancer: &mut Balancer) -> Result<(), ClusterError> {
     let view = View::read(&a.db).await?;
     drain(a, &view).await?;
     let view = View::read(&a.db).await?;
-    balancer.step(&a.db, &view, &a.cfg.balance).await?;
-    let view = View::read(&a.db).await?;
+    let view = if balancer.step(&a.db, &view, &a.cfg.balance).await? {
+        View::read(&a.db).await?
+    } else {
+        view
+    };
     admit(a, &view).await?;
     Ok(())
 }
