@@ -212,6 +212,7 @@ impl Sim {
                 memory_mib: HOST_MEMORY_MIB,
                 on: !matches!(h.state, HostState::Standby),
                 accepts: h.state == HostState::On,
+                switchable: true,
             })
             .collect();
         let vms = self

@@ -14,8 +14,11 @@
  *     cpuid 1.ecx=<hex> 1.edx=<hex> 7.ebx=<hex> 7.ecx=<hex> 7.edx=<hex> d.eax=<hex> x1.ecx=<hex> x1.edx=<hex>
  *
  * Parameters come from the command line in the boot-info block: `mb=<MiB> rate=<pages/s>
- * beat_ms=<ms> period=<words> reset_after=<beats>` (defaults: mb=4, rate=2000, beat_ms=200,
- * period=512, reset_after=0 = never). With reset_after=N, vCPU 0 resets the machine through
+ * beat_ms=<ms> period=<words> reset_after=<beats> busy=<percent>` (defaults: mb=4, rate=2000,
+ * beat_ms=200, period=512, reset_after=0 = never, busy=100). With busy below 100, every vCPU
+ * works (dirties and spins) for that share of each 10 ms and halts the rest, woken by its
+ * local APIC timer: the VM's CPU demand on its host (busy=0: nearly idle; the dirtying and
+ * the beats go on). With reset_after=N, vCPU 0 resets the machine through
  * the i8042 (port 0x64, 0xfe) after beat N: a guest that stops on its own, for tests.
  * rate=0 dirties as fast as it can. The pattern of a page repeats every `period` 8-byte words:
  * 512 gives incompressible pages, small values pages that compress well (like real memory).
@@ -227,6 +230,87 @@ static uint64_t verify_window(uint64_t start, uint64_t count, uint64_t npages)
 	return UINT64_MAX;
 }
 
+/* The local APIC (identity mapped with the first 4 GiB) and a minimal IDT for its timer. */
+#define LAPIC_BASE 0xfee00000UL
+#define LAPIC_SVR 0xf0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_CUR 0x390
+#define LAPIC_TIMER_DIV 0x3e0
+#define TIMER_VECTOR 32
+#define SPURIOUS_VECTOR 0xff
+
+struct idt_gate {
+	uint16_t off0;
+	uint16_t selector;
+	uint8_t ist;
+	uint8_t attr;
+	uint16_t off1;
+	uint32_t off2;
+	uint32_t zero;
+} __attribute__((packed));
+
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+extern void timer_isr(void);
+extern void spurious_isr(void);
+
+static inline void lapic_write(uint32_t reg, uint32_t v) { *(volatile uint32_t *)(LAPIC_BASE + reg) = v; }
+static inline uint32_t lapic_read(uint32_t reg) { return *(volatile uint32_t *)(LAPIC_BASE + reg); }
+
+static void idt_gate_set(int vector, void (*handler)(void), uint16_t cs)
+{
+	uint64_t a = (uint64_t)(uintptr_t)handler;
+	idt[vector] = (struct idt_gate){
+		.off0 = (uint16_t)a,
+		.selector = cs,
+		.ist = 0,
+		.attr = 0x8e, /* present, ring 0, 64-bit interrupt gate */
+		.off1 = (uint16_t)(a >> 16),
+		.off2 = (uint32_t)(a >> 32),
+		.zero = 0,
+	};
+}
+
+/* Sets up this vCPU's IDT and local APIC timer (one-shot, divide by 1) and returns its ticks
+ * per millisecond, measured against the TSC. Every vCPU writes the same gates. */
+static uint64_t lapic_timer_init(uint64_t tsc_hz)
+{
+	uint16_t cs;
+	__asm__ volatile("mov %%cs, %0" : "=r"(cs));
+	idt_gate_set(TIMER_VECTOR, timer_isr, cs);
+	idt_gate_set(SPURIOUS_VECTOR, spurious_isr, cs);
+	struct {
+		uint16_t limit;
+		uint64_t base;
+	} __attribute__((packed)) idtr = {sizeof(idt) - 1, (uint64_t)(uintptr_t)idt};
+	__asm__ volatile("lidt %0" ::"m"(idtr));
+	lapic_write(LAPIC_SVR, 0x100 | SPURIOUS_VECTOR);
+	lapic_write(LAPIC_TIMER_DIV, 0xb);
+	lapic_write(LAPIC_LVT_TIMER, 1u << 16); /* masked while measuring */
+	lapic_write(LAPIC_TIMER_INIT, 0xffffffffu);
+	uint64_t t0 = rdtsc();
+	while (rdtsc() - t0 < tsc_hz / 1000)
+		cpu_relax();
+	uint64_t ticks = 0xffffffffu - lapic_read(LAPIC_TIMER_CUR);
+	lapic_write(LAPIC_TIMER_INIT, 0);
+	lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR);
+	return ticks ? ticks : 1000000;
+}
+
+/* Halts this vCPU for about `us` microseconds (its timer wakes it; so may any interrupt). */
+static void sleep_us(uint64_t us, uint64_t ticks_per_ms)
+{
+	uint64_t n = us * ticks_per_ms / 1000;
+	if (n == 0)
+		return;
+	if (n > 0xffffffffu)
+		n = 0xffffffffu;
+	lapic_write(LAPIC_TIMER_INIT, (uint32_t)n);
+	__asm__ volatile("sti; hlt; cli" ::: "memory");
+}
+
+#define DUTY_PERIOD_US 10000
+
 static uint64_t owed_pages(uint64_t *last, uint64_t now, uint64_t rate, uint64_t tsc_hz)
 {
 	if (rate == 0)
@@ -260,6 +344,9 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 		rate = 1000000;
 	uint64_t beat_ms = parse_param(cmdline, "beat_ms", 200);
 	uint64_t reset_after = parse_param(cmdline, "reset_after", 0);
+	uint64_t busy = parse_param(cmdline, "busy", 100);
+	if (busy > 100)
+		busy = 100;
 	period = parse_param(cmdline, "period", WORDS);
 	if (period == 0 || period > WORDS)
 		period = WORDS;
@@ -292,6 +379,8 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 		put_u64(rate);
 		puts_serial(" cpus=");
 		put_u64(ncpus);
+		puts_serial(" busy=");
+		put_u64(busy);
 		puts_serial(" ready\n");
 	} else {
 		while (!fill_done)
@@ -307,10 +396,24 @@ void guest_main(struct boot_info *bi, uint64_t cpu)
 	uint64_t window = 0;
 	uint64_t seen_progress[MAX_CPUS] = {0};
 	uint64_t stalled[MAX_CPUS] = {0};
+	uint64_t ticks_per_ms = busy < 100 ? lapic_timer_init(tsc_hz) : 0;
+	uint64_t duty_ticks = tsc_hz / 1000000 * DUTY_PERIOD_US;
+	uint64_t work_ticks = duty_ticks / 100 * busy;
+	uint64_t duty_start = rdtsc();
 
 	for (;;) {
 		uint64_t now = rdtsc();
 		dirty_pages(me, owed_pages(&last, now, per_cpu_rate, tsc_hz));
+		if (busy < 100 && now - duty_start >= work_ticks) {
+			/* The rest of this period halted. */
+			uint64_t end = duty_start + duty_ticks;
+			if (now < end)
+				sleep_us((end - now) * 1000000 / tsc_hz, ticks_per_ms);
+			duty_start = end;
+			now = rdtsc();
+			if (now - duty_start >= duty_ticks)
+				duty_start = now;
+		}
 		if (cpu != 0) {
 			cpu_relax();
 			continue;

@@ -2,7 +2,7 @@
 //! own ferryd, on a management and a migration bridge; one shared directory), a guest that
 //! checks its own memory, a live migration through the coordinator, a host drained for
 //! maintenance and returned with failback — the guest's counter never restarting, every check
-//! of its memory passing — then a host whose agent hangs (SIGSTOP): its worker fences itself and
+//! of its memory passing — an idle host switched off and on by the cluster, then a host whose agent hangs (SIGSTOP): its worker fences itself and
 //! the VM restarts elsewhere, never running twice; then `ferry cluster down`.
 
 use std::path::{Path, PathBuf};
@@ -263,6 +263,35 @@ pub fn run(ws: &Path) -> Result<()> {
         println!(
             "\nThe guest ran on {first}, {second}, {third} and {second} again: {n} beats, one counter, never restarted, every check of its memory passed; its disks moved with it (held read-write by one worker at a time), the one added while it ran included."
         );
+        // A host with no VM: the cluster can switch it off and on (its power driver here
+        // stops and starts the host's ferryd in its namespace).
+        // (Not h1: the CLI talks to its API.)
+        let idle = ["h4", "h3"]
+            .into_iter()
+            .find(|h| *h != second)
+            .unwrap_or("h4");
+        println!("\n== 4b. power: {idle} switched off (standby: not failed, nothing restarted) and on again; the coordinator's own advice ==");
+        d.ferry(&["cluster", "power", "--mode", "manual"])?;
+        d.ferry(&["host", "standby", idle])?;
+        d.ferry(&["host", "list"])?;
+        d.ferry(&["host", "wake", idle])?;
+        d.ferry(&["host", "list"])?;
+        // The coordinator's next passes publish their advice (one of after the wake).
+        let woke = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while d.json(&["cluster", "power"])?["advice"]["at"]
+            .as_u64()
+            .is_none_or(|at| at <= woke + 1)
+        {
+            if Instant::now() > deadline {
+                bail!("the coordinator published no power advice");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d.ferry(&["cluster", "power"])?;
+        d.ferry(&["cluster", "power", "--mode", "off"])?;
         println!("\n== 5. {second} hangs: its agent is frozen (SIGSTOP); its worker stops the VM by itself before the lease expires, and the cluster restarts the VM elsewhere, never twice ==");
         let (agent, other_api) = agent_pid(&dir, &second)?;
         *d.api.borrow_mut() = other_api;

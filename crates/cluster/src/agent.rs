@@ -2,7 +2,7 @@
 //! little state its loops share. The loops live beside it, each in its own module that
 //! extends `Agent`: `lease` (lease, fencing, the host record), `reconcile` (this host's
 //! workers against the store), `source` and `destination` (cluster migrations), `commit` (the
-//! commit swap). This module depends on none of them.
+//! commit swap), `utilization` (the sampled history). This module depends on none of them.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -59,6 +59,8 @@ pub(crate) struct State {
     pub(crate) failed_starts: HashMap<String, Instant>,
     /// Whether this host is the coordinator.
     pub(crate) coordinator: bool,
+    /// This host's utilization history (`utilization`).
+    pub(crate) history: crate::history::History,
 }
 
 pub(crate) const RETRY_START: Duration = Duration::from_secs(10);

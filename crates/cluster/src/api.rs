@@ -21,6 +21,9 @@ use crate::records::*;
 use crate::view::{baseline, View};
 use crate::ClusterError;
 
+mod power;
+mod reports;
+
 /// An API error: status and message, sent as `{"error": "..."}`.
 pub struct ApiError(StatusCode, String);
 
@@ -87,6 +90,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/hosts/{host}", get(host))
         .route("/v1/hosts/{host}/drain", post(drain))
         .route("/v1/hosts/{host}/resume", post(resume))
+        .route("/v1/hosts/{host}/standby", post(power::standby))
+        .route("/v1/hosts/{host}/wake", post(power::wake))
         .route("/v1/vms", get(vms).post(create_vm))
         .route("/v1/vms/{name}", get(vm).delete(delete_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
@@ -102,10 +107,21 @@ pub fn router(agent: Arc<Agent>) -> Router {
         )
         .route("/v1/cpu-baseline", get(cpu_baseline))
         .route("/v1/cluster/balance", get(get_balance).post(set_balance))
+        .route(
+            "/v1/cluster/power",
+            get(power::get_power).post(power::set_power),
+        )
         .route("/v1/cluster/recommendations", get(recommendations))
         .route(
             "/v1/cluster/recommendations/{vm}/apply",
             post(apply_recommendation),
+        )
+        .route("/v1/reports/utilization", get(reports::utilization))
+        .route("/v1/reports/placement/{vm}", get(reports::placement))
+        .route("/v1/reports/migrations", get(reports::migrations))
+        .route(
+            "/v1/internal/utilization",
+            get(reports::internal_utilization),
         )
         .route("/v1/migrations", get(migrations))
         .route("/v1/migrations/{id}", get(migration))
@@ -198,6 +214,8 @@ fn host_json(h: &HostRecord, adm: Option<&HostAdmin>, view: &View) -> Value {
     let adm = adm.cloned().unwrap_or_default();
     let state = if h.fenced {
         "fenced"
+    } else if adm.power != PowerState::On {
+        power_state(&adm)
     } else if adm.draining {
         "draining"
     } else if adm.paused {
@@ -209,8 +227,36 @@ fn host_json(h: &HostRecord, adm: Option<&HostAdmin>, view: &View) -> Value {
     if let Some(o) = v.as_object_mut() {
         o.insert("state".into(), json!(state));
         o.insert("committed_mib".into(), json!(view.committed_mib(&h.name)));
+        if let Some(n) = &adm.power_note {
+            o.insert("power_note".into(), json!(n));
+        }
     }
     v
+}
+
+/// The state word of a host the cluster is switching off or on.
+fn power_state(adm: &HostAdmin) -> &'static str {
+    match adm.power {
+        PowerState::On => "up",
+        PowerState::Evacuating => "evacuating",
+        PowerState::Standby => "standby",
+        PowerState::Wake | PowerState::Waking => "waking",
+    }
+}
+
+/// A host with no lease: switched off by the cluster (standby), or down.
+fn absent_host_json(name: &str, adm: Option<&HostAdmin>) -> Value {
+    match adm.filter(|a| a.standing_by()) {
+        Some(a) => json!({
+            "name": name,
+            "state": power_state(a),
+            "power_since": a.power_since,
+            "power_note": a.power_note,
+            "cores": a.capacity.map(|c| c.cores),
+            "memory_mib": a.capacity.map(|c| c.memory_mib),
+        }),
+        None => json!({"name": name, "state": "down"}),
+    }
 }
 
 async fn hosts(State(a): Shared) -> ApiResult {
@@ -228,7 +274,7 @@ async fn hosts(State(a): Shared) -> ApiResult {
         .iter()
         .map(|n| match view.hosts.get(n) {
             Some(h) => host_json(h, view.admin.get(n), &view),
-            None => json!({"name": n, "state": "down"}),
+            None => absent_host_json(n, view.admin.get(n)),
         })
         .collect();
     Ok(Json(json!(list)))
@@ -238,7 +284,7 @@ async fn host(State(a): Shared, Path(h): Path<String>) -> ApiResult {
     let view = View::read(&a.db).await?;
     match view.hosts.get(&h) {
         Some(r) => Ok(Json(host_json(r, view.admin.get(&h), &view))),
-        None if view.admin.contains_key(&h) => Ok(Json(json!({"name": h, "state": "down"}))),
+        None if view.admin.contains_key(&h) => Ok(Json(absent_host_json(&h, view.admin.get(&h)))),
         None => Err(bad(404, format!("no host named {h:?} in the cluster"))),
     }
 }
@@ -247,6 +293,15 @@ async fn drain(State(a): Shared, Path(h): Path<String>) -> ApiResult {
     let view = View::read(&a.db).await?;
     if !view.hosts.contains_key(&h) {
         return Err(bad(404, format!("no live host named {h:?} in the cluster")));
+    }
+    if let Some(adm) = view.admin.get(&h).filter(|a| a.power != PowerState::On) {
+        return Err(bad(
+            409,
+            format!(
+                "{h} is {} (power consolidation); `ferry host resume {h}` keeps it on",
+                power_state(adm)
+            ),
+        ));
     }
     let others = view
         .hosts
@@ -267,6 +322,7 @@ async fn drain(State(a): Shared, Path(h): Path<String>) -> ApiResult {
     let rec = HostAdmin {
         paused: true,
         draining: true,
+        ..Default::default()
     };
     a.db.store.put(&key, encode(&rec)?, None).await?;
     Ok(Json(json!({"host": h, "state": "draining"})))
@@ -283,6 +339,12 @@ async fn resume(State(a): Shared, Path(h): Path<String>, Body(req): Body<ResumeR
     let view = View::read(&a.db).await?;
     if !view.hosts.contains_key(&h) && !view.admin.contains_key(&h) {
         return Err(bad(404, format!("no host named {h:?} in the cluster")));
+    }
+    if view.admin.get(&h).is_some_and(|a| a.standing_by()) {
+        return Err(bad(
+            409,
+            format!("{h} is switched off by the cluster (standby): `ferry host wake {h}` switches it on"),
+        ));
     }
     a.db.store
         .put(&admin_key(&h), encode(&HostAdmin::default())?, None)
@@ -665,15 +727,9 @@ async fn remove_disk_here(State(a): Shared, Path((n, lun)): Path<(String, u16)>)
     Ok(Json(json!(a.disk_remove(&n, lun, true).await?)))
 }
 
-/// The cluster's balancing policy: the store's, or this agent's `[balance]` if none was set.
+/// The cluster's policy: the store's, or this agent's `[balance]` and `[power]` if none was set.
 async fn policy(a: &Agent) -> Result<PolicyRecord, ClusterError> {
-    Ok(match a.db.get::<PolicyRecord>(&policy_key()).await? {
-        Some((_, p)) => p,
-        None => PolicyRecord {
-            balance: a.cfg.balance.mode,
-            threshold: a.cfg.balance.threshold,
-        },
-    })
+    crate::balancing::policy(&a.db, &a.cfg.balance, &a.cfg.power).await
 }
 
 /// `GET /v1/cluster/balance`.
@@ -730,6 +786,10 @@ async fn recommendations(State(a): Shared) -> ApiResult {
             .await?
             .map(|(_, r)| r)
             .unwrap_or_default();
+    let power =
+        a.db.get::<PowerAdviceRecord>(&power_advice_key())
+            .await?
+            .map(|(_, r)| r);
     Ok(Json(json!({
         "mode": p.balance,
         "threshold": p.threshold,
@@ -737,6 +797,8 @@ async fn recommendations(State(a): Shared) -> ApiResult {
         "imbalance": r.imbalance,
         "target": r.target,
         "moves": r.moves,
+        "power_mode": p.power,
+        "power": power,
     })))
 }
 
@@ -880,6 +942,14 @@ async fn metrics(State(a): Shared) -> Response {
         vec![(String::new(), view.hosts.len() as f64)],
     );
     gauge(
+        "ferry_cluster_hosts_standby",
+        "Hosts the cluster switched off (power consolidation) or is switching on.",
+        vec![(
+            String::new(),
+            view.admin.values().filter(|a| a.standing_by()).count() as f64,
+        )],
+    );
+    gauge(
         "ferry_cluster_vms",
         "VMs defined in the cluster.",
         vec![(String::new(), view.vms.len() as f64)],
@@ -947,6 +1017,20 @@ async fn metrics(State(a): Shared) -> Response {
             "ferry_vm_rss_mib",
             "Resident memory of each VM's worker on this host.",
             per_vm(&|u| u.rss_mib as f64),
+        );
+    }
+    if let Some((host_cpu, vms)) = a.latest_cpu() {
+        gauge(
+            "ferry_host_cpu_cores",
+            "CPU in use on this host, in cores, at the last utilization sample (every 10 s).",
+            vec![(format!("{{host=\"{me}\"}}"), host_cpu)],
+        );
+        gauge(
+            "ferry_vm_cpu_cores",
+            "CPU each VM uses, in cores, at the last utilization sample.",
+            vms.into_iter()
+                .map(|(vm, c)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), c))
+                .collect(),
         );
     }
     ([("content-type", "text/plain; version=0.0.4")], s).into_response()

@@ -32,6 +32,8 @@ pub struct Host {
     pub on: bool,
     /// Takes VMs (on, up, not paused, draining or fenced).
     pub accepts: bool,
+    /// Can be switched off and on again (it has a power driver).
+    pub switchable: bool,
 }
 
 /// A VM as the policy sees it.
@@ -415,7 +417,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         let mut cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
         let mid = (p.low + p.high) / 2.0;
         let mut hosts = Vec::new();
-        for h in m.hosts.iter().filter(|h| !h.on) {
+        for h in m.hosts.iter().filter(|h| !h.on && h.switchable) {
             if !hosts.is_empty() && cores * mid >= demand {
                 break;
             }
@@ -456,6 +458,12 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
     // its VMs over every host.
     'candidate: for c in candidates.into_iter().take(MAX_CANDIDATES) {
         let cname = loads.names[c].clone();
+        if !hosts
+            .get(cname.as_str())
+            .is_some_and(|h| h.switchable && h.accepts)
+        {
+            continue;
+        }
         let mut cpu = loads.cpu.clone();
         let mut mem = loads.mem.clone();
         let mut vms: Vec<&Vm> = by_host.get(cname.as_str()).cloned().unwrap_or_default();
@@ -542,6 +550,7 @@ mod tests {
             memory_mib: 64 << 10,
             on: true,
             accepts: true,
+            switchable: true,
         }
     }
 
@@ -736,5 +745,44 @@ mod tests {
             ],
         };
         assert_eq!(power(&busy, &p, false, any), Power::Hold);
+    }
+
+    #[test]
+    fn only_hosts_with_a_power_driver_are_switched_off_or_on() {
+        let mut hosts: Vec<Host> = (1..=4).map(|i| host(&format!("h{i}"), 8.0)).collect();
+        // h4, the cheapest to empty, has no driver: the next cheapest goes instead.
+        hosts[3].switchable = false;
+        let vms = vec![
+            vm("a", "h1", 1.0, 4096),
+            vm("b", "h2", 1.0, 4096),
+            vm("c", "h3", 1.0, 2048),
+            vm("d", "h4", 0.5, 1024),
+        ];
+        let m = Model {
+            hosts: hosts.clone(),
+            vms: vms.clone(),
+        };
+        let p = PowerParams::default();
+        match power(&m, &p, false, any) {
+            Power::Off { host, .. } => assert_eq!(host, "h3"),
+            other => panic!("{other:?}"),
+        }
+        // A paused or draining host (not taking VMs) is not chosen either.
+        let mut paused = m.clone();
+        paused.hosts[2].accepts = false;
+        assert!(
+            !matches!(power(&paused, &p, false, any), Power::Off { ref host, .. } if host == "h3")
+        );
+        // Standby hosts: only the one with a driver is woken.
+        hosts[2].on = false;
+        hosts[3].on = false;
+        let hot = Model {
+            hosts,
+            vms: vec![vm("a", "h1", 9.0, 4096), vm("b", "h2", 9.0, 4096)],
+        };
+        match power(&hot, &p, true, any) {
+            Power::On { hosts, .. } => assert_eq!(hosts, ["h3"]),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::info;
 
 use crate::balance::{self, BalanceParams, Host, Model, Vm};
-use crate::config::BalanceConfig;
+use crate::config::{BalanceConfig, PowerConfig};
 use crate::db::Db;
 use crate::records::*;
 use crate::view::View;
@@ -77,7 +77,13 @@ impl Balancer {
     /// The policy's model of the cluster: live hosts (taking VMs unless paused, draining or
     /// fenced) and running VMs with their measured CPU; a VM without a rate yet, migrating, or
     /// moved less than `cooldown` ago is not movable.
-    pub fn model(&self, view: &View, cooldown: Duration, now_unix: u64) -> Model {
+    pub fn model(
+        &self,
+        view: &View,
+        cooldown: Duration,
+        now_unix: u64,
+        power: &PowerConfig,
+    ) -> Model {
         let mut hosts: Vec<Host> = view
             .hosts
             .values()
@@ -87,11 +93,29 @@ impl Balancer {
                     name: h.name.clone(),
                     cores: f64::from(h.cores.max(1)),
                     memory_mib: h.memory_mib,
-                    on: true,
-                    accepts: !h.fenced && !adm.is_some_and(|a| a.paused || a.draining),
+                    on: !adm.is_some_and(|a| a.standing_by()),
+                    accepts: view.accepts(&h.name),
+                    switchable: power.drives(&h.name),
                 }
             })
             .collect();
+        // Hosts the cluster switched off: capacity it can switch on again.
+        for (name, adm) in &view.admin {
+            if view.hosts.contains_key(name) || !adm.standing_by() {
+                continue;
+            }
+            let Some(c) = adm.capacity else {
+                continue;
+            };
+            hosts.push(Host {
+                name: name.clone(),
+                cores: f64::from(c.cores.max(1)),
+                memory_mib: c.memory_mib,
+                on: false,
+                accepts: false,
+                switchable: power.drives(name),
+            });
+        }
         hosts.sort_by(|a, b| a.name.cmp(&b.name));
         let recently_moved = |vm: &str| {
             view.migrations.iter().any(|m| {
@@ -132,6 +156,7 @@ impl Balancer {
         db: &Db,
         view: &View,
         cfg: &BalanceConfig,
+        power: &PowerConfig,
     ) -> Result<bool, ClusterError> {
         let t = Instant::now();
         self.observe(view, t);
@@ -142,17 +167,11 @@ impl Balancer {
             return Ok(false);
         }
         self.last = Some(t);
-        let policy = match db.get::<PolicyRecord>(&policy_key()).await? {
-            Some((_, p)) => p,
-            None => PolicyRecord {
-                balance: cfg.mode,
-                threshold: cfg.threshold,
-            },
-        };
+        let policy = policy(db, cfg, power).await?;
         if policy.balance == BalanceMode::Off {
             return Ok(false);
         }
-        let model = self.model(view, Duration::from_secs(cfg.cooldown_s), now());
+        let model = self.model(view, Duration::from_secs(cfg.cooldown_s), now(), power);
         let params = BalanceParams {
             threshold: policy.threshold,
             max_moves: MAX_MOVES,
@@ -170,15 +189,7 @@ impl Balancer {
             target: balance::target(policy.threshold),
             moves: moves
                 .iter()
-                .map(|m| Recommendation {
-                    vm: m.vm.clone(),
-                    from: m.from.clone(),
-                    to: m.to.clone(),
-                    before: m.before,
-                    after: m.after,
-                    reason: m.reason.clone(),
-                    command: format!("ferry cluster recommendations apply {}", m.vm),
-                })
+                .map(|m| recommendation(m, format!("ferry cluster recommendations apply {}", m.vm)))
                 .collect(),
         };
         put_recommendations(db, &rec).await?;
@@ -211,6 +222,35 @@ impl Balancer {
         }
         Ok(queued)
     }
+}
+
+/// A move of the policy as published, with the command that carries it out.
+pub fn recommendation(m: &balance::Move, command: String) -> Recommendation {
+    Recommendation {
+        vm: m.vm.clone(),
+        from: m.from.clone(),
+        to: m.to.clone(),
+        before: m.before,
+        after: m.after,
+        reason: m.reason.clone(),
+        command,
+    }
+}
+
+/// The cluster's policy: the store's record, or this agent's `[balance]` and `[power]`.
+pub async fn policy(
+    db: &Db,
+    balance: &BalanceConfig,
+    power: &PowerConfig,
+) -> Result<PolicyRecord, ClusterError> {
+    Ok(match db.get::<PolicyRecord>(&policy_key()).await? {
+        Some((_, p)) => p,
+        None => PolicyRecord {
+            balance: balance.mode,
+            threshold: balance.threshold,
+            power: power.mode,
+        },
+    })
 }
 
 /// Writes the recommendations record (whatever its revision: only the coordinator writes it).

@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::agent::Agent;
 use crate::balancing::Balancer;
+use crate::power::PowerManager;
 use crate::records::*;
 use crate::view::View;
 use crate::ClusterError;
@@ -21,6 +22,7 @@ pub const COORDINATE_EVERY: Duration = Duration::from_millis(700);
 /// Campaigns for the coordinator key and, while holding it, runs the cluster loops.
 pub async fn coordinator_loop(a: Arc<Agent>) {
     let mut balancer = Balancer::default();
+    let mut power = PowerManager::default();
     loop {
         tokio::time::sleep(COORDINATE_EVERY).await;
         match campaign(&a).await {
@@ -29,7 +31,7 @@ pub async fn coordinator_loop(a: Arc<Agent>) {
                     info!("this host is now the coordinator");
                     a.set_coordinator(true);
                 }
-                if let Err(e) = pass(&a, &mut balancer).await {
+                if let Err(e) = pass(&a, &mut balancer, &mut power).await {
                     warn!("coordinator: {e}");
                 }
             }
@@ -74,14 +76,24 @@ async fn campaign(a: &Agent) -> Result<bool, ClusterError> {
 }
 
 /// One pass of the cluster loops.
-async fn pass(a: &Agent, balancer: &mut Balancer) -> Result<(), ClusterError> {
+async fn pass(
+    a: &Agent,
+    balancer: &mut Balancer,
+    power: &mut PowerManager,
+) -> Result<(), ClusterError> {
     let view = View::read(&a.db).await?;
     finish_orphaned_migrations(a, &view).await?;
-    place(a, &view).await?;
+    let unplaceable = place(a, &view).await?;
     let view = View::read(&a.db).await?;
     drain(a, &view).await?;
     let view = View::read(&a.db).await?;
-    let view = if balancer.step(&a.db, &view, &a.cfg.balance).await? {
+    let balanced = balancer
+        .step(&a.db, &view, &a.cfg.balance, &a.cfg.power)
+        .await?;
+    let powered = power
+        .step(&a.db, &view, balancer, &a.cfg, unplaceable)
+        .await?;
+    let view = if balanced || powered {
         View::read(&a.db).await?
     } else {
         view
@@ -173,8 +185,11 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
 }
 
 /// Gives VMs that should run and have no live owner a host: new VMs, and the HA VMs of dead
-/// hosts (a dead host fenced itself before its lease expired, so this is safe).
-async fn place(a: &Agent, v: &View) -> Result<(), ClusterError> {
+/// hosts (a dead host fenced itself before its lease expired, so this is safe). A host the
+/// cluster switched off (standby) is not dead: a VM it owns (stopped when it was emptied) is
+/// placed like a new one. Whether some VM found no host.
+async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
+    let mut unplaceable = false;
     let mut extra: HashMap<String, u64> = HashMap::new();
     let mut names: Vec<&String> = v.vms.keys().collect();
     names.sort();
@@ -186,6 +201,7 @@ async fn place(a: &Agent, v: &View) -> Result<(), ClusterError> {
         let dead_owner = match vm.owner.as_deref() {
             None => None,
             Some(o) if v.hosts.contains_key(o) => continue,
+            Some(o) if v.admin.get(o).is_some_and(|adm| adm.standing_by()) => None,
             Some(o) => Some(o.to_string()),
         };
         if v.active_migration(name).is_some() {
@@ -234,6 +250,7 @@ async fn place(a: &Agent, v: &View) -> Result<(), ClusterError> {
                 }
             }
             Err(why) => {
+                unplaceable = true;
                 let note = format!("cannot be placed: {why}");
                 if vm.note.as_deref() != Some(note.as_str()) {
                     a.db.update::<VmRecord, _>(&vm_key(name), |r| {
@@ -245,10 +262,12 @@ async fn place(a: &Agent, v: &View) -> Result<(), ClusterError> {
             }
         }
     }
-    Ok(())
+    Ok(unplaceable)
 }
 
-/// Queues a migration for every VM of a draining host; ends the drain when none is left.
+/// Queues a migration for every VM of a draining host (reason `drain`, or `consolidate` when
+/// power consolidation empties it); ends a maintenance drain when none is left (the power
+/// step switches an emptied host off).
 async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
     let mut extra: HashMap<String, u64> = HashMap::new();
     for (h, adm) in &v.admin {
@@ -270,13 +289,24 @@ async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
             match v.best_host(vm, Some(h), &extra) {
                 Ok(to) => {
                     *extra.entry(to.clone()).or_default() += vm.config.memory_mib;
-                    a.db.queue_migration(name, h, &to, "drain", Default::default(), None)
-                        .await?;
+                    let reason = match adm.power {
+                        PowerState::Evacuating => "consolidate",
+                        _ => "drain",
+                    };
+                    a.db.queue_migration(
+                        name,
+                        h,
+                        &to,
+                        reason,
+                        Default::default(),
+                        adm.power_note.clone().filter(|_| reason == "consolidate"),
+                    )
+                    .await?;
                 }
                 Err(why) => warn!("drain of {h}: {name} stays: {why}"),
             }
         }
-        if left == 0 {
+        if left == 0 && adm.power == PowerState::On {
             a.db.update::<HostAdmin, _>(&admin_key(h), |r| {
                 let ch = r.draining;
                 r.draining = false;

@@ -38,6 +38,9 @@ impl Agent {
                         } else {
                             info!("joined the cluster (lease {l:x})");
                         }
+                        if let Err(e) = self.back_from_standby().await {
+                            warn!("cannot record that this host is on again: {e}");
+                        }
                     }
                     self.renew_worker_deadlines().await;
                     if let Err(e) = self.publish_host(l).await {
@@ -131,6 +134,27 @@ impl Agent {
         );
     }
 
+    /// A host the cluster switched off that runs again is on: its agent joining proves it
+    /// (whoever switched it on).
+    async fn back_from_standby(&self) -> Result<(), ClusterError> {
+        let changed = self
+            .db
+            .update::<HostAdmin, _>(&admin_key(&self.cfg.host), |r| {
+                if !r.standing_by() {
+                    return false;
+                }
+                r.power = PowerState::On;
+                r.power_since = now();
+                r.power_note = Some("switched on: its agent joined".into());
+                true
+            })
+            .await?;
+        if changed {
+            info!("back from standby: this host takes VMs again");
+        }
+        Ok(())
+    }
+
     async fn publish_host(&self, lease: LeaseId) -> Result<(), ClusterError> {
         let local = self.run_blocking(|w| w.list()).await?;
         let (total, free) = inventory::memory_mib();
@@ -142,7 +166,7 @@ impl Agent {
             cpu_model: self.cpu.model.clone(),
             cpu_features: self.cpu.features.clone(),
             cpu_models: self.cpu.models.clone(),
-            cores: inventory::cores(),
+            cores: self.cores(),
             bridges: inventory::bridges(),
             memory_mib: total,
             free_mib: free,

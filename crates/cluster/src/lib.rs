@@ -15,12 +15,16 @@ pub mod coordinator;
 pub mod db;
 mod destination;
 pub mod disks;
+pub mod history;
 pub mod inventory;
 mod lease;
 pub mod peer;
+pub mod power;
 pub mod reconcile;
 pub mod records;
+pub mod reports;
 mod source;
+mod utilization;
 pub mod view;
 
 pub use config::AgentConfig;
@@ -82,6 +86,7 @@ pub async fn serve(cfg: AgentConfig, worker_bin: std::path::PathBuf) -> Result<(
     tokio::spawn(Arc::clone(&agent).heartbeat_loop());
     tokio::spawn(Arc::clone(&agent).fence_watchdog());
     tokio::spawn(Arc::clone(&agent).reconcile_loop());
+    tokio::spawn(Arc::clone(&agent).sample_loop());
     tokio::spawn(coordinator::coordinator_loop(Arc::clone(&agent)));
     let app = api::router(Arc::clone(&agent));
     let shutdown = async {

@@ -157,6 +157,56 @@ pub struct HostAdmin {
     pub paused: bool,
     /// Its VMs are being moved away.
     pub draining: bool,
+    /// Its power state (power consolidation, `ferry host standby|wake`).
+    #[serde(default)]
+    pub power: PowerState,
+    /// Unix time the power state last changed.
+    #[serde(default)]
+    pub power_since: u64,
+    /// Why it is in that state, or what went wrong switching it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_note: Option<String>,
+    /// What it offers VMs, recorded when it went to standby (the policy counts on it when it
+    /// decides to switch it back on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<Capacity>,
+}
+
+impl HostAdmin {
+    /// Whether the cluster switched it off or is switching it on again: neither failed nor
+    /// fenced, and never a reason to restart VMs elsewhere.
+    pub fn standing_by(&self) -> bool {
+        matches!(
+            self.power,
+            PowerState::Standby | PowerState::Wake | PowerState::Waking
+        )
+    }
+}
+
+/// A host's power state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    /// On, or down for a reason of its own (no lease: failed).
+    #[default]
+    On,
+    /// Its VMs are being moved away by live migration; it is switched off once it has none.
+    Evacuating,
+    /// Switched off by the cluster through its power driver.
+    Standby,
+    /// To be switched on: the coordinator runs its power driver.
+    Wake,
+    /// Its power driver was told to switch it on; its agent has not joined yet.
+    Waking,
+}
+
+/// What a host offers VMs.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Capacity {
+    /// Logical CPUs.
+    pub cores: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
 }
 
 /// Whether a VM should run.
@@ -247,7 +297,7 @@ pub struct MigrationRecord {
     pub to: String,
     /// State.
     pub state: MigrationState,
-    /// Why: `user`, `drain`, `failback`.
+    /// Why: `user`, `drain`, `failback`, `balance`, `consolidate`.
     pub reason: String,
     /// The engine's tunables (downtime target, compression, connections, quick, ...).
     #[serde(default)]
@@ -291,7 +341,7 @@ pub fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Load balancing's mode.
+/// Load balancing's mode, and power consolidation's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BalanceMode {
@@ -311,6 +361,9 @@ pub struct PolicyRecord {
     pub balance: BalanceMode,
     /// Balancing threshold, 1 to 5.
     pub threshold: u8,
+    /// Power consolidation's mode (absent in records of before it: `off`).
+    #[serde(default)]
+    pub power: BalanceMode,
 }
 
 /// A balancing recommendation the coordinator published.
@@ -353,4 +406,33 @@ pub fn policy_key() -> String {
 /// The recommendations record's key.
 pub fn recommendations_key() -> String {
     format!("{PREFIX}recommendations")
+}
+
+/// What the coordinator's power consolidation advises (published in `manual` mode, and in
+/// `auto` what it did last).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PowerAdviceRecord {
+    /// Unix time of the pass.
+    pub at: u64,
+    /// The cluster's load then: CPU demand over the cores of the hosts that are on.
+    pub load: f64,
+    /// The band it is kept in.
+    pub low: f64,
+    /// The band's top.
+    pub high: f64,
+    /// `hold`, `standby` (switch `hosts` off) or `wake` (switch `hosts` on).
+    pub action: String,
+    /// The hosts concerned.
+    pub hosts: Vec<String>,
+    /// Why, in words.
+    pub reason: String,
+    /// The moves that empty a host to be switched off.
+    pub moves: Vec<Recommendation>,
+    /// The commands that carry it out.
+    pub commands: Vec<String>,
+}
+
+/// The power advice record's key.
+pub fn power_advice_key() -> String {
+    format!("{PREFIX}power")
 }

@@ -75,7 +75,10 @@ impl View {
     /// Whether host `h` is alive and takes VMs.
     pub fn accepts(&self, h: &str) -> bool {
         self.hosts.get(h).is_some_and(|r| !r.fenced)
-            && !self.admin.get(h).is_some_and(|a| a.paused || a.draining)
+            && !self
+                .admin
+                .get(h)
+                .is_some_and(|a| a.paused || a.draining || a.power != PowerState::On)
     }
 
     /// Memory promised to the VMs owned by host `h` (running or about to).
@@ -106,6 +109,16 @@ impl View {
             return Some(format!("host {h} has fenced itself"));
         }
         if let Some(a) = self.admin.get(h) {
+            if a.power != PowerState::On {
+                return Some(format!(
+                    "host {h} is {} (power consolidation)",
+                    match a.power {
+                        PowerState::Evacuating => "being emptied to be switched off",
+                        PowerState::Waking | PowerState::Wake => "being switched on",
+                        _ => "in standby",
+                    }
+                ));
+            }
             if a.paused || a.draining {
                 return Some(format!("host {h} is paused for maintenance"));
             }

@@ -84,7 +84,8 @@ impl Api {
     }
 }
 
-fn s(v: &Value) -> String {
+/// A JSON value as a table cell.
+pub(crate) fn s(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
         Value::String(s) => s.clone(),
@@ -100,7 +101,7 @@ pub enum ClusterCmd {
     /// Start a local cluster on this machine: etcd, and HOSTS hosts, each a network
     /// namespace with its own ferryd on a management and a migration bridge (needs root).
     Up {
-        /// Number of hosts (1-9).
+        /// Number of hosts (1-16).
         #[arg(long, default_value_t = 4)]
         hosts: u8,
         /// Its directory: configs, logs, etcd data, the shared directory.
@@ -120,6 +121,14 @@ pub enum ClusterCmd {
         #[arg(long)]
         threshold: Option<u8>,
     },
+    /// Show or set power consolidation for the whole cluster (needs --api): `off`, `manual`
+    /// (advise only) or `auto` (switch idle hosts off through their power driver and back on
+    /// when demand rises); shows the coordinator's last advice.
+    Power {
+        /// The mode.
+        #[arg(long, value_parser = ["off", "manual", "auto"])]
+        mode: Option<String>,
+    },
     /// The coordinator's balancing recommendations, each with its reason and the command that
     /// applies it; `apply VM` queues one (needs --api).
     Recommendations {
@@ -128,6 +137,21 @@ pub enum ClusterCmd {
         action: Option<String>,
         /// The VM whose recommendation to apply.
         vm: Option<String>,
+    },
+    /// The local cluster's power driver (its hosts' `[power]` commands): stops (`off`) or
+    /// starts (`on`) a host's ferryd in its namespace.
+    HostPower {
+        /// The host.
+        host: String,
+        /// `on` or `off`.
+        #[arg(value_parser = ["on", "off"])]
+        way: String,
+        /// The directory given to `up`.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The id given to `up`.
+        #[arg(long, default_value_t = 0)]
+        id: u8,
     },
     /// Stop the local cluster and remove everything `up` created (VMs, namespaces, bridges,
     /// etcd, its directory).
@@ -151,6 +175,12 @@ pub fn run_cluster(cmd: ClusterCmd, api: Option<&Api>, out: Output) -> Result<()
             localcluster::Net::new(id)?,
             out,
         ),
+        ClusterCmd::HostPower { host, way, dir, id } => localcluster::host_power(
+            &dir.unwrap_or_else(|| localcluster::default_dir(id)),
+            &host,
+            way == "on",
+            out,
+        ),
         ClusterCmd::Down { dir, id } => localcluster::down(
             &dir.unwrap_or_else(|| localcluster::default_dir(id)),
             localcluster::Net::new(id)?,
@@ -171,6 +201,49 @@ pub fn run_cluster(cmd: ClusterCmd, api: Option<&Api>, out: Output) -> Result<()
                 &v,
                 &["MODE", "THRESHOLD"],
                 vec![vec![s(&v["mode"]), s(&v["threshold"])]],
+            );
+            Ok(())
+        }
+        ClusterCmd::Power { mode } => {
+            let api = api.context("`ferry cluster power` needs --api URL (or FERRY_API)")?;
+            if let Some(mode) = mode {
+                api.post("/v1/cluster/power", json!({ "mode": mode }))?;
+            }
+            let v = api.get("/v1/cluster/power")?;
+            let a = &v["advice"];
+            let pct = |x: &Value| format!("{:.0}%", x.as_f64().unwrap_or(0.0) * 100.0);
+            print(
+                out,
+                &v,
+                &[
+                    "MODE",
+                    "BAND",
+                    "LOAD",
+                    "ADVICE",
+                    "HOSTS",
+                    "WHY",
+                    "DO IT WITH",
+                ],
+                vec![vec![
+                    s(&v["mode"]),
+                    format!("{}–{}", pct(&v["low"]), pct(&v["high"])),
+                    if a.is_null() {
+                        "-".into()
+                    } else {
+                        pct(&a["load"])
+                    },
+                    s(&a["action"]),
+                    a["hosts"]
+                        .as_array()
+                        .map(|h| h.iter().map(s).collect::<Vec<_>>().join(","))
+                        .unwrap_or_else(|| "-".into()),
+                    s(&a["reason"]),
+                    a["commands"]
+                        .as_array()
+                        .map(|h| h.iter().map(s).collect::<Vec<_>>().join("; "))
+                        .filter(|c| !c.is_empty())
+                        .unwrap_or_else(|| "-".into()),
+                ]],
             );
             Ok(())
         }
@@ -576,7 +649,8 @@ pub fn vm_action(api: &Api, name: &str, action: &str, out: Output) -> Result<()>
     Ok(())
 }
 
-fn spinner(out: Output) -> Option<ProgressBar> {
+/// A progress spinner on stderr for table output.
+pub(crate) fn spinner(out: Output) -> Option<ProgressBar> {
     if out != Output::Table {
         return None;
     }

@@ -17,6 +17,8 @@ use crate::Output;
 const API_PORT: u16 = 7400;
 const ETCD_PORT: u16 = 2379;
 const ETCD_PEER_PORT: u16 = 2380;
+/// Hosts a local cluster may have: a failover cluster's sixteen nodes.
+pub const MAX_HOSTS: u8 = 16;
 
 /// The names and addresses of local cluster number `id` (0-9), so that several can coexist:
 /// cluster 0 is `ferry-mgmt`, `ferry-mig`, `ferry-h1`… on 10.88.0.0/24 and 10.88.1.0/24;
@@ -121,8 +123,11 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<u32> {
-    let f =
-        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let f = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot create {}", log.display()))?;
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -135,8 +140,8 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<u32> {
 
 /// `ferry cluster up`.
 pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
-    if !(1..=9).contains(&hosts) {
-        bail!("--hosts must be 1 to 9");
+    if !(1..=MAX_HOSTS).contains(&hosts) {
+        bail!("--hosts must be 1 to {MAX_HOSTS}");
     }
     if dir.join("cluster.json").exists() {
         bail!(
@@ -261,20 +266,14 @@ pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
             format!(
                 "host = \"{h}\"\nlisten = \"{mgmt_ip}:{API_PORT}\"\nmigration_ip = \"{mig_ip}\"\n\
                  shared_dir = \"{shared}\"\nrun_dir = \"{run}\"\ntoken_file = \"{tok}\"\n\
-                 pki_dir = \"{pki}\"\nlease_ttl_s = 5\n\n[store]\nkind = \"etcd\"\nendpoints = [\"{client}\"]\n",
+                 pki_dir = \"{pki}\"\nlease_ttl_s = 5\n\n[store]\nkind = \"etcd\"\nendpoints = [\"{client}\"]\n{drivers}",
                 shared = s(dir.join("shared")),
                 run = s(dir.join(format!("run-{h}"))),
                 tok = s(dir.join("token")),
+                drivers = power_drivers(&ferry, dir, net, hosts),
             ),
         )?;
-        let pid = spawn_logged(
-            Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .arg(&ferryd)
-                .arg("--config")
-                .arg(&cfg),
-            &dir.join(format!("{h}.log")),
-        )?;
+        let pid = start_agent(&ferryd, dir, net, &h)?;
         state.hosts.push(LocalHost {
             name: h,
             netns: ns,
@@ -334,6 +333,80 @@ pub fn up(hosts: u8, dir: &Path, net: Net, out: Output) -> Result<()> {
     Ok(())
 }
 
+/// Starts host `h`'s ferryd in its namespace; its pid.
+fn start_agent(ferryd: &Path, dir: &Path, net: Net, h: &str) -> Result<u32> {
+    spawn_logged(
+        Command::new("ip")
+            .args(["netns", "exec", &net.netns(h)])
+            .arg(ferryd)
+            .arg("--config")
+            .arg(dir.join(format!("{h}.toml"))),
+        &dir.join(format!("{h}.log")),
+    )
+}
+
+/// The local cluster's power drivers, the same table in every host's config (the coordinator
+/// runs them): `ferry cluster host-power` stops and starts a host's ferryd.
+fn power_drivers(ferry: &Path, dir: &Path, net: Net, hosts: u8) -> String {
+    let mut t = String::from("\n# Power drivers: the local cluster switches a host off and on by stopping and starting its ferryd.\n");
+    for i in 1..=hosts {
+        for way in ["on", "off"] {
+            if way == "on" {
+                t.push_str(&format!("[power.hosts.h{i}]\n"));
+            }
+            t.push_str(&format!(
+                "{way} = \"'{}' cluster host-power --dir '{}' --id {} h{i} {way}\"\n",
+                ferry.display(),
+                dir.display(),
+                net.id
+            ));
+        }
+    }
+    t
+}
+
+/// `ferry cluster host-power HOST on|off`: the local cluster's power driver. `off` stops the
+/// host's ferryd (it leaves the cluster, as a host switched off does); `on` starts it again in
+/// its namespace.
+pub fn host_power(dir: &Path, host: &str, on: bool, out: Output) -> Result<()> {
+    let path = dir.join("cluster.json");
+    let mut state: State = serde_json::from_slice(
+        &std::fs::read(&path)
+            .with_context(|| format!("no local cluster runs from {}", dir.display()))?,
+    )
+    .with_context(|| format!("{} is damaged", path.display()))?;
+    let net = Net { id: state.id };
+    let Some(i) = state.hosts.iter().position(|h| h.name == host) else {
+        bail!(
+            "the local cluster in {} has no host {host:?}",
+            dir.display()
+        );
+    };
+    let running = ferry_worker::client::process_alive(state.hosts[i].pid);
+    let what = match (on, running) {
+        (true, true) | (false, false) => "already",
+        (true, false) => {
+            state.hosts[i].pid = start_agent(&sibling("ferryd")?, dir, net, host)?;
+            let tmp = dir.join("cluster.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&state)?)?;
+            std::fs::rename(&tmp, &path)?;
+            "switched"
+        }
+        (false, true) => {
+            signal(state.hosts[i].pid, libc::SIGTERM);
+            "switched"
+        }
+    };
+    let way = if on { "on" } else { "off" };
+    print(
+        out,
+        &serde_json::json!({"host": host, "power": way, "pid": state.hosts[i].pid}),
+        &["HOST", "POWER"],
+        vec![vec![host.to_string(), format!("{what} {way}")]],
+    );
+    Ok(())
+}
+
 /// `ferry cluster down`.
 pub fn down(dir: &Path, net: Net, out: Output) -> Result<()> {
     let had = dir.join("cluster.json").exists();
@@ -387,7 +460,7 @@ fn down_quietly(dir: &Path, net: Net) {
         wait_gone(st.etcd_pid, Duration::from_secs(10));
         signal(st.etcd_pid, libc::SIGKILL);
     }
-    for i in 1..=9 {
+    for i in 1..=MAX_HOSTS {
         quiet_ip(&["netns", "del", &net.netns(&format!("h{i}"))]);
         quiet_ip(&["link", "del", &format!("fm{}-h{i}", net.tag())]);
         quiet_ip(&["link", "del", &format!("fg{}-h{i}", net.tag())]);

@@ -7,6 +7,7 @@ mod localcluster;
 mod migrate;
 mod output;
 mod pki;
+mod report;
 mod vm;
 mod vm_disk;
 
@@ -20,6 +21,8 @@ pub enum Output {
     Table,
     /// JSON for scripts.
     Json,
+    /// CSV (a header line, then the table's rows) for spreadsheets.
+    Csv,
 }
 
 #[derive(Debug, Parser)]
@@ -58,6 +61,9 @@ enum Cmd {
     /// The cluster as a whole; a local cluster on this machine.
     #[command(subcommand)]
     Cluster(cluster::ClusterCmd),
+    /// Reports on the cluster: utilization, placement, migrations.
+    #[command(subcommand)]
+    Report(report::ReportCmd),
 }
 
 fn main() {
@@ -75,6 +81,7 @@ fn main() {
         Cmd::Disk(c) => disk::run(c, cli.output),
         Cmd::Host(c) => host::run(c, cli.output, api.as_ref()),
         Cmd::Cluster(c) => cluster::run_cluster(c, api.as_ref(), cli.output),
+        Cmd::Report(c) => report::run(c, cli.output, api.as_ref()),
     });
     if let Err(e) = res {
         if cli.output == Output::Json {

@@ -1,10 +1,10 @@
-//! Tables for people, JSON for scripts.
+//! Tables for people, JSON for scripts, CSV for spreadsheets.
 
 use serde::Serialize;
 
 use crate::Output;
 
-/// Prints `rows` as a table with `headers`, or `value` as JSON.
+/// Prints `rows` as a table or CSV with `headers`, or `value` as JSON.
 pub fn print<T: Serialize>(out: Output, value: &T, headers: &[&str], rows: Vec<Vec<String>>) {
     match out {
         Output::Json => {
@@ -14,7 +14,33 @@ pub fn print<T: Serialize>(out: Output, value: &T, headers: &[&str], rows: Vec<V
             )
         }
         Output::Table => print!("{}", table(headers, &rows)),
+        Output::Csv => print!("{}", csv(headers, &rows)),
     }
+}
+
+/// Formats CSV (RFC 4180: a cell with a comma, quote or line break is quoted).
+pub fn csv(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let cell = |c: &str| {
+        if c.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", c.replace('"', "\"\""))
+        } else {
+            c.to_string()
+        }
+    };
+    let mut s = String::new();
+    s.push_str(
+        &headers
+            .iter()
+            .map(|h| cell(h))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    s.push('\n');
+    for r in rows {
+        s.push_str(&r.iter().map(|c| cell(c)).collect::<Vec<_>>().join(","));
+        s.push('\n');
+    }
+    s
 }
 
 /// Formats an aligned table.
@@ -58,5 +84,17 @@ mod tests {
             &[vec!["a-long-name".into(), "running".into()]],
         );
         assert_eq!(t, "NAME         STATE\na-long-name  running\n");
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_it() {
+        let t = super::csv(
+            &["A", "B"],
+            &[
+                vec!["x,y".into(), "say \"hi\"".into()],
+                vec!["1".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t, "A,B\n\"x,y\",\"say \"\"hi\"\"\"\n1,2\n");
     }
 }

@@ -1188,3 +1188,313 @@ fn balancing_spreads_vms_from_one_host_within_the_limits_and_manual_mode_only_re
     let e = c.fails(&["cluster", "balance", "--threshold", "9"]);
     assert!(e.contains("threshold"), "{e}");
 }
+
+/// The state each host of the cluster shows in `ferry host list`.
+fn host_states(c: &Cluster) -> HashMap<String, String> {
+    c.json(&["host", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["name"].as_str().unwrap().to_string(),
+                h["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand_returns() {
+    // Each host offers its VMs one core (they share this machine's two); the power windows
+    // are a test's seconds instead of DPM's minutes; the driver stops and starts a host's ferryd.
+    let c = Cluster::with_host_keys(
+        &bins(),
+        "power",
+        3,
+        "vm_cores = 1",
+        "\n[power]\noff_after_s = 3\non_after_s = 3\nwake_timeout_s = 60\n",
+    );
+    // Idle guests (halted but for their dirtying and beats), highly available as every
+    // cluster VM is by default.
+    let idle = ["--cmdline", "mb=1 rate=50 beat_ms=200 busy=0"];
+    let mut vms = vec!["i1", "i2", "i3"];
+    for vm in &vms {
+        c.create(vm, &idle);
+    }
+
+    // Manual: the advice and the command, nothing switched.
+    c.json(&["cluster", "power", "--mode", "manual"]);
+    c.wait_until(
+        "advice to switch a host off",
+        Duration::from_secs(60),
+        |c| c.json(&["cluster", "power"])["advice"]["action"] == "standby",
+    );
+    let p = c.json(&["cluster", "power"]);
+    let advice = &p["advice"];
+    assert!(advice["load"].as_f64().unwrap() < 0.45, "{p}");
+    let cmd = advice["commands"][0].as_str().unwrap();
+    assert!(cmd.starts_with("ferry host standby h"), "{p}");
+    assert!(host_states(&c).values().all(|s| s == "up"));
+    assert!(c
+        .json(&["migration", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // A host without a driver cannot be switched off by hand either: bad input changes nothing.
+    let e = c.fails(&["host", "standby", "h9"]);
+    assert!(e.contains("no live host"), "{e}");
+
+    // Auto: one host is emptied by live migration and switched off; min_on = 2 keeps two.
+    c.json(&["cluster", "power", "--mode", "auto"]);
+    c.wait_until("a host in standby", Duration::from_secs(120), |c| {
+        host_states(c).values().any(|s| s == "standby")
+    });
+    let states = host_states(&c);
+    let off = states
+        .iter()
+        .find(|(_, s)| *s == "standby")
+        .map(|(h, _)| h.clone())
+        .unwrap();
+    assert_eq!(
+        states.values().filter(|s| *s == "up").count(),
+        2,
+        "{states:?}"
+    );
+    // Its agent is gone (the driver stopped it) and no VM is left there.
+    c.wait_until(
+        "the standby host's agent gone",
+        Duration::from_secs(30),
+        |c| c.api_get("/v1/cluster")["hosts"] == 2,
+    );
+    for vm in &vms {
+        let v = c.vm(vm);
+        assert_ne!(v["host"], off.as_str(), "{v}");
+        assert_eq!(v["state"], "running", "{v}");
+    }
+    let ms = c.json(&["migration", "list"]);
+    let consolidated: Vec<&Value> = ms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["from"] == off.as_str())
+        .collect();
+    for m in &consolidated {
+        assert_eq!(m["reason"], "consolidate", "{m}");
+        assert_eq!(m["state"], "succeeded", "{m}");
+        assert!(
+            m["why"]
+                .as_str()
+                .is_some_and(|w| w.contains("below") && w.contains(&format!("off {off}"))),
+            "{m}"
+        );
+    }
+    // A standby host is not a failed one: no VM is restarted or noted for it, although its
+    // lease is gone. The coordinator has decided again since (a later advice).
+    let at = c.json(&["cluster", "power"])["advice"]["at"]
+        .as_u64()
+        .unwrap();
+    c.wait_until("a later power pass", Duration::from_secs(30), |c| {
+        c.json(&["cluster", "power"])["advice"]["at"]
+            .as_u64()
+            .unwrap()
+            > at + 1
+    });
+    for vm in &vms {
+        let v = c.vm(vm);
+        assert!(
+            !v["note"].as_str().is_some_and(|n| n.contains("down")),
+            "{v}"
+        );
+        assert_eq!(c.workers_of(vm).len(), 1, "{vm}");
+    }
+    let e = c.fails(&["host", "resume", &off]);
+    assert!(e.contains("ferry host wake"), "{e}");
+
+    // Demand rises past what the hosts that are on hold: a VM that fits on neither (memory
+    // here; CPU the same way, after `on_after_s`, in the policy's unit tests) wakes the standby
+    // host at once, and is placed there.
+    let on_host = states
+        .iter()
+        .find(|(_, s)| *s == "up")
+        .map(|(h, _)| h.clone())
+        .unwrap();
+    let mem = c.json(&["host", "show", &on_host])["memory_mib"]
+        .as_u64()
+        .unwrap();
+    let big = format!("{}M", mem * 55 / 100 / 2 * 2);
+    for vm in ["big1", "big2"] {
+        c.create(
+            vm,
+            &[
+                "--memory",
+                &big,
+                "--cmdline",
+                "mb=1 rate=50 beat_ms=200 busy=0",
+            ],
+        );
+        vms.push(vm);
+    }
+    c.define(
+        "big3",
+        &[
+            "--memory",
+            &big,
+            "--cmdline",
+            "mb=1 rate=50 beat_ms=200 busy=0",
+        ],
+    );
+    vms.push("big3");
+    c.wait_until("the standby host back", Duration::from_secs(120), |c| {
+        host_states(c).get(&off).is_some_and(|s| s == "up")
+    });
+    let h = c.json(&["host", "show", &off]);
+    assert!(
+        h["power_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("joined")),
+        "{h}"
+    );
+    // ... and used again.
+    c.wait_until(
+        "big3 running on the woken host",
+        Duration::from_secs(120),
+        |c| {
+            let v = c.vm("big3");
+            v["host"] == off.as_str() && v["state"] == "running"
+        },
+    );
+    c.json(&["cluster", "power", "--mode", "off"]);
+    c.wait_until("no migration running", Duration::from_secs(120), |c| {
+        c.json(&["migration", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] != "running" && m["state"] != "queued")
+    });
+    for vm in &vms {
+        assert_eq!(c.workers_of(vm).len(), 1, "{vm}");
+        let n = beats_now(&c.console(vm));
+        wait_beats(&c.console(vm), n + 2);
+        assert_one_run_intact(&c.console(vm));
+    }
+}
+
+#[test]
+fn reports_show_utilization_placement_and_migrations_from_every_host() {
+    let c = Cluster::new(&bins(), "report", 2, "");
+    // One guest working all the time, one mostly halted.
+    c.create("hot", &["--cmdline", "mb=1 rate=50 beat_ms=200 busy=100"]);
+    c.create("cool", &["--cmdline", "mb=1 rate=50 beat_ms=200 busy=0"]);
+    // Two samples with rates of both (10 s apart): each host answers for itself.
+    c.wait_until(
+        "two utilization samples of both VMs",
+        Duration::from_secs(90),
+        |c| {
+            let r = c.json(&["report", "utilization", "--since", "1h"]);
+            let vms: Vec<&Value> = r["hosts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|h| h["vms"].as_array().unwrap().iter())
+                .collect();
+            ["hot", "cool"].iter().all(|n| {
+                vms.iter()
+                    .any(|v| v["name"] == *n && v["samples"].as_u64().unwrap() >= 2)
+            })
+        },
+    );
+    let r = c.json(&["report", "utilization", "--since", "10m"]);
+    assert_eq!(r["hosts"].as_array().unwrap().len(), 2, "{r}");
+    assert!(r["unreachable"].as_object().unwrap().is_empty(), "{r}");
+    let cpu = |name: &str| {
+        r["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["vms"].as_array().unwrap().iter())
+            .find(|v| v["name"] == name)
+            .map(|v| v["cpu_cores"]["avg"].as_f64().unwrap())
+            .unwrap()
+    };
+    assert!(
+        cpu("hot") > cpu("cool"),
+        "a working guest uses more CPU: {r}"
+    );
+    for h in r["hosts"].as_array().unwrap() {
+        let s = &h["cpu_cores"];
+        assert!(s["peak"].as_f64() >= s["avg"].as_f64(), "{h}");
+        assert!(h["memory_used_mib"]["now"].as_f64().unwrap() > 0.0, "{h}");
+    }
+
+    // Placement: its own host, and the other one with the load it would have.
+    let hot_host = c.vm("hot")["host"].as_str().unwrap().to_string();
+    let other = if hot_host == "h1" { "h2" } else { "h1" };
+    let p = c.json(&["report", "placement", "hot"]);
+    let cands = p["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 2, "{p}");
+    let here = cands
+        .iter()
+        .find(|x| x["host"] == hot_host.as_str())
+        .unwrap();
+    assert_eq!(here["fits"], false, "{p}");
+    assert!(here["why"].as_str().unwrap().contains("runs here"), "{p}");
+    let there = cands.iter().find(|x| x["host"] == other).unwrap();
+    assert_eq!(there["fits"], true, "{p}");
+    assert!(
+        there["load_after"].as_f64().unwrap() > there["load_now"].as_f64().unwrap(),
+        "{p}"
+    );
+    // A host in maintenance does not fit, and says why.
+    c.json(&["host", "drain", other]);
+    let p = c.json(&["report", "placement", "hot"]);
+    let there = p["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["host"] == other)
+        .unwrap()
+        .clone();
+    assert_eq!(there["fits"], false, "{p}");
+    assert!(there["why"].as_str().unwrap().contains("paused"), "{p}");
+    c.json(&["host", "resume", other]);
+
+    // Migrations: those of the drain (if it had VMs to move) and one by the user, counted
+    // with their reasons and times.
+    let drained = c.json(&["migration", "list"]).as_array().unwrap().len();
+    let cool_host = c.vm("cool")["host"].as_str().unwrap().to_string();
+    let to = if cool_host == "h1" { "h2" } else { "h1" };
+    c.json(&["vm", "migrate", "cool", "--to", to]);
+    let m = c.json(&["report", "migrations", "--since", "1d"]);
+    assert_eq!(m["count"], drained as u64 + 1, "{m}");
+    assert_eq!(m["by_reason"]["user"], 1, "{m}");
+    assert_eq!(m["by_state"]["succeeded"], drained as u64 + 1, "{m}");
+    if drained > 0 {
+        assert_eq!(m["by_reason"]["drain"], drained as u64, "{m}");
+    }
+    assert!(m["downtime_ms"]["p50"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(
+        m["total_ms"]["max"].as_f64() >= m["downtime_ms"]["max"].as_f64(),
+        "{m}"
+    );
+    // CSV for spreadsheets: a header, then one row per line.
+    let o = c.ferry_at(&c.api(), &["report", "utilization", "-o", "csv"]);
+    assert!(o.status.success());
+    let csv = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut lines = csv.lines();
+    assert!(
+        lines.next().unwrap().starts_with("HOST,VM,CORES,CPU AVG"),
+        "{csv}"
+    );
+    assert!(lines.any(|l| l.contains(",hot,")), "{csv}");
+    // Bad input: clear errors.
+    let e = c.fails(&["report", "utilization", "--since", "yesterday"]);
+    assert!(e.contains("period"), "{e}");
+    let e = c.fails(&["report", "placement", "nosuch"]);
+    assert!(e.contains("no VM named"), "{e}");
+    for vm in ["hot", "cool"] {
+        let n = beats_now(&c.console(vm));
+        wait_beats(&c.console(vm), n + 2);
+        assert_one_run_intact(&c.console(vm));
+    }
+}

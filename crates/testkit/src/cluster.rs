@@ -175,6 +175,23 @@ impl Cluster {
         env: &[(&str, &str, &str)],
         ttl_s: u32,
     ) -> Cluster {
+        Cluster::build(bins, name, n, "", limits, env, ttl_s)
+    }
+
+    /// [`Cluster::new`] with top-level keys for every host's config (`vm_cores = 1`, ...).
+    pub fn with_host_keys(bins: &Bins, name: &str, n: usize, top: &str, tables: &str) -> Cluster {
+        Cluster::build(bins, name, n, top, tables, &[], 3)
+    }
+
+    fn build(
+        bins: &Bins,
+        name: &str,
+        n: usize,
+        top: &str,
+        limits: &str,
+        env: &[(&str, &str, &str)],
+        ttl_s: u32,
+    ) -> Cluster {
         let dir = std::env::temp_dir().join(format!("ferry-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("shared")).unwrap();
@@ -222,6 +239,7 @@ run_dir = "{run}"
 token_file = "{token}"
 pki_dir = "{pki}"
 lease_ttl_s = {ttl_s}
+{top}
 
 [store]
 kind = "etcd"
@@ -229,7 +247,8 @@ endpoints = ["http://127.0.0.1:{proxy}"]
 
 [limits]
 {limits}
-"#,
+{drivers}"#,
+                    drivers = power_drivers(&c.dir, n),
                     shared = c.dir.join("shared").display(),
                     run = c.dir.join(format!("run-{h}")).display(),
                     token = c.dir.join("token").display(),
@@ -239,17 +258,19 @@ endpoints = ["http://127.0.0.1:{proxy}"]
             )
             .unwrap();
             c.proxies.insert(h.clone(), proxy);
+            let host_env: Vec<(String, String)> = env
+                .iter()
+                .filter(|(host, _, _)| *host == h)
+                .map(|(_, k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            c.write_power_driver(&h, &config, &host_env);
             c.hosts.push(Host {
                 name: h.clone(),
                 api: format!("http://127.0.0.1:{port}"),
                 log: c.dir.join(format!("{h}.log")),
                 config,
                 child: None,
-                env: env
-                    .iter()
-                    .filter(|(host, _, _)| *host == h)
-                    .map(|(_, k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                env: host_env,
                 frozen: false,
             });
             c.start_host(&h);
@@ -263,6 +284,50 @@ endpoints = ["http://127.0.0.1:{proxy}"]
             },
         );
         c
+    }
+
+    /// Where host `h`'s ferryd records its pid (whoever started it: the test or the power
+    /// driver).
+    pub fn pid_file(&self, h: &str) -> PathBuf {
+        self.dir.join(format!("{h}.pid"))
+    }
+
+    /// Host `h`'s power driver, `power-h.sh on|off`: the command line [`Cluster::start_host`]
+    /// runs, detached (it is started by the coordinator's ferryd), or a SIGTERM (the agent
+    /// leaves the cluster: its lease is revoked, as a host switched off loses it).
+    fn write_power_driver(&self, h: &str, config: &std::path::Path, env: &[(String, String)]) {
+        let mut envs = format!(
+            "FERRY_VM_BIN='{}' FERRY_LOG=info",
+            self.bins.ferry_vm.display()
+        );
+        for (k, v) in env {
+            envs.push_str(&format!(" {k}='{v}'"));
+        }
+        let script = format!(
+            r#"#!/bin/sh
+# Power driver of test cluster host {h}: on | off.
+set -e
+pid_file='{pid}'
+case "$1" in
+on)
+    {envs} setsid '{ferryd}' --config '{config}' </dev/null >/dev/null 2>>'{log}' &
+    echo $! > "$pid_file"
+    ;;
+off)
+    kill -TERM "$(cat "$pid_file")"
+    ;;
+*)
+    echo "usage: $0 on|off" >&2
+    exit 2
+    ;;
+esac
+"#,
+            pid = self.pid_file(h).display(),
+            ferryd = self.bins.ferryd.display(),
+            config = config.display(),
+            log = self.dir.join(format!("{h}.log")).display(),
+        );
+        std::fs::write(self.dir.join(format!("power-{h}.sh")), script).unwrap();
     }
 
     pub fn host(&mut self, h: &str) -> &mut Host {
@@ -288,11 +353,14 @@ endpoints = ["http://127.0.0.1:{proxy}"]
             .stderr(log)
             .spawn()
             .unwrap();
+        let pid = child.id();
         host.child = Some(child);
+        std::fs::write(self.pid_file(h), pid.to_string()).unwrap();
     }
 
     /// SIGKILLs host `h`'s agent (its workers follow it: they watch it).
     pub fn kill_host(&mut self, h: &str) {
+        let _ = std::fs::remove_file(self.pid_file(h));
         let host = self.host(h);
         if let Some(mut c) = host.child.take() {
             let _ = c.kill();
@@ -314,9 +382,27 @@ endpoints = ["http://127.0.0.1:{proxy}"]
     pub fn api(&self) -> String {
         self.hosts
             .iter()
-            .find(|h| h.child.is_some() && !h.frozen)
+            .find(|h| h.child.is_some() && !h.frozen && self.agent_alive(&h.name))
             .map(|h| h.api.clone())
             .unwrap()
+    }
+
+    /// Whether host `h`'s ferryd runs (a power driver may have stopped it).
+    pub fn agent_alive(&self, h: &str) -> bool {
+        let pid = std::fs::read_to_string(self.pid_file(h))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok());
+        // A stopped child of this test is a zombie until reaped: its state in /proc says so.
+        pid.is_some_and(|p| {
+            // SAFETY: signal 0 only checks that the process exists.
+            let exists = unsafe { libc::kill(p, 0) } == 0;
+            exists
+                && !std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                    s.rsplit(')')
+                        .next()
+                        .is_some_and(|r| r.trim_start().starts_with('Z'))
+                })
+        })
     }
 
     pub fn ferry_at(&self, api: &str, args: &[&str]) -> Output {
@@ -332,7 +418,19 @@ endpoints = ["http://127.0.0.1:{proxy}"]
     pub fn json(&self, args: &[&str]) -> Value {
         let mut a = args.to_vec();
         a.extend(["--output", "json"]);
-        let o = self.ferry_at(&self.api(), &a);
+        let mut o = self.ferry_at(&self.api(), &a);
+        // A host leaving (a power driver stopping it) refuses connections before its process
+        // is gone: nothing reached it, so asking another host is safe.
+        for _ in 0..20 {
+            let refused = [&o.stdout, &o.stderr]
+                .iter()
+                .any(|b| String::from_utf8_lossy(b).contains("Connection refused"));
+            if o.status.success() || !refused {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            o = self.ferry_at(&self.api(), &a);
+        }
         assert!(
             o.status.success(),
             "ferry {args:?} failed: {}{}",
@@ -407,6 +505,14 @@ endpoints = ["http://127.0.0.1:{proxy}"]
     pub fn define(&self, name: &str, extra: &[&str]) {
         let k = crate::dirtier();
         let mut args = dirtier_create(name, k.to_str().unwrap());
+        // The caller's memory size and guest parameters replace the default ones.
+        for flag in ["--cmdline", "--memory"] {
+            if extra.contains(&flag) {
+                if let Some(i) = args.iter().position(|a| *a == flag) {
+                    args.drain(i..(i + 2).min(args.len()));
+                }
+            }
+        }
         args.extend(extra);
         self.json(&args);
     }
@@ -449,8 +555,10 @@ endpoints = ["http://127.0.0.1:{proxy}"]
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        let mut reaped = Vec::new();
         for h in &mut self.hosts {
             if let Some(mut c) = h.child.take() {
+                reaped.push(c.id() as i32);
                 if h.frozen {
                     // SAFETY: signalling a child of this test.
                     unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
@@ -466,11 +574,45 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        // Agents a power driver started (not children of this test).
+        for h in &self.hosts {
+            let pid = std::fs::read_to_string(self.pid_file(&h.name))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok());
+            let Some(pid) = pid.filter(|p| *p > 0 && !reaped.contains(p)) else {
+                continue;
+            };
+            // SAFETY: signalling an agent this test's cluster started.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+                continue;
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // SAFETY: signal 0 only checks that the process exists.
+            while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         drop(self.etcd.take());
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// The test cluster's power drivers, the same table in every host's config (the coordinator
+/// runs them): `power-hN.sh on|off` stops and starts host hN's ferryd.
+fn power_drivers(dir: &std::path::Path, n: usize) -> String {
+    let mut t = String::new();
+    for i in 1..=n {
+        let script = dir.join(format!("power-h{i}.sh"));
+        t.push_str(&format!(
+            "\n[power.hosts.h{i}]\non = \"sh {s} on\"\noff = \"sh {s} off\"\n",
+            s = script.display()
+        ));
+    }
+    t
 }
 
 /// `ferry vm create NAME` for a small dirtier VM (16 MiB, 4 MiB rewritten, a beat every 100 ms).

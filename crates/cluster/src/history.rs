@@ -1,0 +1,390 @@
+//! Utilization history, kept by each agent in its own memory (the store holds only the latest
+//! figures, in the host record): every [`FINE_EVERY_S`] a sample of the host's CPU and memory
+//! and each of its VMs' CPU (cores, from its worker's CPU time) and memory (resident against
+//! assigned); the last hour of them, and a day of [`COARSE_EVERY_S`] averages. Pure but for
+//! [`Sampler::sample`], which reads `/proc`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds between samples.
+pub const FINE_EVERY_S: u64 = 10;
+/// Samples kept at that rate: an hour.
+pub const FINE_KEEP: usize = 360;
+/// Seconds each coarse sample averages.
+pub const COARSE_EVERY_S: u64 = 300;
+/// Coarse samples kept: a day.
+pub const COARSE_KEEP: usize = 288;
+
+/// One VM at one time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmSample {
+    /// The VM.
+    pub name: String,
+    /// CPU in use, in cores.
+    pub cpu_cores: f64,
+    /// Its worker's resident memory, MiB.
+    pub rss_mib: u64,
+    /// Memory it was given, MiB.
+    pub memory_mib: u64,
+}
+
+/// The host and its VMs at one time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Unix time.
+    pub at: u64,
+    /// The host's CPU in use, in cores (everything on it, not only VMs).
+    pub cpu_cores: f64,
+    /// The host's memory in use, MiB.
+    pub memory_used_mib: u64,
+    /// Its VMs.
+    pub vms: Vec<VmSample>,
+}
+
+/// Average, peak and latest of one measure over a period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stat {
+    /// Mean over the samples.
+    pub avg: f64,
+    /// Highest sample.
+    pub peak: f64,
+    /// The latest sample.
+    pub now: f64,
+}
+
+impl Stat {
+    fn of(values: impl Iterator<Item = f64>) -> Stat {
+        let (mut n, mut sum, mut peak, mut last) = (0usize, 0.0, 0.0f64, 0.0);
+        for v in values {
+            n += 1;
+            sum += v;
+            peak = peak.max(v);
+            last = v;
+        }
+        Stat {
+            avg: if n > 0 { sum / n as f64 } else { 0.0 },
+            peak,
+            now: last,
+        }
+    }
+}
+
+/// One VM's use over a period.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmUtilization {
+    /// The VM.
+    pub name: String,
+    /// CPU, cores.
+    pub cpu_cores: Stat,
+    /// Resident memory, MiB.
+    pub rss_mib: Stat,
+    /// Memory given, MiB (latest).
+    pub memory_mib: u64,
+    /// Samples it appears in.
+    pub samples: usize,
+}
+
+/// One host's use over a period (`GET /v1/internal/utilization`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostUtilization {
+    /// The host.
+    pub host: String,
+    /// Its cores.
+    pub cores: u32,
+    /// Its memory, MiB.
+    pub memory_mib: u64,
+    /// First and last sample's time (unix; 0 without samples).
+    pub from: u64,
+    /// Last sample's time.
+    pub to: u64,
+    /// Samples summarized.
+    pub samples: usize,
+    /// CPU in use, cores.
+    pub cpu_cores: Stat,
+    /// Memory in use, MiB.
+    pub memory_used_mib: Stat,
+    /// Its VMs (those it ran in the period), by name.
+    pub vms: Vec<VmUtilization>,
+}
+
+/// The bounded history.
+#[derive(Debug, Default)]
+pub struct History {
+    fine: VecDeque<Sample>,
+    coarse: VecDeque<Sample>,
+    /// The fine samples of the coarse bucket being filled.
+    bucket: Vec<Sample>,
+}
+
+impl History {
+    /// Adds a sample (times must not go backwards).
+    pub fn record(&mut self, s: Sample) {
+        if let Some(first) = self.bucket.first() {
+            if s.at / COARSE_EVERY_S != first.at / COARSE_EVERY_S {
+                let avg = average(&self.bucket);
+                self.coarse.push_back(avg);
+                while self.coarse.len() > COARSE_KEEP {
+                    self.coarse.pop_front();
+                }
+                self.bucket.clear();
+            }
+        }
+        self.bucket.push(s.clone());
+        self.fine.push_back(s);
+        while self.fine.len() > FINE_KEEP {
+            self.fine.pop_front();
+        }
+    }
+
+    /// The latest sample.
+    pub fn latest(&self) -> Option<&Sample> {
+        self.fine.back()
+    }
+
+    /// The samples at or after `since` (unix time): fine ones as far as they go back, coarse
+    /// averages before them.
+    pub fn since(&self, since: u64) -> Vec<&Sample> {
+        let fine_from = self.fine.front().map_or(u64::MAX, |s| s.at);
+        let mut out: Vec<&Sample> = self
+            .coarse
+            .iter()
+            .filter(|s| s.at >= since && s.at < fine_from)
+            .collect();
+        out.extend(self.fine.iter().filter(|s| s.at >= since));
+        out
+    }
+
+    /// The host's and its VMs' use since `since`.
+    pub fn summary(&self, host: &str, cores: u32, memory_mib: u64, since: u64) -> HostUtilization {
+        let samples = self.since(since);
+        let mut by_vm: BTreeMap<&str, Vec<&VmSample>> = BTreeMap::new();
+        for s in &samples {
+            for v in &s.vms {
+                by_vm.entry(v.name.as_str()).or_default().push(v);
+            }
+        }
+        HostUtilization {
+            host: host.to_string(),
+            cores,
+            memory_mib,
+            from: samples.first().map_or(0, |s| s.at),
+            to: samples.last().map_or(0, |s| s.at),
+            samples: samples.len(),
+            cpu_cores: Stat::of(samples.iter().map(|s| s.cpu_cores)),
+            memory_used_mib: Stat::of(samples.iter().map(|s| s.memory_used_mib as f64)),
+            vms: by_vm
+                .into_iter()
+                .map(|(name, v)| VmUtilization {
+                    name: name.to_string(),
+                    cpu_cores: Stat::of(v.iter().map(|x| x.cpu_cores)),
+                    rss_mib: Stat::of(v.iter().map(|x| x.rss_mib as f64)),
+                    memory_mib: v.last().map_or(0, |x| x.memory_mib),
+                    samples: v.len(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The mean of some samples: the first one's time, each VM averaged over the samples it is in.
+fn average(samples: &[Sample]) -> Sample {
+    let n = samples.len().max(1) as f64;
+    let mut vms: BTreeMap<&str, (f64, f64, u64, usize)> = BTreeMap::new();
+    for s in samples {
+        for v in &s.vms {
+            let e = vms.entry(v.name.as_str()).or_default();
+            e.0 += v.cpu_cores;
+            e.1 += v.rss_mib as f64;
+            e.2 = v.memory_mib;
+            e.3 += 1;
+        }
+    }
+    Sample {
+        at: samples.first().map_or(0, |s| s.at),
+        cpu_cores: samples.iter().map(|s| s.cpu_cores).sum::<f64>() / n,
+        memory_used_mib: (samples
+            .iter()
+            .map(|s| s.memory_used_mib as f64)
+            .sum::<f64>()
+            / n) as u64,
+        vms: vms
+            .into_iter()
+            .map(|(name, (cpu, rss, mem, k))| VmSample {
+                name: name.to_string(),
+                cpu_cores: cpu / k as f64,
+                rss_mib: (rss / k as f64) as u64,
+                memory_mib: mem,
+            })
+            .collect(),
+    }
+}
+
+/// What a VM's worker reported at the last sample: for the rate of its CPU time.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    cpu_seconds: f64,
+    pid: u32,
+}
+
+/// Turns readings of counters (the host's CPU ticks, the workers' CPU time) into a sample.
+#[derive(Debug, Default)]
+pub struct Sampler {
+    host_ticks: Option<(u64, u64)>,
+    vms: HashMap<String, Seen>,
+    last_at: Option<std::time::Instant>,
+}
+
+/// A worker's reading: name, pid, CPU seconds, resident MiB, assigned MiB.
+pub type WorkerReading = (String, u32, f64, u64, u64);
+
+impl Sampler {
+    /// A sample from the host's `/proc/stat` ticks (busy, total), its memory in use and its
+    /// workers' readings; `None` the first time (a rate needs two readings).
+    pub fn sample_from(
+        &mut self,
+        at: u64,
+        elapsed_s: f64,
+        ticks: Option<(u64, u64)>,
+        cores: u32,
+        memory_used_mib: u64,
+        workers: &[WorkerReading],
+    ) -> Option<Sample> {
+        let host_cpu = match (self.host_ticks, ticks) {
+            (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => {
+                Some(b1.saturating_sub(b0) as f64 / (t1 - t0) as f64 * f64::from(cores))
+            }
+            _ => None,
+        };
+        self.host_ticks = ticks;
+        let first = self.vms.is_empty() && self.last_at.is_none();
+        let mut vms = Vec::new();
+        let mut seen = HashMap::new();
+        for (name, pid, cpu_seconds, rss_mib, memory_mib) in workers {
+            if let Some(prev) = self.vms.get(name) {
+                // A new worker (moved, restarted) starts its rate again.
+                if prev.pid == *pid && *cpu_seconds >= prev.cpu_seconds && elapsed_s > 0.0 {
+                    vms.push(VmSample {
+                        name: name.clone(),
+                        cpu_cores: (cpu_seconds - prev.cpu_seconds) / elapsed_s,
+                        rss_mib: *rss_mib,
+                        memory_mib: *memory_mib,
+                    });
+                }
+            }
+            seen.insert(
+                name.clone(),
+                Seen {
+                    cpu_seconds: *cpu_seconds,
+                    pid: *pid,
+                },
+            );
+        }
+        self.vms = seen;
+        self.last_at = Some(std::time::Instant::now());
+        if first {
+            return None;
+        }
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Some(Sample {
+            at,
+            cpu_cores: host_cpu.unwrap_or_else(|| vms.iter().map(|v| v.cpu_cores).sum()),
+            memory_used_mib,
+            vms,
+        })
+    }
+}
+
+/// The host's CPU ticks from `/proc/stat`: (busy, total), or `None` if it cannot be read.
+pub fn host_ticks() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total.saturating_sub(idle), total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at: u64, cpu: f64, vm_cpu: &[(&str, f64)]) -> Sample {
+        Sample {
+            at,
+            cpu_cores: cpu,
+            memory_used_mib: 1000,
+            vms: vm_cpu
+                .iter()
+                .map(|(n, c)| VmSample {
+                    name: n.to_string(),
+                    cpu_cores: *c,
+                    rss_mib: 10,
+                    memory_mib: 16,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_history_is_bounded_and_summarizes_average_peak_and_now() {
+        let mut h = History::default();
+        // Two days at 10 s.
+        let start = 1_000_000 * COARSE_EVERY_S;
+        for i in 0..(2 * 86_400 / FINE_EVERY_S) {
+            let t = start + i * FINE_EVERY_S;
+            let cpu = if i % 2 == 0 { 1.0 } else { 3.0 };
+            h.record(sample(t, cpu, &[("a", cpu / 2.0)]));
+        }
+        assert_eq!(h.fine.len(), FINE_KEEP);
+        assert_eq!(h.coarse.len(), COARSE_KEEP);
+        let end = start + (2 * 86_400 / FINE_EVERY_S - 1) * FINE_EVERY_S;
+        // The last hour: fine samples alternating 1 and 3.
+        let u = h.summary("h1", 4, 8192, end + 1 - 3600);
+        assert_eq!(u.samples, 360);
+        assert!((u.cpu_cores.avg - 2.0).abs() < 1e-9, "{u:?}");
+        assert_eq!(u.cpu_cores.peak, 3.0);
+        assert_eq!(u.cpu_cores.now, 3.0);
+        assert_eq!(u.vms.len(), 1);
+        assert!((u.vms[0].cpu_cores.avg - 1.0).abs() < 1e-9);
+        // The last day: coarse averages (2.0 each: peaks are smoothed) before the fine hour.
+        let d = h.summary("h1", 4, 8192, end - 86_400 + 1);
+        assert!(
+            d.samples > 360 && d.samples <= 360 + COARSE_KEEP,
+            "{}",
+            d.samples
+        );
+        assert!((d.cpu_cores.avg - 2.0).abs() < 1e-6);
+        assert!(d.from >= end - 86_400);
+        // Nothing before the kept day.
+        assert!(h.since(0).len() <= FINE_KEEP + COARSE_KEEP);
+    }
+
+    #[test]
+    fn rates_come_from_two_readings_of_the_same_worker() {
+        let mut s = Sampler::default();
+        let w = |cpu: f64, pid: u32| vec![("a".to_string(), pid, cpu, 20, 16)];
+        assert!(s
+            .sample_from(100, 10.0, Some((0, 0)), 2, 500, &w(5.0, 7))
+            .is_none());
+        let x = s
+            .sample_from(110, 10.0, Some((10, 40)), 2, 500, &w(10.0, 7))
+            .unwrap();
+        assert!((x.vms[0].cpu_cores - 0.5).abs() < 1e-9);
+        assert!(
+            (x.cpu_cores - 0.5).abs() < 1e-9,
+            "10 of 40 ticks of 2 cores"
+        );
+        // A new worker (another pid): no rate until its second reading.
+        let y = s
+            .sample_from(120, 10.0, Some((20, 80)), 2, 500, &w(1.0, 8))
+            .unwrap();
+        assert!(y.vms.is_empty());
+    }
+}
