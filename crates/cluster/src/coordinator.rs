@@ -1,7 +1,8 @@
 //! The cluster loops, run by the one agent that holds the coordinator key (a key bound to its
 //! lease: when the coordinator dies, the key goes with its lease and another agent takes it).
 //! Every decision is a compare-and-put on a record, so a coordinator that lost its key half-way
-//! through a pass cannot overwrite what its successor decided.
+//! through a pass cannot overwrite what its successor decided. Only the election uses the
+//! agent (its lease); a pass works on the store's records, the view and the configuration.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use tracing::{info, warn};
 
 use crate::agent::Agent;
 use crate::balancing::Balancer;
+use crate::config::{AgentConfig, Limits};
+use crate::db::Db;
 use crate::power::PowerManager;
 use crate::records::*;
 use crate::view::View;
@@ -31,7 +34,7 @@ pub async fn coordinator_loop(a: Arc<Agent>) {
                     info!("this host is now the coordinator");
                     a.set_coordinator(true);
                 }
-                if let Err(e) = pass(&a, &mut balancer, &mut power).await {
+                if let Err(e) = pass(&a.db, &a.cfg, &mut balancer, &mut power).await {
                     warn!("coordinator: {e}");
                 }
             }
@@ -77,44 +80,41 @@ async fn campaign(a: &Agent) -> Result<bool, ClusterError> {
 
 /// One pass of the cluster loops.
 async fn pass(
-    a: &Agent,
+    db: &Db,
+    cfg: &AgentConfig,
     balancer: &mut Balancer,
     power: &mut PowerManager,
 ) -> Result<(), ClusterError> {
-    let view = View::read(&a.db).await?;
-    finish_orphaned_migrations(a, &view).await?;
-    let unplaceable = place(a, &view).await?;
-    let view = View::read(&a.db).await?;
-    drain(a, &view).await?;
-    let view = View::read(&a.db).await?;
-    let balanced = balancer
-        .step(&a.db, &view, &a.cfg.balance, &a.cfg.power)
-        .await?;
-    let powered = power
-        .step(&a.db, &view, balancer, &a.cfg, unplaceable)
-        .await?;
+    let view = View::read(db).await?;
+    finish_orphaned_migrations(db, &view).await?;
+    let unplaceable = place(db, &view).await?;
+    let view = View::read(db).await?;
+    drain(db, &view).await?;
+    let view = View::read(db).await?;
+    let balanced = balancer.step(db, &view, &cfg.balance, &cfg.power).await?;
+    let powered = power.step(db, &view, balancer, cfg, unplaceable).await?;
     let view = if balanced || powered {
-        View::read(&a.db).await?
+        View::read(db).await?
     } else {
         view
     };
-    admit(a, &view).await?;
+    admit(db, &view, &cfg.limits).await?;
     Ok(())
 }
 
 /// Running migrations whose source host died: the VM is where the destination says it is.
-async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterError> {
+async fn finish_orphaned_migrations(db: &Db, v: &View) -> Result<(), ClusterError> {
     for m in &v.migrations {
         if m.state != MigrationState::Running || v.hosts.contains_key(&m.from) {
             continue;
         }
-        let arrived =
-            a.db.get::<RunningRecord>(&running_key(&m.vm, &m.to))
-                .await?
-                .is_some_and(|(_, r)| r.state == "running");
+        let arrived = db
+            .get::<RunningRecord>(&running_key(&m.vm, &m.to))
+            .await?
+            .is_some_and(|(_, r)| r.state == "running");
         if arrived {
             let (from, to) = (m.from.clone(), m.to.clone());
-            a.db.update::<VmRecord, _>(&vm_key(&m.vm), |r| {
+            db.update::<VmRecord, _>(&vm_key(&m.vm), |r| {
                 if r.owner.as_deref() != Some(from.as_str()) {
                     return false;
                 }
@@ -123,7 +123,7 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
                 true
             })
             .await?;
-            a.db.set_migration_state(
+            db.set_migration_state(
                 m.id,
                 MigrationState::Running,
                 MigrationState::Succeeded,
@@ -132,7 +132,7 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
             .await?;
             info!("{}: migration {} finished by the coordinator (its source host died after the hand-over)", m.vm, m.id);
         } else {
-            a.db.set_migration_state(
+            db.set_migration_state(
                 m.id,
                 MigrationState::Running,
                 MigrationState::Failed,
@@ -161,7 +161,7 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
         };
         match why {
             Some(None) => {
-                a.db.set_migration_state(
+                db.set_migration_state(
                     m.id,
                     MigrationState::Queued,
                     MigrationState::Cancelled,
@@ -170,7 +170,7 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
                 .await?;
             }
             Some(Some(e)) => {
-                a.db.set_migration_state(
+                db.set_migration_state(
                     m.id,
                     MigrationState::Queued,
                     MigrationState::Failed,
@@ -188,7 +188,7 @@ async fn finish_orphaned_migrations(a: &Agent, v: &View) -> Result<(), ClusterEr
 /// hosts (a dead host fenced itself before its lease expired, so this is safe). A host the
 /// cluster switched off (standby) is not dead: a VM it owns (stopped when it was emptied) is
 /// placed like a new one. Whether some VM found no host.
-async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
+async fn place(db: &Db, v: &View) -> Result<bool, ClusterError> {
     let mut unplaceable = false;
     let mut extra: HashMap<String, u64> = HashMap::new();
     let mut names: Vec<&String> = v.vms.keys().collect();
@@ -211,7 +211,7 @@ async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
             if !vm.ha {
                 let note = format!("host {o} is down; the VM is not highly available");
                 if vm.note.as_deref() != Some(note.as_str()) {
-                    a.db.update::<VmRecord, _>(&vm_key(name), |r| {
+                    db.update::<VmRecord, _>(&vm_key(name), |r| {
                         r.note = Some(note.clone());
                         true
                     })
@@ -226,8 +226,8 @@ async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
                 let note = dead_owner
                     .as_ref()
                     .map(|o| format!("restarted on {h} after host {o} died"));
-                let wrote =
-                    a.db.update::<VmRecord, _>(&vm_key(name), |r| {
+                let wrote = db
+                    .update::<VmRecord, _>(&vm_key(name), |r| {
                         if r.owner != expect_owner || r.desired != Desired::Running {
                             return false;
                         }
@@ -253,7 +253,7 @@ async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
                 unplaceable = true;
                 let note = format!("cannot be placed: {why}");
                 if vm.note.as_deref() != Some(note.as_str()) {
-                    a.db.update::<VmRecord, _>(&vm_key(name), |r| {
+                    db.update::<VmRecord, _>(&vm_key(name), |r| {
                         r.note = Some(note.clone());
                         true
                     })
@@ -268,7 +268,7 @@ async fn place(a: &Agent, v: &View) -> Result<bool, ClusterError> {
 /// Queues a migration for every VM of a draining host (reason `drain`, or `consolidate` when
 /// power consolidation empties it); ends a maintenance drain when none is left (the power
 /// step switches an emptied host off).
-async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
+async fn drain(db: &Db, v: &View) -> Result<(), ClusterError> {
     let mut extra: HashMap<String, u64> = HashMap::new();
     for (h, adm) in &v.admin {
         if !adm.draining || !v.hosts.contains_key(h) {
@@ -293,7 +293,7 @@ async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
                         PowerState::Evacuating => "consolidate",
                         _ => "drain",
                     };
-                    a.db.queue_migration(
+                    db.queue_migration(
                         name,
                         h,
                         &to,
@@ -307,7 +307,7 @@ async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
             }
         }
         if left == 0 && adm.power == PowerState::On {
-            a.db.update::<HostAdmin, _>(&admin_key(h), |r| {
+            db.update::<HostAdmin, _>(&admin_key(h), |r| {
                 let ch = r.draining;
                 r.draining = false;
                 r.paused = true;
@@ -322,9 +322,9 @@ async fn drain(a: &Agent, v: &View) -> Result<(), ClusterError> {
 
 /// Admits queued migrations in order while the limits allow: at most
 /// [`View::max_migrations`] at once across the cluster and `per_host` per host.
-async fn admit(a: &Agent, v: &View) -> Result<(), ClusterError> {
-    let max = v.max_migrations(a.cfg.limits.max_migrations);
-    let per_host = a.cfg.limits.per_host as usize;
+async fn admit(db: &Db, v: &View, limits: &Limits) -> Result<(), ClusterError> {
+    let max = v.max_migrations(limits.max_migrations);
+    let per_host = limits.per_host as usize;
     let mut running = 0usize;
     let mut busy: HashMap<String, usize> = HashMap::new();
     let mut vms_moving: HashSet<String> = HashSet::new();
@@ -352,7 +352,7 @@ async fn admit(a: &Agent, v: &View) -> Result<(), ClusterError> {
         {
             continue;
         }
-        if a.db
+        if db
             .set_migration_state(m.id, MigrationState::Queued, MigrationState::Running, None)
             .await?
         {

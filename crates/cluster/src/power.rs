@@ -145,27 +145,30 @@ impl PowerManager {
             &cfg.power,
         );
         let load = balance::cluster_load(&model);
-        if policy.power == BalanceMode::Off || busy.is_some() {
-            // One host changes state at a time; the windows start again after it.
+        let params = cfg.power.params();
+        if policy.power == BalanceMode::Off {
             self.window.reset();
-            if let (Some(what), false) = (busy, policy.power == BalanceMode::Off) {
-                let advice = PowerAdviceRecord {
-                    at: t,
-                    load,
-                    low: cfg.power.low,
-                    high: cfg.power.high,
-                    action: "hold".into(),
-                    reason: format!("{what}; nothing else is switched meanwhile"),
-                    ..Default::default()
-                };
-                self.publish(db, &advice).await?;
-            }
             return Ok(false);
         }
-        let params = cfg.power.params();
+        // The windows keep watching the load while a host changes state (as DPM's demand
+        // history does): when the load stayed low through an evacuation, the next host may go
+        // at once; one host changes state at a time.
         let mut way = self
             .window
             .observe(t, load, balance::overloaded(&model), &params);
+        if let Some(what) = busy {
+            let advice = PowerAdviceRecord {
+                at: t,
+                load,
+                low: cfg.power.low,
+                high: cfg.power.high,
+                action: "hold".into(),
+                reason: format!("{what}; nothing else is switched meanwhile"),
+                ..Default::default()
+            };
+            self.publish(db, &advice).await?;
+            return Ok(false);
+        }
         let standby = model.hosts.iter().any(|h| !h.on && h.switchable);
         if unplaceable && standby {
             way = Some(true);
@@ -281,7 +284,6 @@ impl PowerManager {
                     )
                     .await?;
                 }
-                self.window.reset();
                 Ok(!moves.is_empty())
             }
             Power::On { hosts, reason } => {
@@ -290,7 +292,6 @@ impl PowerManager {
                         info!("power: switching {h} on: {reason}");
                     }
                 }
-                self.window.reset();
                 Ok(false)
             }
         }
