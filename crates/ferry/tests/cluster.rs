@@ -1373,7 +1373,16 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
             .all(|m| m["state"] != "running" && m["state"] != "queued")
     });
     for vm in &vms {
-        assert_eq!(c.workers_of(vm).len(), 1, "{vm}");
+        // One worker (a status call to a busy worker can time out: asked again, never two).
+        c.wait_until(
+            &format!("one worker of {vm}"),
+            Duration::from_secs(30),
+            |c| {
+                let n = c.workers_of(vm).len();
+                assert!(n <= 1, "{vm} runs {n} times");
+                n == 1
+            },
+        );
         let n = beats_now(&c.console(vm));
         wait_beats(&c.console(vm), n + 2);
         assert_one_run_intact(&c.console(vm));
