@@ -233,7 +233,8 @@ struct Seen {
 pub struct Sampler {
     host_ticks: Option<(u64, u64)>,
     vms: HashMap<String, Seen>,
-    last_at: Option<std::time::Instant>,
+    /// Whether it has had a reading (a rate needs two).
+    primed: bool,
 }
 
 /// A worker's reading: name, pid, CPU seconds, resident MiB, assigned MiB.
@@ -258,7 +259,7 @@ impl Sampler {
             _ => None,
         };
         self.host_ticks = ticks;
-        let first = self.vms.is_empty() && self.last_at.is_none();
+        let first = !self.primed;
         let mut vms = Vec::new();
         let mut seen = HashMap::new();
         for (name, pid, cpu_seconds, rss_mib, memory_mib) in workers {
@@ -282,7 +283,7 @@ impl Sampler {
             );
         }
         self.vms = seen;
-        self.last_at = Some(std::time::Instant::now());
+        self.primed = true;
         if first {
             return None;
         }

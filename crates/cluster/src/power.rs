@@ -137,6 +137,10 @@ impl PowerManager {
     ) -> Result<bool, ClusterError> {
         let busy = carry_on(db, view, cfg).await?;
         let policy = policy(db, &cfg.balance, &cfg.power).await?;
+        if policy.power == BalanceMode::Off {
+            self.window.reset();
+            return Ok(false);
+        }
         let t = now();
         let model = balancer.model(
             view,
@@ -146,10 +150,6 @@ impl PowerManager {
         );
         let load = balance::cluster_load(&model);
         let params = cfg.power.params();
-        if policy.power == BalanceMode::Off {
-            self.window.reset();
-            return Ok(false);
-        }
         // The windows keep watching the load while a host changes state (as DPM's demand
         // history does): when the load stayed low through an evacuation, the next host may go
         // at once; one host changes state at a time.

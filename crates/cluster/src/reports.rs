@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Agent;
-use crate::history::{HostUtilization, Stat};
+use crate::history::HostUtilization;
 use crate::peer::{self, Method};
 use crate::records::*;
 use crate::view::View;
@@ -317,11 +317,6 @@ pub fn placement_report(
         memory_mib: v.config.memory_mib,
         candidates,
     })
-}
-
-/// A [`Stat`] in the reports' words.
-pub fn describe(s: &Stat) -> String {
-    format!("{:.2} avg, {:.2} peak, {:.2} now", s.avg, s.peak, s.now)
 }
 
 #[cfg(test)]
