@@ -112,12 +112,25 @@ mod tests {
     fn it_finds_the_process_that_names_a_path() {
         let dir = crate::tmpdir("kit", "naming");
         let log = dir.join("x.console");
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+        // A shell that waits on its stdin (a builtin: no grandchild to outlive it) with the
+        // path in its command line (`sleep 30 PATH` would exit at once: coreutils reads every
+        // argument as an interval).
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "read line"])
             .arg(&log)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let found = super::processes_naming(&log);
+        // `spawn` returns before the child has exec'd, and for a moment after the exec its
+        // command line is still empty: ask until it is found or a deadline passes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = super::processes_naming(&log);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+            found = super::processes_naming(&log);
+        }
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(found, vec![child.id()]);
