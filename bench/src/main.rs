@@ -152,12 +152,18 @@ fn main() -> Result<()> {
         );
     }
     if args.first().map(String::as_str) == Some("wire") {
-        let mib = match args.get(1) {
-            Some(a) => a.parse::<u64>().context("the size is a MiB number")?,
-            None => 512,
-        };
+        let mut mib = 512;
+        let mut only = None;
+        let mut it = args[1..].iter();
+        while let Some(a) = it.next() {
+            if a == "--only" {
+                only = Some(it.next().context("a variant after --only")?.clone());
+            } else {
+                mib = a.parse::<u64>().context("the size is a MiB number")?;
+            }
+        }
         let b = Bench::fresh("ferry-bench-wire")?;
-        return wire::run(&b.dir, mib);
+        return wire::run(&b.dir, mib, only.as_deref());
     }
     if args.first().map(String::as_str) == Some("sim") {
         let mut a = sim::SimArgs {

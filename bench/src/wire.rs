@@ -83,6 +83,8 @@ fn digest(m: &Machine) -> Result<u64> {
 
 struct Run {
     total: Duration,
+    /// CPU time the whole process used meanwhile (both ends).
+    cpu: Duration,
     moved: u64,
     report: migration::MigrationReport,
 }
@@ -115,9 +117,11 @@ fn migrate(
         connections,
         ..Default::default()
     };
+    let cpu0 = cpu_time();
     let t = Instant::now();
     let sent = migration::source::migrate(src, &addr, id, &opts, &status, &AtomicBool::new(false));
     let total = t.elapsed();
+    let cpu = cpu_time().saturating_sub(cpu0);
     let got = recv
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
@@ -129,6 +133,7 @@ fn migrate(
     Ok((
         Run {
             total,
+            cpu,
             moved: report.pages_sent * 4096,
             report,
         },
@@ -160,13 +165,48 @@ fn transfer(bytes: u64, id: Option<&Identity>) -> Result<Duration> {
     });
     let src: Vec<u8> = (0..n).map(|i| (i * 7 + i / 4096) as u8).collect();
     let t = Instant::now();
-    let mut ch = Channel::connect(TcpStream::connect(addr)?, id)?;
-    for chunk in src.chunks(1 << 20) {
-        ch.write_all(chunk)?;
+    let sent = (|| -> Result<()> {
+        let mut ch = Channel::connect(TcpStream::connect(addr)?, id)?;
+        for chunk in src.chunks(1 << 20) {
+            ch.write_all(chunk)?;
+        }
+        ch.flush()?;
+        Ok(())
+    })();
+    let got = rx.join();
+    let d = t.elapsed();
+    sent?;
+    got.map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok(d)
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    // SAFETY: rusage is plain data; all zeros is a valid value.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the rusage it is given, which lives for the call.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
     }
-    ch.flush()?;
-    rx.join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Time to write `bytes` into a fresh memory file, 1 MiB per `pwrite`: the memory any
+/// destination must back (allocated by the host's kernel — on a virtual machine whose freed
+/// memory is reported to its host, also faulted in by the host's).
+fn fresh_memory(bytes: u64) -> Result<Duration> {
+    let ram = vmm::memory::GuestRam::new("wire-fresh", bytes)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut off = 0;
+    while off < bytes {
+        ram.store(off, &chunk)?;
+        off += chunk.len() as u64;
+    }
     Ok(t.elapsed())
 }
 
@@ -179,8 +219,19 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-/// The benchmark; `mib` of filled memory.
-pub fn run(dir: &Path, mib: u64) -> Result<()> {
+/// The variants: key for `--only`, label, TLS, connections.
+const VARIANTS: [(&str, &str, bool, u8); 4] = [
+    ("plain1", "plain, 1 connection", false, 1),
+    ("plain2", "plain, 2 connections", false, 2),
+    ("tls1", "TLS, 1 connection", true, 1),
+    ("tls2", "TLS, 2 connections (default)", true, 2),
+];
+
+/// The benchmark; `mib` of filled memory, every variant or only one.
+pub fn run(dir: &Path, mib: u64, only: Option<&str>) -> Result<()> {
+    if only.is_some_and(|o| !VARIANTS.iter().any(|v| v.0 == o)) {
+        bail!("--only takes plain1, plain2, tls1 or tls2");
+    }
     let bytes = mib << 20;
     let memory_mib = (mib + 64 + 64).next_multiple_of(64);
     let pki = dir.join("pki");
@@ -222,24 +273,39 @@ pub fn run(dir: &Path, mib: u64) -> Result<()> {
             .map(|_| transfer(bytes, Some(&id)))
             .collect::<Result<_>>()?,
     );
+    let fresh = median((0..3).map(|_| fresh_memory(bytes)).collect::<Result<_>>()?);
     println!(
-        "baseline: plain TCP {:.0} MB/s, TLS {:.0} MB/s (one connection, {mib} MiB)",
+        "baseline: plain TCP {:.0} MB/s, TLS {:.0} MB/s (one connection, {mib} MiB); \
+         writing fresh memory {:.0} MB/s",
         mbps(bytes, plain),
-        mbps(bytes, tls)
+        mbps(bytes, tls),
+        mbps(bytes, fresh)
     );
     let mut current = src;
-    let variants: [(&str, bool, u8); 4] = [
-        ("plain, 1 connection", false, 1),
-        ("plain, 2 connections", false, 2),
-        ("TLS, 1 connection", true, 1),
-        ("TLS, 2 connections (default)", true, 2),
-    ];
     let mut rates = Vec::new();
-    for (what, with_tls, conns) in variants {
+    for (key, what, with_tls, conns) in VARIANTS {
+        if only.is_some_and(|o| o != key) {
+            continue;
+        }
         let mut runs = Vec::new();
         for _ in 0..3 {
             let (run, next) = migrate(&current, with_tls.then_some(&id), conns, &log)?;
             drop(std::mem::replace(&mut current, next));
+            let s = &run.report.downtime_steps;
+            println!(
+                "  run: {key} {:.1} ms, {:.2} cores busy, {} rounds, downtime {} ms (pause {} dirty log {} last pages {} state {}+{} restore {} resume {} µs)",
+                run.total.as_secs_f64() * 1000.0,
+                run.cpu.as_secs_f64() / run.total.as_secs_f64().max(1e-9),
+                run.report.rounds,
+                run.report.downtime_ms,
+                s.pause_us,
+                s.dirty_log_us,
+                s.last_pages_us,
+                s.state_capture_us,
+                s.state_transfer_us,
+                s.dest_restore_us,
+                s.resume_us
+            );
             runs.push(run);
         }
         runs.sort_by_key(|r| r.total);
@@ -258,10 +324,12 @@ pub fn run(dir: &Path, mib: u64) -> Result<()> {
             if with_tls { "TLS" } else { "plain TCP" },
         );
     }
-    println!(
-        "\n2 connections vs 1: plain {:.2}×, TLS {:.2}×",
-        rates[1] / rates[0],
-        rates[3] / rates[2]
-    );
+    if rates.len() == 4 {
+        println!(
+            "\n2 connections vs 1: plain {:.2}×, TLS {:.2}×",
+            rates[1] / rates[0],
+            rates[3] / rates[2]
+        );
+    }
     Ok(())
 }
