@@ -5,8 +5,9 @@
 //! (⌊hosts on/2⌋ at once, one per host), hosts that fail and are repaired, standby hosts that
 //! take minutes to boot.
 //!
-//! Each simulated minute moves demand and finishes migrations; every pass (5 minutes) runs the
-//! policy over the model and queues what it says. What it measures: the host-hours spent
+//! Each simulated minute moves demand and finishes migrations, and a pass runs the policy over
+//! the model and queues what it says (every minute: the coordinator's default balancing
+//! interval, `[balance] interval_s = 60`). What it measures: the host-hours spent
 //! switched off, the host-minutes any host that is on spent above 100 % of its cores, the
 //! imbalance, the migrations per VM per day, and the slowest pass.
 
@@ -57,8 +58,8 @@ impl Rng {
 
 const HOST_CORES: f64 = 32.0;
 const HOST_MEMORY_MIB: u64 = 256 << 10;
-/// Minutes between policy passes.
-const PASS_EVERY_MIN: u64 = 5;
+/// Minutes between policy passes (the coordinator balances every 60 s by default).
+const PASS_EVERY_MIN: u64 = 1;
 /// Minutes a standby host takes to boot and join.
 const BOOT_MIN: u64 = 5;
 /// Minutes a failed host takes to be repaired (then it is standby).
@@ -126,8 +127,12 @@ struct Sim {
     pass_ms_sum: f64,
     passes: u64,
     min_on: usize,
-    /// `FERRY_SIM_TRACE`: print every pass's power decision.
+    /// `FERRY_SIM_TRACE`: print every pass's power decision and every overloaded host-minute.
     trace: bool,
+    /// The current minute.
+    now: u64,
+    /// Migrations that emptied a host to switch it off (the rest balanced).
+    evacuation_moves: u64,
 }
 
 impl Sim {
@@ -191,6 +196,8 @@ impl Sim {
             passes: 0,
             min_on: 0,
             trace: std::env::var_os("FERRY_SIM_TRACE").is_some(),
+            now: 0,
+            evacuation_moves: 0,
         }
     }
 
@@ -243,6 +250,7 @@ impl Sim {
     }
 
     fn minute(&mut self, t: u64) {
+        self.now = t;
         let day_frac = (t % 1440) as f64 / 1440.0;
         for v in &mut self.vms {
             // A burst: a few per VM per week, half an hour at full demand.
@@ -378,6 +386,9 @@ impl Sim {
             v.cooldown_until = t + COOLDOWN_MIN;
             v.migrations += 1;
             self.migrations += 1;
+            if n <= evacuations {
+                self.evacuation_moves += 1;
+            }
             busy[from] = true;
             busy[to] = true;
             running += 1;
@@ -397,6 +408,9 @@ impl Sim {
                     on += 1;
                     if cpu[h] > HOST_CORES {
                         self.overload_host_min += 1;
+                        if self.trace {
+                            self.trace_overload(h, cpu[h]);
+                        }
                     }
                 }
                 HostState::Standby | HostState::Booting(_) => self.off_host_min += 1,
@@ -421,14 +435,33 @@ impl Sim {
         self.samples += 1;
     }
 
+    /// `FERRY_SIM_TRACE`: one line per overloaded host-minute, with what was going on there.
+    fn trace_overload(&self, h: usize, cpu: f64) {
+        let on_h = || self.vms.iter().filter(move |v| v.host == h);
+        eprintln!(
+            "overload t={} hour={} host={} load={:.2} vms={} bursting={} leaving={} arriving={}",
+            self.now,
+            (self.now % 1440) / 60,
+            self.hosts[h].name,
+            cpu / HOST_CORES,
+            on_h().count(),
+            on_h().filter(|v| self.now < v.burst_until).count(),
+            on_h().filter(|v| v.moving.is_some()).count(),
+            self.vms
+                .iter()
+                .filter(|v| v.moving.is_some_and(|(_, to)| to == h))
+                .count()
+        );
+    }
+
     /// One coordinator pass: power first (it may empty a host), then balance.
     fn pass(&mut self, t: u64) {
         let start = Instant::now();
         let model = self.model(t);
         let fits = |_: &Vm, _: &Host| true;
-        let load = balance::cluster_load(&model);
-        let overloaded = balance::overloaded(&model);
-        if let Some(way) = self.window.observe(t * 60, load, overloaded, &self.power) {
+        let pressure = balance::pressure(&model);
+        let load = pressure.load;
+        if let Some(way) = self.window.observe(t * 60, &pressure, &self.power) {
             let advice = balance::power(&model, &self.power, way, fits);
             if self.trace {
                 eprintln!("pass t={t} load={load:.2} way={way} -> {advice:?}");
@@ -504,7 +537,7 @@ pub fn run(a: &SimArgs) -> Result<()> {
         a.seed
     );
     for t in 0..minutes {
-        if t % PASS_EVERY_MIN == 0 {
+        if t.is_multiple_of(PASS_EVERY_MIN) {
             sim.pass(t);
         }
         sim.minute(t);
@@ -557,8 +590,8 @@ pub fn run(a: &SimArgs) -> Result<()> {
         sim.imbalance_max
     );
     println!(
-        "migrations: {} ({per_vm_day:.2} per VM per day); host failures {}, HA restarts {}",
-        sim.migrations, sim.failures, sim.restarts
+        "migrations: {} ({per_vm_day:.2} per VM per day; {} to empty hosts, {} to balance); host failures {}, HA restarts {}",
+        sim.migrations, sim.evacuation_moves, sim.migrations - sim.evacuation_moves, sim.failures, sim.restarts
     );
     println!(
         "coordinator pass: mean {:.2} ms, slowest {:.2} ms over {} passes; wall time {:.1} s",

@@ -11,9 +11,10 @@
 //! past its memory, never goes where the VM does not fit (the caller's rule: CPU features,
 //! bridges, maintenance), and never touches a VM that is not movable (migrating, cooling down).
 //!
-//! **Power** (after VMware DPM): hosts are kept between a low and a high cluster load. Below
-//! the low mark for the power-off window, the host whose VMs fit on the others with the least
-//! memory moved is emptied and switched off — never below the minimum of hosts on, and only if
+//! **Power** (after VMware DPM): hosts are kept between a low and a high cluster load, near
+//! the band's middle. When for the power-off window the load has been below the low mark, or
+//! the hosts but one could have carried it at no more than the middle, the host whose VMs fit
+//! on the others with the least memory moved is emptied and switched off — never below the minimum of hosts on, and only if
 //! the hosts left could still take in the busiest one's VMs (the HA reserve). Above the high
 //! mark for the power-on window, or when a host is overloaded, a standby host is switched on.
 
@@ -74,6 +75,8 @@ pub struct BalanceParams {
     /// A move must lower the imbalance by at least this much (small: in a large cluster one
     /// VM moves the spread little).
     pub min_gain: f64,
+    /// A host above this load is relieved first, whatever the spread.
+    pub relieve_above: f64,
 }
 
 impl Default for BalanceParams {
@@ -83,6 +86,7 @@ impl Default for BalanceParams {
             max_moves: 4,
             high: 0.8,
             min_gain: 0.0005,
+            relieve_above: 0.9,
         }
     }
 }
@@ -116,6 +120,7 @@ pub struct Move {
 }
 
 /// Load of each host that is on, by name: (CPU demand, memory used, cores, memory).
+#[derive(Clone)]
 struct Loads {
     index: HashMap<String, usize>,
     /// The hosts that are on, by index.
@@ -172,6 +177,11 @@ impl Loads {
         self.cpu[i] / self.cores[i]
     }
 
+    /// Whether host `i` may take `v` now: its memory, and no more load than `high`.
+    fn takes(&self, i: usize, v: &Vm, high: f64) -> bool {
+        self.mem[i] + v.memory_mib <= self.memory[i] && self.cpu[i] + v.cpu <= high * self.cores[i]
+    }
+
     fn n(&self) -> f64 {
         self.cpu.len() as f64
     }
@@ -200,7 +210,9 @@ impl Loads {
         Self::stddev(sum, sum_sq, self.n())
     }
 
-    fn apply(&mut self, a: usize, b: usize, cpu: f64, mem: u64) {
+    /// Moves `v` from host `a` to host `b`.
+    fn apply(&mut self, a: usize, b: usize, v: &Vm) {
+        let (cpu, mem) = (v.cpu, v.memory_mib);
         let (la, lb) = (self.load(a), self.load(b));
         self.cpu[a] -= cpu;
         self.cpu[b] += cpu;
@@ -222,14 +234,27 @@ pub fn imbalance(m: &Model) -> f64 {
 pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) -> Vec<Move> {
     let mut loads = Loads::of(m);
     let goal = target(p.threshold);
-    let hosts: HashMap<&str, &Host> = m.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
-    let mut placed: Vec<String> = m.vms.iter().map(|v| v.host.clone()).collect();
+    let by_name: HashMap<&str, &Host> = m.hosts.iter().map(|h| (h.name.as_str(), h)).collect();
+    // By the index of `loads` (the hot loop looks nothing up by name).
+    let hosts: Vec<Option<&Host>> = loads
+        .names
+        .iter()
+        .map(|n| by_name.get(n.as_str()).copied())
+        .collect();
+    let mut placed: Vec<Option<usize>> = m
+        .vms
+        .iter()
+        .map(|v| loads.index.get(&v.host).copied())
+        .collect();
     let mut moved = vec![false; m.vms.len()];
     let mut moves = Vec::new();
     while moves.len() < p.max_moves {
         let before = loads.imbalance();
+        // A host above `relieve_above` is relieved whatever the spread (in a large cluster one
+        // hot host hardly moves it): then only moves off such hosts count.
+        let hot = (0..loads.cpu.len()).any(|i| loads.load(i) > p.relieve_above);
         // (With a margin for rounding: a spread exactly at the target is met.)
-        if before <= goal + 1e-9 {
+        if before <= goal + 1e-9 && !hot {
             break;
         }
         // (score, vm index, destination index, imbalance after)
@@ -238,11 +263,15 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
             if !v.movable || moved[vi] || v.cpu <= 0.0 {
                 continue;
             }
-            let Some(&a) = loads.index.get(&placed[vi]) else {
+            let Some(a) = placed[vi] else {
                 continue;
             };
             // Only a move off a host above the mean lowers the spread.
-            if loads.load(a) <= loads.sum / loads.n() {
+            if if hot {
+                loads.load(a) <= p.relieve_above
+            } else {
+                loads.load(a) <= loads.sum / loads.n()
+            } {
                 continue;
             }
             // What the move costs: its memory, more when it dirties fast (pre-copy rounds).
@@ -251,13 +280,7 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
                 if b == a || !loads.accepts[b] {
                     continue;
                 }
-                let Some(dest) = hosts.get(loads.names[b].as_str()) else {
-                    continue;
-                };
-                if loads.mem[b] + v.memory_mib > loads.memory[b]
-                    || (loads.cpu[b] + v.cpu) / loads.cores[b] > p.high
-                    || !fits(v, dest)
-                {
+                if !loads.takes(b, v, p.high) {
                     continue;
                 }
                 let after = loads.imbalance_after(a, b, v.cpu);
@@ -266,7 +289,8 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
                     continue;
                 }
                 let score = gain / cost;
-                if best.is_none_or(|(s, ..)| score > s) {
+                // The caller's rule last: it is the dearest check, and only a better move needs it.
+                if best.is_none_or(|(s, ..)| score > s) && hosts[b].is_some_and(|h| fits(v, h)) {
                     best = Some((score, vi, b, after));
                 }
             }
@@ -275,24 +299,25 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
             break;
         };
         let v = &m.vms[vi];
-        let a = loads.index[&placed[vi]];
-        let to = loads.names[b].clone();
+        let Some(a) = placed[vi] else {
+            break;
+        };
+        let (from, to) = (loads.names[a].clone(), loads.names[b].clone());
         let reason = format!(
-            "{} at {:.0}% CPU, {to} at {:.0}%: imbalance {before:.2} → {after:.2} (target {goal:.2})",
-            placed[vi],
+            "{from} at {:.0}% CPU, {to} at {:.0}%: imbalance {before:.2} → {after:.2} (target {goal:.2})",
             loads.load(a) * 100.0,
             loads.load(b) * 100.0
         );
         moves.push(Move {
             vm: v.name.clone(),
-            from: placed[vi].clone(),
-            to: to.clone(),
+            from,
+            to,
             before,
             after,
             reason,
         });
-        loads.apply(a, b, v.cpu, v.memory_mib);
-        placed[vi] = to;
+        loads.apply(a, b, v);
+        placed[vi] = Some(b);
         moved[vi] = true;
     }
     moves
@@ -310,10 +335,18 @@ pub struct PowerParams {
     pub high: f64,
     /// Hosts always kept on.
     pub min_on: usize,
-    /// How long the load must stay below `low` before a host goes off, seconds.
+    /// How long the load must stay below `low`, or low enough for the others to carry it at
+    /// the band's middle, before a host goes off, seconds.
     pub off_after_s: u64,
     /// How long it must stay above `high` before a host comes on, seconds.
     pub on_after_s: u64,
+}
+
+impl PowerParams {
+    /// The middle of the band: the load consolidation packs to and waking aims at.
+    pub fn target(&self) -> f64 {
+        (self.low + self.high) / 2.0
+    }
 }
 
 impl Default for PowerParams {
@@ -365,6 +398,40 @@ pub fn cluster_load(m: &Model) -> f64 {
     }
 }
 
+/// What the power windows watch, read off the model each pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pressure {
+    /// Demand over the cores of the hosts that are on ([`cluster_load`]).
+    pub load: f64,
+    /// The load if the smallest host that could be switched off were off (infinite when none
+    /// could).
+    pub without_one: f64,
+    /// A host that is on carries more demand than it has cores ([`overloaded`]).
+    pub overloaded: bool,
+}
+
+/// The [`Pressure`] of `m`.
+pub fn pressure(m: &Model) -> Pressure {
+    let cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
+    let demand: f64 = m.vms.iter().map(|v| v.cpu).sum();
+    let smallest = m
+        .hosts
+        .iter()
+        .filter(|h| h.on && h.accepts && h.switchable)
+        .map(|h| h.cores)
+        .fold(f64::INFINITY, f64::min);
+    let left = cores - smallest;
+    Pressure {
+        load: cluster_load(m),
+        without_one: if smallest.is_finite() && left > 0.0 {
+            demand / left
+        } else {
+            f64::INFINITY
+        },
+        overloaded: overloaded(m),
+    }
+}
+
 /// How long the load has been out of the band, which the caller keeps between passes.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PowerWindow {
@@ -373,16 +440,13 @@ pub struct PowerWindow {
 }
 
 impl PowerWindow {
-    /// Records the load at `now` (seconds) and says which way it has stayed out of the band
-    /// long enough: `Some(false)` off, `Some(true)` on.
-    pub fn observe(
-        &mut self,
-        now: u64,
-        load: f64,
-        overloaded: bool,
-        p: &PowerParams,
-    ) -> Option<bool> {
-        if load < p.low {
+    /// Records the pressure at `now` (seconds) and says which way it has stayed out of the
+    /// band long enough: `Some(false)` off, `Some(true)` on. A host may go off when the load is
+    /// below the band, or when the others could carry it at no more than the band's middle
+    /// (DPM's target): the cluster is kept near the middle, not just above the low mark.
+    pub fn observe(&mut self, now: u64, pr: &Pressure, p: &PowerParams) -> Option<bool> {
+        let (load, overloaded) = (pr.load, pr.overloaded);
+        if !overloaded && load <= p.high && (load < p.low || pr.without_one <= p.target()) {
             self.above_since = None;
             let since = *self.below_since.get_or_insert(now);
             return (now.saturating_sub(since) >= p.off_after_s).then_some(false);
@@ -415,7 +479,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
     if way {
         let demand: f64 = m.vms.iter().map(|v| v.cpu).sum();
         let mut cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
-        let mid = (p.low + p.high) / 2.0;
+        let mid = p.target();
         let mut hosts = Vec::new();
         for h in m.hosts.iter().filter(|h| !h.on && h.switchable) {
             if !hosts.is_empty() && cores * mid >= demand {
@@ -427,16 +491,16 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         return match hosts.is_empty() {
             false => Power::On {
                 hosts,
-                reason: format!(
-                    "cluster load {:.0}% above {:.0}%{}",
-                    cluster_load(m) * 100.0,
-                    p.high * 100.0,
-                    if overloaded(m) {
-                        ", a host overloaded"
+                reason: {
+                    let load = cluster_load(m) * 100.0;
+                    if load > p.high * 100.0 {
+                        format!("cluster load {load:.0}% above {:.0}%", p.high * 100.0)
+                    } else if overloaded(m) {
+                        format!("a host is overloaded (cluster load {load:.0}%)")
                     } else {
-                        ""
+                        format!("more capacity asked for (cluster load {load:.0}%)")
                     }
-                ),
+                },
             },
             true => Power::Hold,
         };
@@ -464,8 +528,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         {
             continue;
         }
-        let mut cpu = loads.cpu.clone();
-        let mut mem = loads.mem.clone();
+        let mut after = loads.clone();
         let mut vms: Vec<&Vm> = by_host.get(cname.as_str()).cloned().unwrap_or_default();
         if vms.iter().any(|v| !v.movable) {
             continue;
@@ -475,17 +538,17 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         for v in vms {
             // Best fit: the destination left least loaded after taking it.
             let mut best: Option<(f64, usize)> = None;
-            for i in 0..cpu.len() {
-                if i == c || !loads.accepts[i] {
+            for i in 0..after.cpu.len() {
+                if i == c || !after.accepts[i] {
                     continue;
                 }
-                let Some(h) = hosts.get(loads.names[i].as_str()) else {
+                let Some(h) = hosts.get(after.names[i].as_str()) else {
                     continue;
                 };
-                let load = (cpu[i] + v.cpu) / loads.cores[i];
-                if mem[i] + v.memory_mib > loads.memory[i] || load > p.high || !fits(v, h) {
+                if !after.takes(i, v, p.high) || !fits(v, h) {
                     continue;
                 }
+                let load = (after.cpu[i] + v.cpu) / after.cores[i];
                 if best.is_none_or(|(l, _)| load < l) {
                     best = Some((load, i));
                 }
@@ -493,8 +556,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
             let Some((_, i)) = best else {
                 continue 'candidate;
             };
-            cpu[i] += v.cpu;
-            mem[i] += v.memory_mib;
+            after.apply(c, i, v);
             moves.push(Move {
                 vm: v.name.clone(),
                 from: cname.clone(),
@@ -505,6 +567,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
             });
         }
         // The HA reserve: the hosts left must still take in the busiest one's VMs.
+        let (cpu, mem) = (&after.cpu, &after.mem);
         let left: Vec<usize> = (0..cpu.len()).filter(|&i| i != c).collect();
         let spare_cpu: f64 = left.iter().map(|&i| loads.cores[i] * p.high - cpu[i]).sum();
         let spare_mem: u64 = left
@@ -527,9 +590,13 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         return Power::Off {
             host: cname.clone(),
             reason: format!(
-                "cluster load {:.0}% below {:.0}%: {} VM(s) move off {cname}, {} hosts stay on",
+                "cluster load {:.0}%, {:.0}% on the hosts left (target {:.0}%): {} VM(s) move off {cname}, {} hosts stay on",
                 cluster_load(m) * 100.0,
-                p.low * 100.0,
+                {
+                    let left: f64 = on.iter().filter(|h| h.name != cname).map(|h| h.cores).sum();
+                    loads.cpu.iter().sum::<f64>() / left.max(f64::EPSILON) * 100.0
+                },
+                p.target() * 100.0,
                 moves.len(),
                 on.len() - 1
             ),
@@ -665,20 +732,89 @@ mod tests {
         );
     }
 
+    /// A pressure whose one-host-fewer load is far above any target (a small cluster).
+    fn pr(load: f64, overloaded: bool) -> Pressure {
+        Pressure {
+            load,
+            without_one: f64::INFINITY,
+            overloaded,
+        }
+    }
+
     #[test]
     fn a_window_must_pass_before_power_changes_and_an_overload_does_not_wait() {
         let p = PowerParams::default();
         let mut w = PowerWindow::default();
-        assert_eq!(w.observe(0, 0.2, false, &p), None);
-        assert_eq!(w.observe(p.off_after_s - 1, 0.2, false, &p), None);
-        assert_eq!(w.observe(p.off_after_s, 0.2, false, &p), Some(false));
+        assert_eq!(w.observe(0, &pr(0.2, false), &p), None);
+        assert_eq!(w.observe(p.off_after_s - 1, &pr(0.2, false), &p), None);
+        assert_eq!(w.observe(p.off_after_s, &pr(0.2, false), &p), Some(false));
         // Back in the band: the window starts again.
-        assert_eq!(w.observe(p.off_after_s + 1, 0.5, false, &p), None);
-        assert_eq!(w.observe(p.off_after_s + 2, 0.2, false, &p), None);
-        assert_eq!(w.observe(10_000, 0.9, false, &p), None);
-        assert_eq!(w.observe(10_000 + p.on_after_s, 0.9, false, &p), Some(true));
+        assert_eq!(w.observe(p.off_after_s + 1, &pr(0.5, false), &p), None);
+        assert_eq!(w.observe(p.off_after_s + 2, &pr(0.2, false), &p), None);
+        assert_eq!(w.observe(10_000, &pr(0.9, false), &p), None);
+        assert_eq!(
+            w.observe(10_000 + p.on_after_s, &pr(0.9, false), &p),
+            Some(true)
+        );
         w.reset();
-        assert_eq!(w.observe(20_000, 0.5, true, &p), Some(true));
+        assert_eq!(w.observe(20_000, &pr(0.5, true), &p), Some(true));
+    }
+
+    #[test]
+    fn a_host_goes_off_while_the_others_could_carry_the_load_at_the_band_s_middle() {
+        let p = PowerParams::default();
+        // Ten hosts of 10 cores at 55 %: inside the band, but nine would carry it at 61 %
+        // (under the middle, 63 %).
+        let m = Model {
+            hosts: (0..10).map(|i| host(&format!("h{i}"), 10.0)).collect(),
+            vms: (0..10)
+                .map(|i| vm(&format!("v{i}"), &format!("h{i}"), 5.5, 1024))
+                .collect(),
+        };
+        let pr = pressure(&m);
+        assert!((pr.load - 0.55).abs() < 1e-9);
+        assert!((pr.without_one - 55.0 / 90.0).abs() < 1e-9);
+        let mut w = PowerWindow::default();
+        assert_eq!(w.observe(0, &pr, &p), None);
+        assert_eq!(w.observe(p.off_after_s, &pr, &p), Some(false));
+        // At 60 % nine would be at 67 %: the cluster stays as it is.
+        let mut m2 = m.clone();
+        for v in &mut m2.vms {
+            v.cpu = 6.0;
+        }
+        let mut w = PowerWindow::default();
+        assert_eq!(w.observe(0, &pressure(&m2), &p), None);
+        assert_eq!(w.observe(p.off_after_s, &pressure(&m2), &p), None);
+        // Hosts that cannot be switched off do not count as the one to spare.
+        let mut m3 = m.clone();
+        for h in &mut m3.hosts {
+            h.switchable = false;
+        }
+        assert_eq!(pressure(&m3).without_one, f64::INFINITY);
+    }
+
+    #[test]
+    fn a_host_above_the_relief_mark_is_relieved_even_when_the_spread_is_met() {
+        // Twenty hosts at 50 %, one at 95 %: the spread (≈ 0.1) is at threshold 3's target,
+        // yet the hot host gets a move off it.
+        let mut hosts: Vec<Host> = (0..20).map(|i| host(&format!("h{i}"), 10.0)).collect();
+        hosts.push(host("hot", 10.0));
+        let mut vms: Vec<Vm> = (0..20)
+            .map(|i| vm(&format!("v{i}"), &format!("h{i}"), 5.0, 1024))
+            .collect();
+        vms.push(vm("a", "hot", 3.0, 1024));
+        vms.push(vm("b", "hot", 3.0, 1024));
+        vms.push(vm("c", "hot", 3.5, 1024));
+        let m = Model { hosts, vms };
+        assert!(imbalance(&m) <= target(3) + 1e-9, "{}", imbalance(&m));
+        let p = BalanceParams::default();
+        let moves = balance(&m, &p, any);
+        assert_eq!(moves.len(), 1, "{moves:#?}");
+        assert_eq!(moves[0].from, "hot");
+        // Below the mark, nothing.
+        let mut cool = m.clone();
+        cool.vms.last_mut().unwrap().cpu = 2.5;
+        assert!(balance(&cool, &p, any).is_empty());
     }
 
     #[test]
@@ -704,7 +840,7 @@ mod tests {
                 assert_eq!(host, "h4", "the host with the least memory to move");
                 assert_eq!(moves.len(), 1);
                 assert_eq!(moves[0].vm, "d");
-                assert!(reason.contains("below"), "{reason}");
+                assert!(reason.contains("on the hosts left"), "{reason}");
             }
             other => panic!("{other:?}"),
         }

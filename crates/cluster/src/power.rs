@@ -148,14 +148,13 @@ impl PowerManager {
             t,
             &cfg.power,
         );
-        let load = balance::cluster_load(&model);
+        let pressure = balance::pressure(&model);
+        let load = pressure.load;
         let params = cfg.power.params();
         // The windows keep watching the load while a host changes state (as DPM's demand
         // history does): when the load stayed low through an evacuation, the next host may go
         // at once; one host changes state at a time.
-        let mut way = self
-            .window
-            .observe(t, load, balance::overloaded(&model), &params);
+        let mut way = self.window.observe(t, &pressure, &params);
         if let Some(what) = busy {
             let advice = PowerAdviceRecord {
                 at: t,
@@ -206,6 +205,14 @@ impl PowerManager {
                         params.high * 100.0,
                         params.on_after_s,
                         if standby { "" } else { " (none is in standby)" }
+                    )
+                } else if pressure.without_one <= params.target() {
+                    format!(
+                        "cluster load {:.0}%: one host fewer would carry it at {:.0}% (target {:.0}%); a host is switched off after {}s so, if its VMs fit elsewhere within the HA reserve",
+                        load * 100.0,
+                        pressure.without_one * 100.0,
+                        params.target() * 100.0,
+                        params.off_after_s
                     )
                 } else {
                     format!(
