@@ -222,18 +222,30 @@ impl Sim {
                 switchable: true,
             })
             .collect();
+        // A VM being moved, or queued to be, counts where it is going (as the coordinator's
+        // model does): two decisions never count on the same room.
+        let queued: std::collections::HashMap<usize, usize> = self.queue.iter().copied().collect();
         let vms = self
             .vms
             .iter()
-            .map(|v| Vm {
+            .enumerate()
+            .map(|(i, v)| Vm {
                 name: v.name.clone(),
-                host: self.hosts[v.host].name.clone(),
+                host: self.hosts[v
+                    .moving
+                    .map(|(_, to)| to)
+                    .or_else(|| queued.get(&i).copied())
+                    .unwrap_or(v.host)]
+                .name
+                .clone(),
                 cpu: v.demand,
                 memory_mib: v.memory_mib,
                 dirty_mib_s: v.dirty_mib_s,
                 movable: v.moving.is_none()
+                    && !queued.contains_key(&i)
                     && now >= v.cooldown_until
                     && self.hosts[v.host].state == HostState::On,
+                migrating: v.moving.is_some() || queued.contains_key(&i),
             })
             .collect();
         Model { hosts, vms }
@@ -461,7 +473,22 @@ impl Sim {
         let fits = |_: &Vm, _: &Host| true;
         let pressure = balance::pressure(&model);
         let load = pressure.load;
-        if let Some(way) = self.window.observe(t * 60, &pressure, &self.power) {
+        // As the coordinator: nothing while a host is being switched on; a few hosts emptied
+        // at once at most (the windows keep watching meanwhile).
+        let way = self.window.observe(t * 60, &pressure, &self.power);
+        let booting = self
+            .hosts
+            .iter()
+            .any(|h| matches!(h.state, HostState::Booting(_)));
+        let evacuating = self
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Evacuating)
+            .count();
+        let on = (0..self.hosts.len()).filter(|&h| self.up(h)).count();
+        let way =
+            way.filter(|&on_way| !booting && (on_way || evacuating < balance::max_evacuating(on)));
+        if let Some(way) = way {
             let advice = balance::power(&model, &self.power, way, fits);
             if self.trace {
                 eprintln!("pass t={t} load={load:.2} way={way} -> {advice:?}");

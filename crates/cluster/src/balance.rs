@@ -50,8 +50,11 @@ pub struct Vm {
     pub memory_mib: u64,
     /// How fast it dirties memory, MiB/s (a migration's cost grows with it).
     pub dirty_mib_s: f64,
-    /// May be moved now (not migrating, not in its cool-down).
+    /// May be moved by balancing now (not migrating, not in its cool-down).
     pub movable: bool,
+    /// Being migrated now (its host cannot be emptied meanwhile; a VM only cooling down after
+    /// a move can still leave a host that is to be switched off).
+    pub migrating: bool,
 }
 
 /// The cluster the policy decides over.
@@ -276,7 +279,7 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
             }
             // What the move costs: its memory, more when it dirties fast (pre-copy rounds).
             let cost = (v.memory_mib as f64 / 1024.0).max(0.25) * (1.0 + v.dirty_mib_s / 100.0);
-            for b in 0..loads.names.len() {
+            for (b, dest) in hosts.iter().enumerate() {
                 if b == a || !loads.accepts[b] {
                     continue;
                 }
@@ -290,7 +293,7 @@ pub fn balance(m: &Model, p: &BalanceParams, fits: impl Fn(&Vm, &Host) -> bool) 
                 }
                 let score = gain / cost;
                 // The caller's rule last: it is the dearest check, and only a better move needs it.
-                if best.is_none_or(|(s, ..)| score > s) && hosts[b].is_some_and(|h| fits(v, h)) {
+                if best.is_none_or(|(s, ..)| score > s) && dest.is_some_and(|h| fits(v, h)) {
                     best = Some((score, vi, b, after));
                 }
             }
@@ -403,8 +406,8 @@ pub fn cluster_load(m: &Model) -> f64 {
 pub struct Pressure {
     /// Demand over the cores of the hosts that are on ([`cluster_load`]).
     pub load: f64,
-    /// The load if the smallest host that could be switched off were off (infinite when none
-    /// could).
+    /// The load on the hosts that take VMs if the smallest of them that could be switched off
+    /// were off (infinite when none could): hosts being emptied or paused do not count.
     pub without_one: f64,
     /// A host that is on carries more demand than it has cores ([`overloaded`]).
     pub overloaded: bool,
@@ -412,7 +415,12 @@ pub struct Pressure {
 
 /// The [`Pressure`] of `m`.
 pub fn pressure(m: &Model) -> Pressure {
-    let cores: f64 = m.hosts.iter().filter(|h| h.on).map(|h| h.cores).sum();
+    let cores: f64 = m
+        .hosts
+        .iter()
+        .filter(|h| h.on && h.accepts)
+        .map(|h| h.cores)
+        .sum();
     let demand: f64 = m.vms.iter().map(|v| v.cpu).sum();
     let smallest = m
         .hosts
@@ -467,6 +475,13 @@ impl PowerWindow {
     }
 }
 
+/// Hosts that may be emptied to be switched off at the same time, with `on` hosts on: each
+/// sends one migration at a time, so a large cluster needs several to consolidate within an
+/// evening; an eighth keeps most of the migration slots for everything else.
+pub fn max_evacuating(on: usize) -> usize {
+    (on / 8).max(1)
+}
+
 /// Whether any host that is on carries more demand than it has cores.
 pub fn overloaded(m: &Model) -> bool {
     let l = Loads::of(m);
@@ -506,7 +521,9 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         };
     }
     let on: Vec<&Host> = m.hosts.iter().filter(|h| h.on).collect();
-    if on.len() <= p.min_on {
+    // Hosts that stay: a host being emptied (or paused) does not count towards the minimum.
+    let staying = on.iter().filter(|h| h.accepts).count();
+    if staying <= p.min_on {
         return Power::Hold;
     }
     let loads = Loads::of(m);
@@ -530,7 +547,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         }
         let mut after = loads.clone();
         let mut vms: Vec<&Vm> = by_host.get(cname.as_str()).cloned().unwrap_or_default();
-        if vms.iter().any(|v| !v.movable) {
+        if vms.iter().any(|v| v.migrating) {
             continue;
         }
         vms.sort_by_key(|v| std::cmp::Reverse(v.memory_mib));
@@ -568,7 +585,10 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
         }
         // The HA reserve: the hosts left must still take in the busiest one's VMs.
         let (cpu, mem) = (&after.cpu, &after.mem);
-        let left: Vec<usize> = (0..cpu.len()).filter(|&i| i != c).collect();
+        // (Only hosts that take VMs: one being emptied is no reserve.)
+        let left: Vec<usize> = (0..cpu.len())
+            .filter(|&i| i != c && after.accepts[i])
+            .collect();
         let spare_cpu: f64 = left.iter().map(|&i| loads.cores[i] * p.high - cpu[i]).sum();
         let spare_mem: u64 = left
             .iter()
@@ -598,7 +618,7 @@ pub fn power(m: &Model, p: &PowerParams, way: bool, fits: impl Fn(&Vm, &Host) ->
                 },
                 p.target() * 100.0,
                 moves.len(),
-                on.len() - 1
+                staying - 1
             ),
             moves,
         };
@@ -629,6 +649,7 @@ mod tests {
             memory_mib: mem,
             dirty_mib_s: 0.0,
             movable: true,
+            migrating: false,
         }
     }
 
@@ -794,6 +815,26 @@ mod tests {
     }
 
     #[test]
+    fn hosts_being_emptied_count_neither_towards_the_minimum_nor_the_reserve() {
+        let p = PowerParams::default();
+        let mut m = Model {
+            hosts: (1..=3).map(|i| host(&format!("h{i}"), 8.0)).collect(),
+            vms: vec![vm("a", "h2", 0.5, 1024), vm("b", "h3", 0.5, 1024)],
+        };
+        assert!(matches!(power(&m, &p, false, any), Power::Off { .. }));
+        // h1 is being emptied: two stay, the minimum.
+        m.hosts[0].accepts = false;
+        assert_eq!(power(&m, &p, false, any), Power::Hold);
+        // Nor is its spare room a reserve for what the others carry: with a fourth host, one
+        // more may go only if the two left can take in the busiest's VMs.
+        m.hosts.push(host("h4", 8.0));
+        m.vms.push(vm("c", "h4", 3.0, 40 << 10));
+        m.vms.push(vm("d", "h3", 3.0, 40 << 10));
+        assert_eq!(power(&m, &p, false, any), Power::Hold, "{m:#?}");
+        assert_eq!(pressure(&m).without_one, 7.0 / 16.0);
+    }
+
+    #[test]
     fn a_host_above_the_relief_mark_is_relieved_even_when_the_spread_is_met() {
         // Twenty hosts at 50 %, one at 95 %: the spread (≈ 0.1) is at threshold 3's target,
         // yet the hot host gets a move off it.
@@ -866,12 +907,18 @@ mod tests {
             Power::On { hosts, .. } => assert_eq!(hosts, ["h3", "h4"]),
             other => panic!("{other:?}"),
         }
-        // A VM that cannot move keeps its host on; so does a full cluster (the reserve).
+        // A VM being migrated keeps its host on; so does a full cluster (the reserve). One that
+        // only cools down after a move does not: consolidation is not balancing.
         let mut m3 = m.clone();
         for v in &mut m3.vms {
-            v.movable = v.name != "d";
+            v.migrating = v.name == "d";
         }
         assert!(!matches!(power(&m3, &p, false, any), Power::Off { ref host, .. } if host == "h4"));
+        for v in &mut m3.vms {
+            v.migrating = false;
+            v.movable = v.name != "d";
+        }
+        assert!(matches!(power(&m3, &p, false, any), Power::Off { ref host, .. } if host == "h4"));
         let busy = Model {
             hosts: (1..=3).map(|i| host(&format!("h{i}"), 4.0)).collect(),
             vms: vec![

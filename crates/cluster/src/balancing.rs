@@ -131,15 +131,20 @@ impl Balancer {
             .filter_map(|v| {
                 let owner = v.owner.clone().filter(|o| view.hosts.contains_key(o))?;
                 let cores = self.rates.get(&v.config.name).and_then(|r| r.cores);
+                let moving = view.active_migration(&v.config.name);
                 Some(Vm {
                     name: v.config.name.clone(),
-                    host: owner,
+                    // A VM being moved counts where it is going: two decisions never count on
+                    // the same room.
+                    host: moving
+                        .map(|m| m.to.clone())
+                        .filter(|to| view.hosts.contains_key(to))
+                        .unwrap_or(owner),
                     cpu: cores.unwrap_or(0.0).max(0.0),
                     memory_mib: v.config.memory_mib,
                     dirty_mib_s: 0.0,
-                    movable: cores.is_some()
-                        && view.active_migration(&v.config.name).is_none()
-                        && !recently_moved(&v.config.name),
+                    movable: cores.is_some() && moving.is_none() && !recently_moved(&v.config.name),
+                    migrating: moving.is_some(),
                 })
             })
             .collect();

@@ -7,7 +7,8 @@
 //! `on` → `evacuating` (draining by live migration, reason `consolidate`) → `standby` (the
 //! driver's `off` ran) → `wake` (asked to come on) → `waking` (the driver's `on` ran) → `on`
 //! (its agent joined). A host in `standby`, `wake` or `waking` is neither failed nor fenced:
-//! it has no VMs, so nothing is restarted for it. One host changes state at a time.
+//! it has no VMs, so nothing is restarted for it. Nothing is decided while a host is
+//! being switched on; up to [`balance::max_evacuating`] hosts are emptied at once.
 
 use std::time::Duration;
 
@@ -151,11 +152,22 @@ impl PowerManager {
         let pressure = balance::pressure(&model);
         let load = pressure.load;
         let params = cfg.power.params();
-        // The windows keep watching the load while a host changes state (as DPM's demand
-        // history does): when the load stayed low through an evacuation, the next host may go
-        // at once; one host changes state at a time.
+        // The windows keep watching the load while hosts change state (as DPM's demand
+        // history does). Nothing is decided while a host is being switched on; up to
+        // `max_evacuating` hosts are emptied at once (each sends one migration at a time),
+        // each decided on a model that counts the VMs being moved where they are going.
         let mut way = self.window.observe(t, &pressure, &params);
-        if let Some(what) = busy {
+        let on = model.hosts.iter().filter(|h| h.on).count();
+        let limit = balance::max_evacuating(on);
+        let held = match (&busy.waking, busy.evacuating.len()) {
+            (Some(what), _) => Some(what.clone()),
+            (None, n) if n >= limit && way != Some(true) => Some(format!(
+                "{} being emptied to be switched off (at most {limit} at once)",
+                busy.evacuating.join(", ")
+            )),
+            _ => None,
+        };
+        if let Some(what) = held {
             let advice = PowerAdviceRecord {
                 at: t,
                 load,
@@ -354,11 +366,19 @@ pub async fn request_wake(db: &Db, h: &str, reason: &str) -> Result<bool, Cluste
     .await
 }
 
+/// What is under way after [`carry_on`].
+#[derive(Debug, Default)]
+struct UnderWay {
+    /// A host being switched on, in words (no new decision is taken then).
+    waking: Option<String>,
+    /// The hosts still being emptied.
+    evacuating: Vec<String>,
+}
+
 /// Carries on what is under way: an emptied host is switched off, a host asked to wake is
-/// switched on, one that does not join in time is reported. What is under way, if a host is
-/// between states (no new decision is taken then).
-async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<Option<String>, ClusterError> {
-    let mut busy = None;
+/// switched on, one that does not join in time is reported. Returns what is still under way.
+async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, ClusterError> {
+    let mut busy = UnderWay::default();
     let t = now();
     let mut names: Vec<&String> = view.admin.keys().collect();
     names.sort();
@@ -368,7 +388,6 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<Option<Stri
         match adm.power {
             PowerState::On => {}
             PowerState::Evacuating => {
-                busy = Some(format!("{h} is being emptied to be switched off"));
                 let Some(rec) = view.hosts.get(h) else {
                     // It died while being emptied: a failed host like any other.
                     db.update::<HostAdmin, _>(&key, |r| {
@@ -389,6 +408,7 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<Option<Stri
                     .iter()
                     .any(|m| !m.state.done() && (m.from == *h || m.to == *h));
                 if has_vms || moving {
+                    busy.evacuating.push(h.clone());
                     continue;
                 }
                 let capacity = Capacity {
@@ -444,7 +464,7 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<Option<Stri
                 }
             }
             PowerState::Wake => {
-                busy = Some(format!("{h} is being switched on"));
+                busy.waking = Some(format!("{h} is being switched on"));
                 let r = switch(&cfg.power, h, true).await;
                 db.update::<HostAdmin, _>(&key, |a| {
                     if a.power != PowerState::Wake {
@@ -466,7 +486,7 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<Option<Stri
                 }
             }
             PowerState::Waking => {
-                busy = Some(format!(
+                busy.waking = Some(format!(
                     "{h} is being switched on (waiting for its agent to join)"
                 ));
                 let timeout = cfg.power.wake_timeout_s;

@@ -1283,9 +1283,9 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
         assert_eq!(m["reason"], "consolidate", "{m}");
         assert_eq!(m["state"], "succeeded", "{m}");
         assert!(
-            m["why"]
-                .as_str()
-                .is_some_and(|w| w.contains("below") && w.contains(&format!("off {off}"))),
+            m["why"].as_str().is_some_and(
+                |w| w.contains("on the hosts left") && w.contains(&format!("off {off}"))
+            ),
             "{m}"
         );
     }

@@ -420,12 +420,18 @@ esac
         a.extend(["--output", "json"]);
         let mut o = self.ferry_at(&self.api(), &a);
         // A host leaving (a power driver stopping it) refuses connections before its process
-        // is gone: nothing reached it, so asking another host is safe.
+        // is gone: nothing reached it, so asking another host is safe. One stopped while it
+        // answered resets the connection: asking again is safe only for a question.
+        let question = matches!(
+            args,
+            [.., "list"] | [.., "show", _] | ["cluster", "power"] | ["report", ..]
+        );
         for _ in 0..20 {
-            let refused = [&o.stdout, &o.stderr]
-                .iter()
-                .any(|b| String::from_utf8_lossy(b).contains("Connection refused"));
-            if o.status.success() || !refused {
+            let retry = [&o.stdout, &o.stderr].iter().any(|b| {
+                let b = String::from_utf8_lossy(b);
+                b.contains("Connection refused") || (question && b.contains("Connection reset"))
+            });
+            if o.status.success() || !retry {
                 break;
             }
             std::thread::sleep(Duration::from_millis(250));
