@@ -17,6 +17,7 @@ use vmm::config::{parse_mib, validate_name};
 use vmm::VmConfig;
 
 use crate::agent::Agent;
+use crate::history::Throughput;
 use crate::records::*;
 use crate::view::{baseline, View};
 use crate::ClusterError;
@@ -1032,6 +1033,36 @@ async fn metrics(State(a): Shared) -> Response {
                 .map(|(vm, c)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), c))
                 .collect(),
         );
+    }
+    let io = a.latest_io();
+    let per_vm_io = |f: fn(&Throughput) -> f64| -> Vec<(String, f64)> {
+        io.iter()
+            .map(|(vm, t)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), f(t)))
+            .collect()
+    };
+    for (name, help, f) in [
+        (
+            "ferry_vm_disk_read_bytes_per_second",
+            "Disk data each VM read, at the last utilization sample.",
+            (|t: &Throughput| t.disk_read) as fn(&Throughput) -> f64,
+        ),
+        (
+            "ferry_vm_disk_write_bytes_per_second",
+            "Disk data each VM wrote, at the last utilization sample.",
+            |t: &Throughput| t.disk_write,
+        ),
+        (
+            "ferry_vm_net_rx_bytes_per_second",
+            "Network bytes each VM received, at the last utilization sample.",
+            |t: &Throughput| t.net_rx,
+        ),
+        (
+            "ferry_vm_net_tx_bytes_per_second",
+            "Network bytes each VM sent, at the last utilization sample.",
+            |t: &Throughput| t.net_tx,
+        ),
+    ] {
+        gauge(name, help, per_vm_io(f));
     }
     ([("content-type", "text/plain; version=0.0.4")], s).into_response()
 }

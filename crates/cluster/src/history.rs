@@ -1,12 +1,14 @@
 //! Utilization history, kept by each agent in its own memory (the store holds only the latest
 //! figures, in the host record): every [`FINE_EVERY_S`] a sample of the host's CPU and memory
-//! and each of its VMs' CPU (cores, from its worker's CPU time) and memory (resident against
-//! assigned); the last hour of them, and a day of [`COARSE_EVERY_S`] averages. Pure but for
+//! and each of its VMs' CPU (cores, from its worker's CPU time), memory (resident against
+//! assigned) and disk and network throughput (from its devices' byte counters, which the
+//! worker reports); the last hour of them, and a day of [`COARSE_EVERY_S`] averages. Pure but for
 //! [`Sampler::sample`], which reads `/proc`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use vmm::devices::virtio::IoTotals;
 
 /// Seconds between samples.
 pub const FINE_EVERY_S: u64 = 10;
@@ -28,6 +30,78 @@ pub struct VmSample {
     pub rss_mib: u64,
     /// Memory it was given, MiB.
     pub memory_mib: u64,
+    /// Its disks' and NICs' throughput (zero until its worker reports counters twice).
+    #[serde(default)]
+    pub io: Throughput,
+}
+
+/// Device throughput, bytes per second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Throughput {
+    /// Disk data read for the guest.
+    pub disk_read: f64,
+    /// Disk data the guest wrote.
+    pub disk_write: f64,
+    /// Network frames to the guest.
+    pub net_rx: f64,
+    /// Network frames from the guest.
+    pub net_tx: f64,
+}
+
+impl Throughput {
+    /// The rate between two readings of a worker's counters `elapsed_s` apart; `None` when
+    /// a counter went back (not the same devices).
+    fn between(a: &IoTotals, b: &IoTotals, elapsed_s: f64) -> Option<Throughput> {
+        let d = |x: u64, y: u64| y.checked_sub(x).map(|n| n as f64 / elapsed_s);
+        Some(Throughput {
+            disk_read: d(a.disk_read_bytes, b.disk_read_bytes)?,
+            disk_write: d(a.disk_write_bytes, b.disk_write_bytes)?,
+            net_rx: d(a.net_rx_bytes, b.net_rx_bytes)?,
+            net_tx: d(a.net_tx_bytes, b.net_tx_bytes)?,
+        })
+    }
+
+    fn scaled(self, k: f64) -> Throughput {
+        Throughput {
+            disk_read: self.disk_read * k,
+            disk_write: self.disk_write * k,
+            net_rx: self.net_rx * k,
+            net_tx: self.net_tx * k,
+        }
+    }
+
+    fn plus(self, o: Throughput) -> Throughput {
+        Throughput {
+            disk_read: self.disk_read + o.disk_read,
+            disk_write: self.disk_write + o.disk_write,
+            net_rx: self.net_rx + o.net_rx,
+            net_tx: self.net_tx + o.net_tx,
+        }
+    }
+}
+
+/// Device throughput over a period, bytes per second.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThroughputStats {
+    /// Disk reads.
+    pub disk_read: Stat,
+    /// Disk writes.
+    pub disk_write: Stat,
+    /// Network received.
+    pub net_rx: Stat,
+    /// Network sent.
+    pub net_tx: Stat,
+}
+
+impl ThroughputStats {
+    fn of<'a>(t: impl Iterator<Item = Throughput> + Clone + 'a) -> ThroughputStats {
+        ThroughputStats {
+            disk_read: Stat::of(t.clone().map(|x| x.disk_read)),
+            disk_write: Stat::of(t.clone().map(|x| x.disk_write)),
+            net_rx: Stat::of(t.clone().map(|x| x.net_rx)),
+            net_tx: Stat::of(t.map(|x| x.net_tx)),
+        }
+    }
 }
 
 /// The host and its VMs at one time.
@@ -82,6 +156,9 @@ pub struct VmUtilization {
     pub rss_mib: Stat,
     /// Memory given, MiB (latest).
     pub memory_mib: u64,
+    /// Its disks' and NICs' throughput, bytes/s.
+    #[serde(default)]
+    pub io: ThroughputStats,
     /// Samples it appears in.
     pub samples: usize,
 }
@@ -105,6 +182,9 @@ pub struct HostUtilization {
     pub cpu_cores: Stat,
     /// Memory in use, MiB.
     pub memory_used_mib: Stat,
+    /// Its VMs' disk and network throughput together, bytes/s.
+    #[serde(default)]
+    pub io: ThroughputStats,
     /// Its VMs (those it ran in the period), by name.
     pub vms: Vec<VmUtilization>,
 }
@@ -174,6 +254,11 @@ impl History {
             samples: samples.len(),
             cpu_cores: Stat::of(samples.iter().map(|s| s.cpu_cores)),
             memory_used_mib: Stat::of(samples.iter().map(|s| s.memory_used_mib as f64)),
+            io: ThroughputStats::of(samples.iter().map(|s| {
+                s.vms
+                    .iter()
+                    .fold(Throughput::default(), |t, v| t.plus(v.io))
+            })),
             vms: by_vm
                 .into_iter()
                 .map(|(name, v)| VmUtilization {
@@ -181,6 +266,7 @@ impl History {
                     cpu_cores: Stat::of(v.iter().map(|x| x.cpu_cores)),
                     rss_mib: Stat::of(v.iter().map(|x| x.rss_mib as f64)),
                     memory_mib: v.last().map_or(0, |x| x.memory_mib),
+                    io: ThroughputStats::of(v.iter().map(|x| x.io)),
                     samples: v.len(),
                 })
                 .collect(),
@@ -191,7 +277,7 @@ impl History {
 /// The mean of some samples: the first one's time, each VM averaged over the samples it is in.
 fn average(samples: &[Sample]) -> Sample {
     let n = samples.len().max(1) as f64;
-    let mut vms: BTreeMap<&str, (f64, f64, u64, usize)> = BTreeMap::new();
+    let mut vms: BTreeMap<&str, (f64, f64, u64, usize, Throughput)> = BTreeMap::new();
     for s in samples {
         for v in &s.vms {
             let e = vms.entry(v.name.as_str()).or_default();
@@ -199,6 +285,7 @@ fn average(samples: &[Sample]) -> Sample {
             e.1 += v.rss_mib as f64;
             e.2 = v.memory_mib;
             e.3 += 1;
+            e.4 = e.4.plus(v.io);
         }
     }
     Sample {
@@ -211,11 +298,12 @@ fn average(samples: &[Sample]) -> Sample {
             / n) as u64,
         vms: vms
             .into_iter()
-            .map(|(name, (cpu, rss, mem, k))| VmSample {
+            .map(|(name, (cpu, rss, mem, k, io))| VmSample {
                 name: name.to_string(),
                 cpu_cores: cpu / k as f64,
                 rss_mib: (rss / k as f64) as u64,
                 memory_mib: mem,
+                io: io.scaled(1.0 / k as f64),
             })
             .collect(),
     }
@@ -226,6 +314,7 @@ fn average(samples: &[Sample]) -> Sample {
 struct Seen {
     cpu_seconds: f64,
     pid: u32,
+    io: Option<IoTotals>,
 }
 
 /// Turns readings of counters (the host's CPU ticks, the workers' CPU time) into a sample.
@@ -237,8 +326,22 @@ pub struct Sampler {
     primed: bool,
 }
 
-/// A worker's reading: name, pid, CPU seconds, resident MiB, assigned MiB.
-pub type WorkerReading = (String, u32, f64, u64, u64);
+/// What a worker's process and status say at one time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerReading {
+    /// The VM.
+    pub name: String,
+    /// The worker's process.
+    pub pid: u32,
+    /// CPU time it has used, seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory, MiB.
+    pub rss_mib: u64,
+    /// Memory the VM was given, MiB.
+    pub memory_mib: u64,
+    /// Its devices' byte counters (`None` from a worker that does not report them).
+    pub io: Option<IoTotals>,
+}
 
 impl Sampler {
     /// A sample from the host's `/proc/stat` ticks (busy, total), its memory in use and its
@@ -262,23 +365,29 @@ impl Sampler {
         let first = !self.primed;
         let mut vms = Vec::new();
         let mut seen = HashMap::new();
-        for (name, pid, cpu_seconds, rss_mib, memory_mib) in workers {
-            if let Some(prev) = self.vms.get(name) {
+        for w in workers {
+            if let Some(prev) = self.vms.get(&w.name) {
                 // A new worker (moved, restarted) starts its rate again.
-                if prev.pid == *pid && *cpu_seconds >= prev.cpu_seconds && elapsed_s > 0.0 {
+                if prev.pid == w.pid && w.cpu_seconds >= prev.cpu_seconds && elapsed_s > 0.0 {
+                    let io = match (&prev.io, &w.io) {
+                        (Some(a), Some(b)) => Throughput::between(a, b, elapsed_s),
+                        _ => None,
+                    };
                     vms.push(VmSample {
-                        name: name.clone(),
-                        cpu_cores: (cpu_seconds - prev.cpu_seconds) / elapsed_s,
-                        rss_mib: *rss_mib,
-                        memory_mib: *memory_mib,
+                        name: w.name.clone(),
+                        cpu_cores: (w.cpu_seconds - prev.cpu_seconds) / elapsed_s,
+                        rss_mib: w.rss_mib,
+                        memory_mib: w.memory_mib,
+                        io: io.unwrap_or_default(),
                     });
                 }
             }
             seen.insert(
-                name.clone(),
+                w.name.clone(),
                 Seen {
-                    cpu_seconds: *cpu_seconds,
-                    pid: *pid,
+                    cpu_seconds: w.cpu_seconds,
+                    pid: w.pid,
+                    io: w.io,
                 },
             );
         }
@@ -328,6 +437,10 @@ mod tests {
                     cpu_cores: *c,
                     rss_mib: 10,
                     memory_mib: 16,
+                    io: Throughput {
+                        disk_read: 1000.0 * c,
+                        ..Default::default()
+                    },
                 })
                 .collect(),
         }
@@ -354,6 +467,10 @@ mod tests {
         assert_eq!(u.cpu_cores.now, 3.0);
         assert_eq!(u.vms.len(), 1);
         assert!((u.vms[0].cpu_cores.avg - 1.0).abs() < 1e-9);
+        // Throughput the same way (the VM reads 1000 bytes/s per core), per VM and per host.
+        assert!((u.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-6, "{:?}", u.vms[0].io);
+        assert_eq!(u.vms[0].io.disk_read.peak, 1500.0);
+        assert_eq!(u.io.disk_read.now, 1500.0);
         // The last day: coarse averages (2.0 each: peaks are smoothed) before the fine hour.
         let d = h.summary("h1", 4, 8192, end - 86_400 + 1);
         assert!(
@@ -362,6 +479,7 @@ mod tests {
             d.samples
         );
         assert!((d.cpu_cores.avg - 2.0).abs() < 1e-6);
+        assert!((d.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-3, "averaged like CPU");
         assert!(d.from >= end - 86_400);
         // Nothing before the kept day.
         assert!(h.since(0).len() <= FINE_KEEP + COARSE_KEEP);
@@ -370,7 +488,21 @@ mod tests {
     #[test]
     fn rates_come_from_two_readings_of_the_same_worker() {
         let mut s = Sampler::default();
-        let w = |cpu: f64, pid: u32| vec![("a".to_string(), pid, cpu, 20, 16)];
+        let w = |cpu: f64, pid: u32| {
+            vec![WorkerReading {
+                name: "a".to_string(),
+                pid,
+                cpu_seconds: cpu,
+                rss_mib: 20,
+                memory_mib: 16,
+                // 4 KiB read per CPU second, 1 MiB received per CPU second.
+                io: Some(IoTotals {
+                    disk_read_bytes: (cpu * 4096.0) as u64,
+                    net_rx_bytes: (cpu * 1048576.0) as u64,
+                    ..Default::default()
+                }),
+            }]
+        };
         assert!(s
             .sample_from(100, 10.0, Some((0, 0)), 2, 500, &w(5.0, 7))
             .is_none());
@@ -378,6 +510,14 @@ mod tests {
             .sample_from(110, 10.0, Some((10, 40)), 2, 500, &w(10.0, 7))
             .unwrap();
         assert!((x.vms[0].cpu_cores - 0.5).abs() < 1e-9);
+        // 5 CPU seconds more in 10 s: 20480 bytes read, 5 MiB received.
+        assert!(
+            (x.vms[0].io.disk_read - 2048.0).abs() < 1e-9,
+            "{:?}",
+            x.vms[0].io
+        );
+        assert!((x.vms[0].io.net_rx - 524288.0).abs() < 1e-9);
+        assert_eq!(x.vms[0].io.disk_write, 0.0);
         assert!(
             (x.cpu_cores - 0.5).abs() < 1e-9,
             "10 of 40 ticks of 2 cores"

@@ -1,5 +1,5 @@
 //! The agent's utilization sampling: every [`FINE_EVERY_S`] it reads the host's CPU ticks and
-//! memory and its workers' CPU time and resident memory, and keeps the result in its bounded
+//! memory and its workers' CPU time, resident memory and device counters, and keeps the result in its bounded
 //! [`History`](crate::history::History) — in this process, not in the store.
 
 use std::sync::Arc;
@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::agent::Agent;
-use crate::history::{host_ticks, HostUtilization, Sampler, WorkerReading, FINE_EVERY_S};
+use crate::history::{
+    host_ticks, HostUtilization, Sampler, Throughput, WorkerReading, FINE_EVERY_S,
+};
 use crate::inventory;
 use crate::records::now;
 
@@ -24,7 +26,14 @@ impl Agent {
                         .into_iter()
                         .filter_map(|s| {
                             let (cpu, rss) = inventory::process_usage(s.pid)?;
-                            Some((s.name, s.pid, cpu, rss, s.memory_mib))
+                            Some(WorkerReading {
+                                name: s.name,
+                                pid: s.pid,
+                                cpu_seconds: cpu,
+                                rss_mib: rss,
+                                memory_mib: s.memory_mib,
+                                io: s.io,
+                            })
                         })
                         .collect::<Vec<WorkerReading>>()
                 })
@@ -62,6 +71,13 @@ impl Agent {
         self.st()
             .history
             .summary(self.host(), self.cores(), total, since)
+    }
+
+    /// The latest sample's device throughput per VM, for `/metrics`.
+    pub fn latest_io(&self) -> Vec<(String, Throughput)> {
+        self.st().history.latest().map_or_else(Vec::new, |s| {
+            s.vms.iter().map(|v| (v.name.clone(), v.io)).collect()
+        })
     }
 
     /// The latest sample's figures, for `/metrics`: host CPU cores in use, and per VM.

@@ -52,6 +52,15 @@ fn stat(v: &Value, digits: usize) -> [String; 3] {
     ]
 }
 
+/// Two throughputs' averages over the period in kB/s, as `read/write` (`-` when not reported).
+fn io(v: &Value, a: &str, b: &str) -> String {
+    let avg = |k: &str| v[k]["avg"].as_f64().map(|x| format!("{:.0}", x / 1000.0));
+    match (avg(a), avg(b)) {
+        (Some(x), Some(y)) => format!("{x}/{y}"),
+        _ => "-".into(),
+    }
+}
+
 /// Runs a `ferry report` verb.
 pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
     let api =
@@ -73,6 +82,8 @@ pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
                     ma,
                     mp,
                     mn,
+                    io(&h["io"], "disk_read", "disk_write"),
+                    io(&h["io"], "net_rx", "net_tx"),
                     s(&h["samples"]),
                 ]);
                 for vm in h["vms"].as_array().into_iter().flatten() {
@@ -88,6 +99,8 @@ pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
                         ma,
                         mp,
                         mn,
+                        io(&vm["io"], "disk_read", "disk_write"),
+                        io(&vm["io"], "net_rx", "net_tx"),
                         s(&vm["samples"]),
                     ]);
                 }
@@ -105,6 +118,8 @@ pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
                     "MEM AVG MiB",
                     "MEM PEAK MiB",
                     "MEM NOW MiB",
+                    "DISK R/W KB/s",
+                    "NET RX/TX KB/s",
                     "SAMPLES",
                 ],
                 rows,

@@ -411,6 +411,11 @@ fn linux_virtio_disks_work_and_follow_the_vm_through_save_restore_and_live_migra
         discarded.iter().all(|&b| b == 0),
         "discarded range not zero"
     );
+    // The worker counted what the guest read and wrote (utilization): at least the marks it
+    // read and the megabyte it wrote.
+    let io = env.json(&["vm", "status", "a"])["io"].clone();
+    assert!(io["disk_read_bytes"].as_u64().unwrap() >= 2 * 512, "{io}");
+    assert!(io["disk_write_bytes"].as_u64().unwrap() >= 1 << 20, "{io}");
     // What the guest wrote is in the image file.
     let f = std::fs::File::open(&rw).unwrap();
     let mut got = vec![0u8; 1 << 20];
@@ -850,6 +855,10 @@ fn linux_virtio_net_talks_over_a_bridge_with_jumbo_frames_and_keeps_talking_afte
     assert!(ok, "DF ping at MTU 9000: {out}");
     let (ok, out) = df_ping(ns, 8973, 1);
     assert!(!ok, "a 9001-byte DF packet went through: {out}");
+    // The worker counted the frames both ways (utilization): the three big pings at least.
+    let io = env.json(&["vm", "status", "a"])["io"].clone();
+    assert!(io["net_rx_bytes"].as_u64().unwrap() >= 3 * 9000, "{io}");
+    assert!(io["net_tx_bytes"].as_u64().unwrap() >= 3 * 9000, "{io}");
 
     let arp = ferry_guests::packet_socket(br, 0x0806); // every ARP frame on the bridge
     let addr = env.receive("b", "127.0.0.1:0");

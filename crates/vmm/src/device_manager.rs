@@ -355,6 +355,15 @@ impl DeviceManager {
         Some(c.luns())
     }
 
+    /// What the VM's devices have moved since this worker made them.
+    pub fn io(&self) -> virtio::IoTotals {
+        let mut t = virtio::IoTotals::default();
+        for s in &self.slots {
+            t += s.lock().device().io();
+        }
+        t
+    }
+
     /// Runs `f` on the SCSI controller, then delivers the events it queued (unless the VM is
     /// paused: then the resume does).
     fn with_scsi<R>(

@@ -173,6 +173,10 @@ pub struct Status {
     /// until `migration-resolve` says where it runs.
     #[serde(default)]
     pub migration_outcome_unknown: bool,
+    /// What the VM's disks and NICs have moved since this worker started it (none while
+    /// receiving; absent from workers before this field).
+    #[serde(default)]
+    pub io: Option<vmm::devices::virtio::IoTotals>,
 }
 
 /// An incoming migration's state.

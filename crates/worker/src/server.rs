@@ -256,6 +256,7 @@ impl Worker {
                     migration,
                     incoming,
                     migration_outcome_unknown: self.outcome_unknown.load(Ordering::SeqCst),
+                    io: Some(m.io()),
                 }
             }
             None => Status {
@@ -275,6 +276,7 @@ impl Worker {
                 migration,
                 incoming,
                 migration_outcome_unknown: false,
+                io: None,
             },
         }
     }

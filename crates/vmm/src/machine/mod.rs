@@ -177,6 +177,11 @@ impl Machine {
         }
     }
 
+    /// What the VM's disks and NICs have moved since this worker started it.
+    pub fn io(&self) -> crate::devices::virtio::IoTotals {
+        self.shared.devices.io()
+    }
+
     /// The SCSI controller's disks now (`None`: the VM has no controller).
     pub fn scsi_disks(&self) -> Option<Vec<LunInfo>> {
         self.shared.devices.scsi_disks()

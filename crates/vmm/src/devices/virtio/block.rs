@@ -64,6 +64,8 @@ pub struct Block {
     config: [u8; 60],
     id: [u8; ID_LEN],
     buf: Vec<u8>,
+    /// Data read and written for the guest.
+    io: super::IoTotals,
 }
 
 impl Block {
@@ -93,6 +95,7 @@ impl Block {
             config,
             id: idb,
             buf: Vec::new(),
+            io: super::IoTotals::default(),
         }
     }
 
@@ -136,7 +139,11 @@ impl Block {
                 let Some(off) = self.range(sector, len) else {
                     return S_IOERR;
                 };
-                self.copy_in(writer, off, len)
+                let status = self.copy_in(writer, off, len);
+                if status == S_OK {
+                    self.io.disk_read_bytes += len as u64;
+                }
+                status
             }
             T_OUT => {
                 let len = reader.available_bytes();
@@ -146,7 +153,11 @@ impl Block {
                 let Some(off) = self.range(sector, len) else {
                     return S_IOERR;
                 };
-                self.copy_out(reader, off, len)
+                let status = self.copy_out(reader, off, len);
+                if status == S_OK {
+                    self.io.disk_write_bytes += len as u64;
+                }
+                status
             }
             T_FLUSH => match self.disk.as_ref().map(Disk::flush) {
                 Some(Ok(())) => S_OK,
@@ -292,6 +303,10 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+
+    fn io(&self) -> super::IoTotals {
+        self.io
     }
 
     fn process_queue(&mut self, _index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
@@ -547,6 +562,10 @@ mod tests {
         let mut back = vec![0u8; 1024];
         b.d.ram.read(DATA, &mut back).unwrap();
         assert_eq!(back, pattern);
+        // Counted for utilization: what was moved, not what was refused.
+        assert_eq!(b.request(T_IN, 1 << 20, 1024, WRITE), S_IOERR);
+        let io = b.d.t.device().io();
+        assert_eq!((io.disk_read_bytes, io.disk_write_bytes), (1024, 1024));
         b.header(T_FLUSH, 0);
         let (head, len) = b.d.post(0, 0, &[(HDR, 16, 0), (STATUS, 1, WRITE)]);
         assert_eq!((head, len, b.status()), (0, 1, S_OK));

@@ -45,6 +45,30 @@ pub fn linux_cmdline(index: usize) -> Option<String> {
     Some(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
 }
 
+/// Bytes a VM's devices moved since its worker started: disk data read and written for the
+/// guest, frames received and sent (virtio headers included). Kept by each device, summed by
+/// the device manager, reported in the worker's status for utilization.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoTotals {
+    /// Disk data read for the guest (virtio-blk and SCSI LUNs).
+    pub disk_read_bytes: u64,
+    /// Disk data the guest wrote.
+    pub disk_write_bytes: u64,
+    /// Network frames delivered to the guest.
+    pub net_rx_bytes: u64,
+    /// Network frames the guest sent.
+    pub net_tx_bytes: u64,
+}
+
+impl std::ops::AddAssign for IoTotals {
+    fn add_assign(&mut self, o: IoTotals) {
+        self.disk_read_bytes += o.disk_read_bytes;
+        self.disk_write_bytes += o.disk_write_bytes;
+        self.net_rx_bytes += o.net_rx_bytes;
+        self.net_tx_bytes += o.net_tx_bytes;
+    }
+}
+
 /// A virtio device behind a transport.
 pub trait VirtioDevice: Send {
     /// virtio device ID (2: block, 1: network).
@@ -80,6 +104,9 @@ pub trait VirtioDevice: Send {
     /// Takes over saved device state (before [`VirtioDevice::activate`] on a restore); a
     /// state that does not fit the device is refused and nothing is changed.
     fn restore_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError>;
+    /// What the device has moved since it was made (not carried by save/restore: a new
+    /// worker counts from zero).
+    fn io(&self) -> IoTotals;
     /// The device as `Any`, for the device manager's run-time operations on a device of a
     /// known kind (adding a LUN to the SCSI controller).
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;

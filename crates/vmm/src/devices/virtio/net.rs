@@ -87,6 +87,8 @@ pub struct Net {
     kick: EventFd,
     queue_sizes: Vec<u16>,
     buf: Vec<u8>,
+    /// Frames received and sent.
+    io: super::IoTotals,
 }
 
 /// Which queue of the device a queue index is, given whether multi-queue was negotiated.
@@ -118,6 +120,7 @@ impl Net {
             kick: EventFd::new(libc::EFD_NONBLOCK)?,
             queue_sizes,
             buf: vec![0; MAX_FRAME],
+            io: super::IoTotals::default(),
         };
         net.use_pairs(1);
         Ok(net)
@@ -212,6 +215,7 @@ impl Net {
             };
             let head = chain.head_index();
             let len = Self::deliver(chain, &frame, ram);
+            self.io.net_rx_bytes += u64::from(len);
             if queue.add_used(mem, head, len).is_err() {
                 return used;
             }
@@ -229,8 +233,9 @@ impl Net {
                 if (VNET_HDR_LEN..=MAX_FRAME).contains(&n)
                     && r.read_exact(&mut self.buf[..n]).is_ok()
                 {
-                    if let Err(e) = self.tap.write_frame(pair, &self.buf[..n]) {
-                        tracing::warn!("virtio-net: {e}");
+                    match self.tap.write_frame(pair, &self.buf[..n]) {
+                        Ok(()) => self.io.net_tx_bytes += n as u64,
+                        Err(e) => tracing::warn!("virtio-net: {e}"),
                     }
                 }
             }
@@ -327,6 +332,10 @@ impl VirtioDevice for Net {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn io(&self) -> super::IoTotals {
+        self.io
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {
@@ -547,6 +556,13 @@ mod tests {
         assert_eq!(len, 0);
         let got = recv(&host, |f| f.windows(14).any(|w| w == b"from the guest"));
         assert_eq!(&got[..14], &from_guest[..14]);
+        // Counted for utilization (the host may have sent the TAP more than our frame).
+        let io = d.t.device().io();
+        assert!(
+            io.net_rx_bytes >= (VNET_HDR_LEN + to_guest.len()) as u64,
+            "{io:?}"
+        );
+        assert_eq!(io.net_tx_bytes, tx.len() as u64);
 
         // After a move: RARP from the VM's MAC, broadcast.
         let rarp = packet_socket(&name, 0x8035);
@@ -565,6 +581,8 @@ mod tests {
         d.ram.write(TX_BUF, &tx).unwrap();
         d.post(1, 0, &[(TX_BUF, tx.len() as u32, 0)]);
         recv(&host, |f| f.windows(14).any(|w| w == b"from the guest"));
+        // Dropped frames are not counted as sent.
+        assert_eq!(d.t.device().io().net_tx_bytes, 2 * tx.len() as u64);
     }
 
     /// An IPv4/UDP frame to the guest from source port `sport` (a flow of its own).

@@ -235,6 +235,19 @@ pub struct Context<'a> {
     pub present: &'a [u16],
 }
 
+/// Whether operation code `op` reads data from the disk for the guest.
+pub fn is_read(code: u8) -> bool {
+    matches!(code, op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16)
+}
+
+/// Whether operation code `op` writes the guest's data to the disk.
+pub fn is_write(code: u8) -> bool {
+    matches!(
+        code,
+        op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16
+    )
+}
+
 /// Runs `cdb` for `lun` (`None`: no such LUN), reading data from `r` and writing it to `w`.
 /// On CHECK CONDITION nothing was changed on the disk, except by an I/O error part-way.
 pub fn execute(

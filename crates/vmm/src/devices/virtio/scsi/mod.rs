@@ -175,6 +175,8 @@ pub struct Scsi {
     pending: VecDeque<ScsiEvent>,
     missed: bool,
     buf: Vec<u8>,
+    /// Data read and written for the guest, all LUNs.
+    io: super::IoTotals,
 }
 
 impl Scsi {
@@ -202,6 +204,7 @@ impl Scsi {
             pending: VecDeque::new(),
             missed: false,
             buf: Vec::new(),
+            io: super::IoTotals::default(),
         })
     }
 
@@ -381,6 +384,15 @@ impl Scsi {
                         capacity_in - data_in.bytes_written()
                     };
                     resp[4..8].copy_from_slice(&u32::try_from(residual).unwrap_or(0).to_le_bytes());
+                    if outcome.is_ok() {
+                        let cdb = req[19];
+                        if commands::is_read(cdb) {
+                            self.io.disk_read_bytes += data_in.bytes_written() as u64;
+                        } else if commands::is_write(cdb) {
+                            self.io.disk_write_bytes +=
+                                capacity_out.saturating_sub(r.available_bytes()) as u64;
+                        }
+                    }
                     match outcome {
                         Ok(()) => (commands::GOOD, S_OK, None),
                         Err(s) => (commands::CHECK_CONDITION, S_OK, Some(s)),
@@ -487,6 +499,10 @@ impl VirtioDevice for Scsi {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+
+    fn io(&self) -> super::IoTotals {
+        self.io
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, ram: &GuestRam) -> bool {

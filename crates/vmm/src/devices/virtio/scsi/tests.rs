@@ -696,6 +696,12 @@ fn a_host_block_device_is_a_lun_like_an_image() {
     list[16..20].copy_from_slice(&4u32.to_be_bytes());
     c.good(n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &list, 0);
     assert_eq!(c.good(n, &read10(8, 4), &[], 2048), vec![0u8; 2048]);
+    // Counted for utilization: reads and writes of data, not the other commands.
+    let io = crate::devices::virtio::VirtioDevice::io(c.scsi());
+    assert_eq!(
+        (io.disk_read_bytes, io.disk_write_bytes),
+        (4096 + 2048, 4096)
+    );
     c.scsi().unplug(n).unwrap();
     // Through the device to the file beneath it.
     let mut under = vec![0u8; 2048];
