@@ -2,7 +2,7 @@
 //! own ferryd, on a management and a migration bridge; one shared directory), a guest that
 //! checks its own memory, a live migration through the coordinator, a host drained for
 //! maintenance and returned with failback — the guest's counter never restarting, every check
-//! of its memory passing — the migration and placement reports, an idle host switched off and
+//! of its memory passing — the utilization, migration and placement reports, an idle host switched off and
 //! on by the cluster, then a host whose agent hangs (SIGSTOP): its worker fences itself and
 //! the VM restarts elsewhere, never running twice; then `ferry cluster down`.
 
@@ -253,7 +253,9 @@ pub fn run(ws: &Path) -> Result<()> {
         }
         d.follow(4)?;
         d.ferry(&["migration", "list"])?;
-        // The reports: what the moves cost, and where the VM could go next and why.
+        // The reports: each host's and VM's use (CPU, memory, disk and network), what the
+        // moves cost, and where the VM could go next and why.
+        d.ferry(&["report", "utilization", "--since", "10m"])?;
         d.ferry(&["report", "migrations", "--since", "1h"])?;
         d.ferry(&["report", "placement", "demo"])?;
         d.ferry(&["vm", "list"])?;
