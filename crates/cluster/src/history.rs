@@ -468,7 +468,11 @@ mod tests {
         assert_eq!(u.vms.len(), 1);
         assert!((u.vms[0].cpu_cores.avg - 1.0).abs() < 1e-9);
         // Throughput the same way (the VM reads 1000 bytes/s per core), per VM and per host.
-        assert!((u.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-6, "{:?}", u.vms[0].io);
+        assert!(
+            (u.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-6,
+            "{:?}",
+            u.vms[0].io
+        );
         assert_eq!(u.vms[0].io.disk_read.peak, 1500.0);
         assert_eq!(u.io.disk_read.now, 1500.0);
         // The last day: coarse averages (2.0 each: peaks are smoothed) before the fine hour.
@@ -479,7 +483,10 @@ mod tests {
             d.samples
         );
         assert!((d.cpu_cores.avg - 2.0).abs() < 1e-6);
-        assert!((d.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-3, "averaged like CPU");
+        assert!(
+            (d.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-3,
+            "averaged like CPU"
+        );
         assert!(d.from >= end - 86_400);
         // Nothing before the kept day.
         assert!(h.since(0).len() <= FINE_KEEP + COARSE_KEEP);

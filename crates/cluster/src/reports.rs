@@ -67,22 +67,29 @@ impl Agent {
         let mut unreachable = BTreeMap::new();
         let mut names: Vec<&String> = view.hosts.keys().collect();
         names.sort();
-        for h in names {
-            if h == self.host() {
+        // Every other host is asked at once; the answers are taken in the hosts' order.
+        let asked: Vec<_> = names
+            .into_iter()
+            .map(|h| {
+                let call = (h != self.host()).then(|| {
+                    let url = format!(
+                        "{}/v1/internal/utilization?since={since}",
+                        view.hosts[h].api
+                    );
+                    let token = self.token.clone();
+                    tokio::task::spawn_blocking(move || peer::call(&url, &token, Method::Get, None))
+                });
+                (h, call)
+            })
+            .collect();
+        for (h, call) in asked {
+            let Some(call) = call else {
                 hosts.push(self.utilization(since));
                 continue;
-            }
-            let url = format!(
-                "{}/v1/internal/utilization?since={since}",
-                view.hosts[h].api
-            );
-            let token = self.token.clone();
-            let r =
-                tokio::task::spawn_blocking(move || peer::call(&url, &token, Method::Get, None))
-                    .await
-                    .map_err(|e| {
-                        ClusterError::Request(500, format!("the call to {h} failed: {e}"))
-                    })?;
+            };
+            let r = call
+                .await
+                .map_err(|e| ClusterError::Request(500, format!("the call to {h} failed: {e}")))?;
             match r.map(serde_json::from_value::<HostUtilization>) {
                 Ok(Ok(u)) => hosts.push(u),
                 Ok(Err(e)) => {
