@@ -9,6 +9,7 @@
 //! change is refused: the worker would refuse it too.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use ferry_worker::api::Request;
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,9 @@ use crate::peer::{self, Method};
 use crate::records::{vm_key, MigrationState, VmRecord};
 use crate::view::View;
 use crate::ClusterError;
+
+/// How a VM between states is refused (and recognised as worth waiting for).
+const BETWEEN: &str = "is starting or stopping";
 
 /// A disk to add.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -112,8 +116,24 @@ impl Agent {
         Ok((rev, rec))
     }
 
-    /// Where the change to `name` is made.
+    /// Where the change to `name` is made. A VM between states — started, or just handed over
+    /// by a migration, before its host's reconcile pass has recorded the worker running — is
+    /// waited for, up to a lease's time, before the change is refused.
     async fn place(&self, name: &str, forwarded: bool) -> Result<Place, ClusterError> {
+        let until = std::time::Instant::now() + Duration::from_secs(self.cfg.lease_ttl_s.max(3));
+        loop {
+            match self.place_now(name, forwarded).await {
+                Err(ClusterError::Request(409, why))
+                    if why.contains(BETWEEN) && std::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn place_now(&self, name: &str, forwarded: bool) -> Result<Place, ClusterError> {
         let view = View::read(&self.db).await?;
         if view
             .active_migration(name)
@@ -154,7 +174,7 @@ impl Agent {
             }
             None => Err(refuse(
                 409,
-                format!("{name} is starting or stopping; try again when it runs or has stopped"),
+                format!("{name} {BETWEEN}; try again when it runs or has stopped"),
             )),
         }
     }
