@@ -129,8 +129,6 @@ struct Sim {
     min_on: usize,
     /// `FERRY_SIM_TRACE`: print every pass's power decision and every overloaded host-minute.
     trace: bool,
-    /// The current minute.
-    now: u64,
     /// Migrations that emptied a host to switch it off (the rest balanced).
     evacuation_moves: u64,
 }
@@ -196,7 +194,6 @@ impl Sim {
             passes: 0,
             min_on: 0,
             trace: std::env::var_os("FERRY_SIM_TRACE").is_some(),
-            now: 0,
             evacuation_moves: 0,
         }
     }
@@ -262,7 +259,6 @@ impl Sim {
     }
 
     fn minute(&mut self, t: u64) {
-        self.now = t;
         let day_frac = (t % 1440) as f64 / 1440.0;
         for v in &mut self.vms {
             // A burst: a few per VM per week, half an hour at full demand.
@@ -312,7 +308,7 @@ impl Sim {
             }
         }
         self.admit(t);
-        self.measure();
+        self.measure(t);
     }
 
     /// A host dies: its VMs restart elsewhere (HA), migrations to or from it are lost.
@@ -408,7 +404,7 @@ impl Sim {
         self.queue = left;
     }
 
-    fn measure(&mut self) {
+    fn measure(&mut self, t: u64) {
         let mut cpu = vec![0.0; self.hosts.len()];
         for v in &self.vms {
             cpu[v.host] += v.demand;
@@ -421,7 +417,7 @@ impl Sim {
                     if cpu[h] > HOST_CORES {
                         self.overload_host_min += 1;
                         if self.trace {
-                            self.trace_overload(h, cpu[h]);
+                            self.trace_overload(t, h, cpu[h]);
                         }
                     }
                 }
@@ -448,16 +444,16 @@ impl Sim {
     }
 
     /// `FERRY_SIM_TRACE`: one line per overloaded host-minute, with what was going on there.
-    fn trace_overload(&self, h: usize, cpu: f64) {
+    fn trace_overload(&self, t: u64, h: usize, cpu: f64) {
         let on_h = || self.vms.iter().filter(move |v| v.host == h);
         eprintln!(
             "overload t={} hour={} host={} load={:.2} vms={} bursting={} leaving={} arriving={}",
-            self.now,
-            (self.now % 1440) / 60,
+            t,
+            (t % 1440) / 60,
             self.hosts[h].name,
             cpu / HOST_CORES,
             on_h().count(),
-            on_h().filter(|v| self.now < v.burst_until).count(),
+            on_h().filter(|v| t < v.burst_until).count(),
             on_h().filter(|v| v.moving.is_some()).count(),
             self.vms
                 .iter()

@@ -375,6 +375,31 @@ struct UnderWay {
     evacuating: Vec<String>,
 }
 
+/// Takes host `key` back from power state `from` to `to`, with the reason in its note — nothing
+/// if another pass moved it on meanwhile. A host no longer being emptied stops draining.
+async fn fall_back(
+    db: &Db,
+    key: &str,
+    from: PowerState,
+    to: PowerState,
+    note: String,
+) -> Result<(), ClusterError> {
+    db.update::<HostAdmin, _>(key, |r| {
+        if r.power != from {
+            return false;
+        }
+        r.power = to;
+        r.power_since = now();
+        r.power_note = Some(note.clone());
+        if from == PowerState::Evacuating {
+            r.draining = false;
+        }
+        true
+    })
+    .await?;
+    Ok(())
+}
+
 /// Carries on what is under way: an emptied host is switched off, a host asked to wake is
 /// switched on, one that does not join in time is reported. Returns what is still under way.
 async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, ClusterError> {
@@ -390,13 +415,13 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, C
             PowerState::Evacuating => {
                 let Some(rec) = view.hosts.get(h) else {
                     // It died while being emptied: a failed host like any other.
-                    db.update::<HostAdmin, _>(&key, |r| {
-                        let ch = r.power == PowerState::Evacuating;
-                        r.power = PowerState::On;
-                        r.draining = false;
-                        r.power_note = Some("it went down while being emptied".into());
-                        ch
-                    })
+                    fall_back(
+                        db,
+                        &key,
+                        PowerState::Evacuating,
+                        PowerState::On,
+                        "it went down while being emptied".into(),
+                    )
                     .await?;
                     continue;
                 };
@@ -434,12 +459,13 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, C
                 }
                 if let Err(e) = switch(&cfg.power, h, false).await {
                     warn!("power: {h} stays on: {e}");
-                    db.update::<HostAdmin, _>(&key, |r| {
-                        r.power = PowerState::On;
-                        r.power_since = now();
-                        r.power_note = Some(format!("could not be switched off: {e}"));
-                        true
-                    })
+                    fall_back(
+                        db,
+                        &key,
+                        PowerState::Standby,
+                        PowerState::On,
+                        format!("could not be switched off: {e}"),
+                    )
                     .await?;
                 } else {
                     info!("power: {h} is switched off (standby)");
@@ -449,17 +475,13 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, C
                 // Switched off, yet its agent still reports: the driver did not work.
                 let timeout = cfg.power.wake_timeout_s.max(cfg.lease_ttl_s * 2);
                 if view.hosts.contains_key(h) && t.saturating_sub(adm.power_since) > timeout {
-                    db.update::<HostAdmin, _>(&key, |r| {
-                        if r.power != PowerState::Standby {
-                            return false;
-                        }
-                        r.power = PowerState::On;
-                        r.power_since = now();
-                        r.power_note = Some(format!(
-                            "still running {timeout}s after its power driver switched it off"
-                        ));
-                        true
-                    })
+                    fall_back(
+                        db,
+                        &key,
+                        PowerState::Standby,
+                        PowerState::On,
+                        format!("still running {timeout}s after its power driver switched it off"),
+                    )
                     .await?;
                 }
             }
@@ -492,17 +514,13 @@ async fn carry_on(db: &Db, view: &View, cfg: &AgentConfig) -> Result<UnderWay, C
                 let timeout = cfg.power.wake_timeout_s;
                 if t.saturating_sub(adm.power_since) > timeout {
                     warn!("power: {h} did not join within {timeout}s of being switched on");
-                    db.update::<HostAdmin, _>(&key, |r| {
-                        if r.power != PowerState::Waking {
-                            return false;
-                        }
-                        r.power = PowerState::Standby;
-                        r.power_since = now();
-                        r.power_note = Some(format!(
-                            "did not join within {timeout}s of being switched on"
-                        ));
-                        true
-                    })
+                    fall_back(
+                        db,
+                        &key,
+                        PowerState::Waking,
+                        PowerState::Standby,
+                        format!("did not join within {timeout}s of being switched on"),
+                    )
                     .await?;
                 }
             }
