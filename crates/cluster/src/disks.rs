@@ -22,9 +22,6 @@ use crate::records::{vm_key, MigrationState, VmRecord};
 use crate::view::View;
 use crate::ClusterError;
 
-/// How a VM between states is refused (and recognised as worth waiting for).
-const BETWEEN: &str = "is starting or stopping";
-
 /// A disk to add.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,18 +119,25 @@ impl Agent {
     async fn place(&self, name: &str, forwarded: bool) -> Result<Place, ClusterError> {
         let until = std::time::Instant::now() + Duration::from_secs(self.cfg.lease_ttl_s.max(3));
         loop {
-            match self.place_now(name, forwarded).await {
-                Err(ClusterError::Request(409, why))
-                    if why.contains(BETWEEN) && std::time::Instant::now() < until =>
-                {
+            match self.place_now(name, forwarded).await? {
+                None if std::time::Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                r => return r,
+                None => {
+                    return Err(refuse(
+                        409,
+                        format!(
+                            "{name} is starting or stopping; try again when it runs or has stopped"
+                        ),
+                    ))
+                }
+                Some(p) => return Ok(p),
             }
         }
     }
 
-    async fn place_now(&self, name: &str, forwarded: bool) -> Result<Place, ClusterError> {
+    /// Where the change is made now; `None` while the VM is between states.
+    async fn place_now(&self, name: &str, forwarded: bool) -> Result<Option<Place>, ClusterError> {
         let view = View::read(&self.db).await?;
         if view
             .active_migration(name)
@@ -151,7 +155,7 @@ impl Agent {
             .find(|r| Some(&r.host) == owner.as_ref())
             .map(|r| r.host.clone());
         match runs_on {
-            Some(h) if h == self.host() => Ok(Place::Here),
+            Some(h) if h == self.host() => Ok(Some(Place::Here)),
             Some(h) if forwarded => Err(refuse(
                 409,
                 format!("{name} runs on {h}, not here; try again"),
@@ -162,7 +166,7 @@ impl Agent {
                     .get(&h)
                     .map(|r| r.api.clone())
                     .ok_or_else(|| ClusterError::HostGone(h.clone()))?;
-                Ok(Place::There(h, api))
+                Ok(Some(Place::There(h, api)))
             }
             None if running.is_empty()
                 && view
@@ -170,12 +174,9 @@ impl Agent {
                     .get(name)
                     .is_some_and(|v| v.desired == crate::records::Desired::Stopped) =>
             {
-                Ok(Place::Stopped)
+                Ok(Some(Place::Stopped))
             }
-            None => Err(refuse(
-                409,
-                format!("{name} {BETWEEN}; try again when it runs or has stopped"),
-            )),
+            None => Ok(None),
         }
     }
 
