@@ -1037,7 +1037,7 @@ async fn metrics(State(a): Shared) -> Response {
     let io = a.latest_io();
     let per_vm_io = |f: fn(&Throughput) -> f64| -> Vec<(String, f64)> {
         io.iter()
-            .map(|(vm, t)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), f(t)))
+            .map(|(vm, t, _)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), f(t)))
             .collect()
     };
     for (name, help, f) in [
@@ -1064,5 +1064,12 @@ async fn metrics(State(a): Shared) -> Response {
     ] {
         gauge(name, help, per_vm_io(f));
     }
+    gauge(
+        "ferry_vm_dirty_bytes_per_second",
+        "How fast each VM's guest wrote its memory, from its worker's last sampling window.",
+        io.iter()
+            .map(|(vm, _, d)| (format!("{{host=\"{me}\",vm=\"{vm}\"}}"), *d))
+            .collect(),
+    );
     ([("content-type", "text/plain; version=0.0.4")], s).into_response()
 }

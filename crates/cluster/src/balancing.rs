@@ -27,6 +27,8 @@ struct Rate {
     at: Instant,
     /// Cores in use over the last window; `None` until one has passed.
     cores: Option<f64>,
+    /// How fast it writes its memory, MiB/s, as its host last reported (0 until then).
+    dirty_mib_s: f64,
 }
 
 /// The coordinator's balancing state between passes.
@@ -44,6 +46,8 @@ impl Balancer {
                 if view.vms.get(&u.name).and_then(|v| v.owner.as_deref()) != Some(h.name.as_str()) {
                     continue;
                 }
+                let dirty_mib_s =
+                    u.dirty_bytes_per_second.unwrap_or(0.0).max(0.0) / (1 << 20) as f64;
                 match self.rates.get_mut(&u.name) {
                     None => {
                         self.rates.insert(
@@ -52,6 +56,7 @@ impl Balancer {
                                 cpu_seconds: u.cpu_seconds,
                                 at: now,
                                 cores: None,
+                                dirty_mib_s,
                             },
                         );
                     }
@@ -59,8 +64,10 @@ impl Balancer {
                         // A new worker (the VM moved or restarted): start the window again.
                         r.cpu_seconds = u.cpu_seconds;
                         r.at = now;
+                        r.dirty_mib_s = dirty_mib_s;
                     }
                     Some(r) => {
+                        r.dirty_mib_s = dirty_mib_s;
                         let dt = now.duration_since(r.at);
                         if dt >= RATE_WINDOW {
                             r.cores = Some((u.cpu_seconds - r.cpu_seconds) / dt.as_secs_f64());
@@ -130,7 +137,8 @@ impl Balancer {
             .filter(|v| v.desired == Desired::Running)
             .filter_map(|v| {
                 let owner = v.owner.clone().filter(|o| view.hosts.contains_key(o))?;
-                let cores = self.rates.get(&v.config.name).and_then(|r| r.cores);
+                let rate = self.rates.get(&v.config.name);
+                let cores = rate.and_then(|r| r.cores);
                 let moving = view.active_migration(&v.config.name);
                 Some(Vm {
                     name: v.config.name.clone(),
@@ -142,7 +150,7 @@ impl Balancer {
                         .unwrap_or(owner),
                     cpu: cores.unwrap_or(0.0).max(0.0),
                     memory_mib: v.config.memory_mib,
-                    dirty_mib_s: 0.0,
+                    dirty_mib_s: rate.map_or(0.0, |r| r.dirty_mib_s),
                     movable: cores.is_some() && moving.is_none() && !recently_moved(&v.config.name),
                     migrating: moving.is_some(),
                 })
@@ -266,4 +274,41 @@ async fn put_recommendations(db: &Db, rec: &RecommendationsRecord) -> Result<(),
         .compare_and_put(&key, rev, encode(rec)?, None)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::tests::{host, view, vm_with_nic};
+
+    #[test]
+    fn the_model_takes_cpu_from_two_readings_and_the_dirty_rate_as_reported() {
+        let usage = |cpu_seconds: f64| VmUsage {
+            name: "a".into(),
+            cpu_seconds,
+            rss_mib: 64,
+            dirty_bytes_per_second: Some(32.0 * (1 << 20) as f64),
+        };
+        let mut h = host("h1", &["br-lan"]);
+        h.vm_usage = vec![usage(10.0)];
+        let mut v = view(vec![h]);
+        let mut rec = vm_with_nic("br-lan");
+        rec.owner = Some("h1".into());
+        v.vms.insert("a".into(), rec);
+        let mut b = Balancer::default();
+        let t0 = Instant::now();
+        b.observe(&v, t0);
+        let m = b.model(&v, Duration::from_secs(60), 0, &PowerConfig::default());
+        assert_eq!(m.vms.len(), 1);
+        assert!(!m.vms[0].movable, "no CPU rate yet: {:?}", m.vms[0]);
+        assert_eq!(m.vms[0].dirty_mib_s, 32.0);
+        // 3 CPU seconds in 6 s: half a core.
+        if let Some(h) = v.hosts.get_mut("h1") {
+            h.vm_usage = vec![usage(13.0)];
+        }
+        b.observe(&v, t0 + Duration::from_secs(6));
+        let m = b.model(&v, Duration::from_secs(60), 0, &PowerConfig::default());
+        assert!((m.vms[0].cpu - 0.5).abs() < 1e-9, "{:?}", m.vms[0]);
+        assert!(m.vms[0].movable);
+    }
 }

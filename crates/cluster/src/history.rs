@@ -33,6 +33,10 @@ pub struct VmSample {
     /// Its disks' and NICs' throughput (zero until its worker reports counters twice).
     #[serde(default)]
     pub io: Throughput,
+    /// How fast the guest wrote its memory, bytes/s (its worker's latest sampling window;
+    /// zero until it has one).
+    #[serde(default)]
+    pub dirty: f64,
 }
 
 /// Device throughput, bytes per second.
@@ -159,6 +163,9 @@ pub struct VmUtilization {
     /// Its disks' and NICs' throughput, bytes/s.
     #[serde(default)]
     pub io: ThroughputStats,
+    /// How fast it wrote its memory, bytes/s.
+    #[serde(default)]
+    pub dirty: Stat,
     /// Samples it appears in.
     pub samples: usize,
 }
@@ -185,6 +192,9 @@ pub struct HostUtilization {
     /// Its VMs' disk and network throughput together, bytes/s.
     #[serde(default)]
     pub io: ThroughputStats,
+    /// How fast its VMs wrote their memory together, bytes/s.
+    #[serde(default)]
+    pub dirty: Stat,
     /// Its VMs (those it ran in the period), by name.
     pub vms: Vec<VmUtilization>,
 }
@@ -259,6 +269,7 @@ impl History {
                     .iter()
                     .fold(Throughput::default(), |t, v| t.plus(v.io))
             })),
+            dirty: Stat::of(samples.iter().map(|s| s.vms.iter().map(|v| v.dirty).sum())),
             vms: by_vm
                 .into_iter()
                 .map(|(name, v)| VmUtilization {
@@ -267,6 +278,7 @@ impl History {
                     rss_mib: Stat::of(v.iter().map(|x| x.rss_mib as f64)),
                     memory_mib: v.last().map_or(0, |x| x.memory_mib),
                     io: ThroughputStats::of(v.iter().map(|x| x.io)),
+                    dirty: Stat::of(v.iter().map(|x| x.dirty)),
                     samples: v.len(),
                 })
                 .collect(),
@@ -277,15 +289,26 @@ impl History {
 /// The mean of some samples: the first one's time, each VM averaged over the samples it is in.
 fn average(samples: &[Sample]) -> Sample {
     let n = samples.len().max(1) as f64;
-    let mut vms: BTreeMap<&str, (f64, f64, u64, usize, Throughput)> = BTreeMap::new();
+    /// One VM's sums over the samples it is in.
+    #[derive(Default)]
+    struct Sums {
+        cpu: f64,
+        rss: f64,
+        memory_mib: u64,
+        n: usize,
+        io: Throughput,
+        dirty: f64,
+    }
+    let mut vms: BTreeMap<&str, Sums> = BTreeMap::new();
     for s in samples {
         for v in &s.vms {
             let e = vms.entry(v.name.as_str()).or_default();
-            e.0 += v.cpu_cores;
-            e.1 += v.rss_mib as f64;
-            e.2 = v.memory_mib;
-            e.3 += 1;
-            e.4 = e.4.plus(v.io);
+            e.cpu += v.cpu_cores;
+            e.rss += v.rss_mib as f64;
+            e.memory_mib = v.memory_mib;
+            e.n += 1;
+            e.io = e.io.plus(v.io);
+            e.dirty += v.dirty;
         }
     }
     Sample {
@@ -298,12 +321,16 @@ fn average(samples: &[Sample]) -> Sample {
             / n) as u64,
         vms: vms
             .into_iter()
-            .map(|(name, (cpu, rss, mem, k, io))| VmSample {
-                name: name.to_string(),
-                cpu_cores: cpu / k as f64,
-                rss_mib: (rss / k as f64) as u64,
-                memory_mib: mem,
-                io: io.scaled(1.0 / k as f64),
+            .map(|(name, e)| {
+                let k = e.n.max(1) as f64;
+                VmSample {
+                    name: name.to_string(),
+                    cpu_cores: e.cpu / k,
+                    rss_mib: (e.rss / k) as u64,
+                    memory_mib: e.memory_mib,
+                    io: e.io.scaled(1.0 / k),
+                    dirty: e.dirty / k,
+                }
             })
             .collect(),
     }
@@ -341,6 +368,8 @@ pub struct WorkerReading {
     pub memory_mib: u64,
     /// Its devices' byte counters (`None` from a worker that does not report them).
     pub io: Option<IoTotals>,
+    /// Its guest's dirty rate, bytes/s (`None` until the worker has measured it).
+    pub dirty: Option<f64>,
 }
 
 impl Sampler {
@@ -379,6 +408,7 @@ impl Sampler {
                         rss_mib: w.rss_mib,
                         memory_mib: w.memory_mib,
                         io: io.unwrap_or_default(),
+                        dirty: w.dirty.unwrap_or(0.0),
                     });
                 }
             }
@@ -441,6 +471,7 @@ mod tests {
                         disk_read: 1000.0 * c,
                         ..Default::default()
                     },
+                    dirty: 2000.0 * c,
                 })
                 .collect(),
         }
@@ -475,6 +506,13 @@ mod tests {
         );
         assert_eq!(u.vms[0].io.disk_read.peak, 1500.0);
         assert_eq!(u.io.disk_read.now, 1500.0);
+        // The dirty rate too (2000 bytes/s per core).
+        assert!(
+            (u.vms[0].dirty.avg - 2000.0).abs() < 1e-6,
+            "{:?}",
+            u.vms[0].dirty
+        );
+        assert_eq!(u.dirty.peak, 3000.0);
         // The last day: coarse averages (2.0 each: peaks are smoothed) before the fine hour.
         let d = h.summary("h1", 4, 8192, end - 86_400 + 1);
         assert!(
@@ -487,6 +525,7 @@ mod tests {
             (d.vms[0].io.disk_read.avg - 1000.0).abs() < 1e-3,
             "averaged like CPU"
         );
+        assert!((d.vms[0].dirty.avg - 2000.0).abs() < 1e-3);
         assert!(d.from >= end - 86_400);
         // Nothing before the kept day.
         assert!(h.since(0).len() <= FINE_KEEP + COARSE_KEEP);
@@ -508,6 +547,7 @@ mod tests {
                     net_rx_bytes: (cpu * 1048576.0) as u64,
                     ..Default::default()
                 }),
+                dirty: Some(cpu * 100.0),
             }]
         };
         assert!(s
@@ -525,6 +565,8 @@ mod tests {
         );
         assert!((x.vms[0].io.net_rx - 524288.0).abs() < 1e-9);
         assert_eq!(x.vms[0].io.disk_write, 0.0);
+        // The dirty rate is the worker's own measure, taken as it is.
+        assert_eq!(x.vms[0].dirty, 1000.0);
         assert!(
             (x.cpu_cores - 0.5).abs() < 1e-9,
             "10 of 40 ticks of 2 cores"

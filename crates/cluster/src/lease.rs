@@ -181,6 +181,7 @@ impl Agent {
                         name: s.name.clone(),
                         cpu_seconds,
                         rss_mib,
+                        dirty_bytes_per_second: s.dirty.map(|d| d.bytes_per_second),
                     })
                 })
                 .collect(),

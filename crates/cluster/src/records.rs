@@ -148,6 +148,10 @@ pub struct VmUsage {
     pub cpu_seconds: f64,
     /// Its worker's resident memory (guest RAM it touched included), MiB.
     pub rss_mib: u64,
+    /// How fast its guest writes its memory, bytes/s, from the worker's last sampling window
+    /// (absent until it has one, and from hosts before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bytes_per_second: Option<f64>,
 }
 
 /// A host's administrative state, kept across its restarts.

@@ -33,6 +33,7 @@ impl Agent {
                                 rss_mib: rss,
                                 memory_mib: s.memory_mib,
                                 io: s.io,
+                                dirty: s.dirty.map(|d| d.bytes_per_second),
                             })
                         })
                         .collect::<Vec<WorkerReading>>()
@@ -73,10 +74,13 @@ impl Agent {
             .summary(self.host(), self.cores(), total, since)
     }
 
-    /// The latest sample's device throughput per VM, for `/metrics`.
-    pub fn latest_io(&self) -> Vec<(String, Throughput)> {
+    /// The latest sample's device throughput and dirty rate per VM, for `/metrics`.
+    pub fn latest_io(&self) -> Vec<(String, Throughput, f64)> {
         self.st().history.latest().map_or_else(Vec::new, |s| {
-            s.vms.iter().map(|v| (v.name.clone(), v.io)).collect()
+            s.vms
+                .iter()
+                .map(|v| (v.name.clone(), v.io, v.dirty))
+                .collect()
         })
     }
 

@@ -271,10 +271,10 @@ pub fn baseline(view: &View) -> (Vec<String>, BTreeMap<String, Vec<String>>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn host(name: &str, bridges: &[&str]) -> HostRecord {
+    pub(crate) fn host(name: &str, bridges: &[&str]) -> HostRecord {
         HostRecord {
             name: name.into(),
             api: String::new(),
@@ -296,7 +296,7 @@ mod tests {
         }
     }
 
-    fn vm_with_nic(bridge: &str) -> VmRecord {
+    pub(crate) fn vm_with_nic(bridge: &str) -> VmRecord {
         let mut n: vmm::config::NicSpec = format!("bridge={bridge}").parse().unwrap();
         n.fill_mac(0);
         VmRecord {
@@ -322,7 +322,7 @@ mod tests {
         }
     }
 
-    fn view(hosts: Vec<HostRecord>) -> View {
+    pub(crate) fn view(hosts: Vec<HostRecord>) -> View {
         View {
             hosts: hosts.into_iter().map(|h| (h.name.clone(), h)).collect(),
             admin: HashMap::new(),

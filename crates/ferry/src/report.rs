@@ -61,6 +61,43 @@ fn io(v: &Value, a: &str, b: &str) -> String {
     }
 }
 
+/// A dirty rate's average and peak over the period in MiB/s, as `avg/peak`.
+fn dirty(v: &Value) -> String {
+    let mib = |k: &str| {
+        v[k].as_f64()
+            .map(|x| format!("{:.1}", x / (1 << 20) as f64))
+    };
+    match (mib("avg"), mib("peak")) {
+        (Some(a), Some(p)) => format!("{a}/{p}"),
+        _ => "-".into(),
+    }
+}
+
+/// One row of the utilization table: the host's (`vm` none) or one of its VMs'.
+fn utilization_row(h: &Value, vm: Option<&Value>) -> Vec<String> {
+    let (e, name, cores, mem) = match vm {
+        None => (h, "-".to_string(), s(&h["cores"]), "memory_used_mib"),
+        Some(vm) => (vm, s(&vm["name"]), "-".to_string(), "rss_mib"),
+    };
+    let [a, p, n] = stat(&e["cpu_cores"], 2);
+    let [ma, mp, mn] = stat(&e[mem], 0);
+    vec![
+        s(&h["host"]),
+        name,
+        cores,
+        a,
+        p,
+        n,
+        ma,
+        mp,
+        mn,
+        io(&e["io"], "disk_read", "disk_write"),
+        io(&e["io"], "net_rx", "net_tx"),
+        dirty(&e["dirty"]),
+        s(&e["samples"]),
+    ]
+}
+
 /// Runs a `ferry report` verb.
 pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
     let api =
@@ -70,39 +107,9 @@ pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
             let v = api.get(&format!("/v1/reports/utilization?since={since}"))?;
             let mut rows = Vec::new();
             for h in v["hosts"].as_array().into_iter().flatten() {
-                let [a, p, n] = stat(&h["cpu_cores"], 2);
-                let [ma, mp, mn] = stat(&h["memory_used_mib"], 0);
-                rows.push(vec![
-                    s(&h["host"]),
-                    "-".into(),
-                    s(&h["cores"]),
-                    a,
-                    p,
-                    n,
-                    ma,
-                    mp,
-                    mn,
-                    io(&h["io"], "disk_read", "disk_write"),
-                    io(&h["io"], "net_rx", "net_tx"),
-                    s(&h["samples"]),
-                ]);
+                rows.push(utilization_row(h, None));
                 for vm in h["vms"].as_array().into_iter().flatten() {
-                    let [a, p, n] = stat(&vm["cpu_cores"], 2);
-                    let [ma, mp, mn] = stat(&vm["rss_mib"], 0);
-                    rows.push(vec![
-                        s(&h["host"]),
-                        s(&vm["name"]),
-                        "-".into(),
-                        a,
-                        p,
-                        n,
-                        ma,
-                        mp,
-                        mn,
-                        io(&vm["io"], "disk_read", "disk_write"),
-                        io(&vm["io"], "net_rx", "net_tx"),
-                        s(&vm["samples"]),
-                    ]);
+                    rows.push(utilization_row(h, Some(vm)));
                 }
             }
             print(
@@ -120,6 +127,7 @@ pub fn run(cmd: ReportCmd, out: Output, api: Option<&Api>) -> Result<()> {
                     "MEM NOW MiB",
                     "DISK R/W KB/s",
                     "NET RX/TX KB/s",
+                    "DIRTY AVG/PEAK MiB/s",
                     "SAMPLES",
                 ],
                 rows,

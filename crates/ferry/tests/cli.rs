@@ -555,3 +555,62 @@ fn a_guest_that_stops_on_its_own_says_how_and_where() {
     assert!(log.contains("stopped at rip="), "{log}");
     assert!(log.contains("GuestShutdown"), "{log}");
 }
+
+/// Polls the worker's status until its dirty-rate window satisfies `done` (a window every
+/// 10 s; a minute at most).
+fn dirty_until(
+    env: &Env,
+    vm: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = env.json(&["vm", "status", vm])["dirty"].clone();
+        if !d.is_null() && done(&d) {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no such dirty-rate window: last {d}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_worker_measures_how_fast_its_guest_writes_memory() {
+    let env = Env::new("dirtyrate");
+    let k = dirtier();
+    let console = env.console("d");
+    // 8 MiB of 64 rewritten page by page at 4,000 pages/s: the whole buffer (2,048 pages)
+    // within each 1 s window: 8 MiB/s of unique pages, an eighth of the RAM per window.
+    env.ok(&[
+        "vm",
+        "start",
+        "d",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--cmdline",
+        "mb=8 rate=4000 beat_ms=100",
+        "--console-log",
+        console.to_str().unwrap(),
+    ]);
+    wait_beats(&console, 2);
+    let d = dirty_until(&env, "d", |d| d["changed_pages"].as_u64() > Some(0));
+    let mib_s = d["bytes_per_second"].as_f64().unwrap() / (1u64 << 20) as f64;
+    eprintln!("measured: {mib_s:.1} MiB/s ({d})");
+    assert_eq!(d["sampled_pages"], 256, "{d}");
+    // An eighth of 256 sampled pages is 32 expected: well within 2..16 MiB/s.
+    assert!((2.0..16.0).contains(&mib_s), "{mib_s} MiB/s: {d}");
+    // Paused, the guest writes nothing: a window that starts after the pause sees no change.
+    env.ok(&["vm", "pause", "d"]);
+    let before = d["window_ms"].clone();
+    let idle = dirty_until(&env, "d", |x| x["changed_pages"] == 0 && *x != d);
+    assert_eq!(idle["bytes_per_second"], 0.0, "{idle} (before: {before})");
+    env.ok(&["vm", "resume", "d"]);
+    let b = beats(&console);
+    assert!(all_ok(&b), "the guest's memory checks failed: {b:?}");
+    env.ok(&["vm", "stop", "d"]);
+}

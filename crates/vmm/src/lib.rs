@@ -12,6 +12,7 @@ pub mod config;
 pub mod cpuid;
 pub mod device_manager;
 pub mod devices;
+pub mod dirty_rate;
 pub mod disk;
 pub mod host;
 pub mod machine;

@@ -221,6 +221,33 @@ impl GuestRam {
         Ok(zero_page(guard.as_ptr()))
     }
 
+    /// Whether the 4 KiB page at `addr` (page-aligned) is resident in the memory file, asked
+    /// without touching it (`mincore`): a page the guest never wrote is not, and reading it
+    /// would make the host allocate it.
+    pub fn page_resident(&self, addr: u64) -> Result<bool, MemoryError> {
+        let bad = MemoryError::OutOfRange {
+            addr,
+            len: PAGE_SIZE,
+        };
+        if !addr.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(bad);
+        }
+        let slice = self
+            .mem
+            .get_slice(GuestAddress(addr), PAGE_SIZE)
+            .map_err(|_| bad)?;
+        let guard = slice.ptr_guard();
+        let mut vec = 0u8;
+        // SAFETY: the page is mapped (a slice of guest RAM) and page-aligned (RAM regions are
+        // mapped page-aligned and addr is a multiple of the page size); mincore writes one
+        // byte for one page into `vec`.
+        let rc = unsafe { libc::mincore(guard.as_ptr().cast_mut().cast(), PAGE_SIZE, &mut vec) };
+        if rc != 0 {
+            return Err(MemoryError::File(std::io::Error::last_os_error()));
+        }
+        Ok(vec & 1 == 1)
+    }
+
     /// Copies `buf.len()` bytes at `addr` into `buf`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.mem

@@ -177,7 +177,17 @@ pub struct Status {
     /// receiving; absent from workers before this field).
     #[serde(default)]
     pub io: Option<vmm::devices::virtio::IoTotals>,
+    /// How fast the guest writes its memory, from the worker's last sampling window (every
+    /// [`DIRTY_SAMPLE_EVERY`], over [`DIRTY_WINDOW`]; none until the first has ended, and
+    /// absent from workers before this field).
+    #[serde(default)]
+    pub dirty: Option<vmm::dirty_rate::DirtyRate>,
 }
+
+/// How often a worker measures its guest's dirty rate.
+pub const DIRTY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Over how long a window.
+pub const DIRTY_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An incoming migration's state.
 #[derive(Clone, Debug, Serialize, Deserialize)]

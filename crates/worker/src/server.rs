@@ -19,7 +19,8 @@ use migration::commit::{Decision, GateAnswer};
 use migration::{MigrateOptions, MigrationError, MigrationStatus};
 
 use crate::api::{
-    DiskList, Incoming, Request, Response, Status, WorkerState, API_VERSION, MAX_REQUEST,
+    DiskList, Incoming, Request, Response, Status, WorkerState, API_VERSION, DIRTY_SAMPLE_EVERY,
+    DIRTY_WINDOW, MAX_REQUEST,
 };
 use crate::fence::{boottime_ms, Deadline};
 use crate::paths;
@@ -209,6 +210,8 @@ struct Worker {
     /// cluster's commit answer lost): the VM is paused and fenced, and `migration-resolve`
     /// says whether it resumes (it runs nowhere else) or is stopped (the destination runs it).
     outcome_unknown: AtomicBool,
+    /// The guest's dirty rate from the last sampling window.
+    dirty: Mutex<Option<vmm::dirty_rate::DirtyRate>>,
 }
 
 struct Outgoing {
@@ -257,6 +260,7 @@ impl Worker {
                     incoming,
                     migration_outcome_unknown: self.outcome_unknown.load(Ordering::SeqCst),
                     io: Some(m.io()),
+                    dirty: *self.dirty.lock().unwrap_or_else(|p| p.into_inner()),
                 }
             }
             None => Status {
@@ -277,7 +281,31 @@ impl Worker {
                 incoming,
                 migration_outcome_unknown: false,
                 io: None,
+                dirty: None,
             },
+        }
+    }
+
+    /// Measures the guest's dirty rate every [`DIRTY_SAMPLE_EVERY`] over [`DIRTY_WINDOW`]
+    /// (by page sampling: `vmm::dirty_rate`), for as long as the process lives; a receiving
+    /// worker starts once its VM has arrived.
+    fn sample_dirty_rate(&self) {
+        let mut round: u64 = 0;
+        loop {
+            std::thread::sleep(DIRTY_SAMPLE_EVERY.saturating_sub(DIRTY_WINDOW));
+            let Some(m) = self.machine.get() else {
+                continue;
+            };
+            round += 1;
+            let seed = round ^ u64::from(std::process::id()).rotate_left(32);
+            let rate = vmm::dirty_rate::DirtySample::take(m.ram(), seed).and_then(|s| {
+                std::thread::sleep(DIRTY_WINDOW);
+                s.finish(m.ram())
+            });
+            match rate {
+                Ok(r) => *self.dirty.lock().unwrap_or_else(|p| p.into_inner()) = Some(r),
+                Err(e) => tracing::warn!("cannot measure the dirty rate: {e}"),
+            }
         }
     }
 
@@ -823,6 +851,7 @@ fn run(args: Args) -> Result<(), WorkerError> {
         deadline,
         decision: args.commit_by_store.then(|| Arc::new(Decision::new())),
         outcome_unknown: AtomicBool::new(false),
+        dirty: Mutex::new(None),
     });
     if let Some(m) = machine {
         let _ = worker.machine.set(m);
@@ -848,6 +877,15 @@ fn run(args: Args) -> Result<(), WorkerError> {
     {
         let w = Arc::clone(&worker);
         std::thread::spawn(move || serve(&w, &listener));
+    }
+    {
+        let w = Arc::clone(&worker);
+        if let Err(e) = std::thread::Builder::new()
+            .name("dirty-rate".into())
+            .spawn(move || w.sample_dirty_rate())
+        {
+            tracing::warn!("cannot start the dirty-rate sampler (status will not show it): {e}");
+        }
     }
     if let Some((l, _)) = incoming {
         let phase = &worker.incoming.as_ref().map(|(_, p)| p);
