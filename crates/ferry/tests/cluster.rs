@@ -1204,6 +1204,61 @@ fn host_states(c: &Cluster) -> HashMap<String, String> {
         .collect()
 }
 
+/// Waits until a host is in standby: it and every host's state then.
+fn wait_standby(c: &Cluster) -> (String, HashMap<String, String>) {
+    c.wait_until("a host in standby", Duration::from_secs(120), |c| {
+        host_states(c).values().any(|s| s == "standby")
+    });
+    let states = host_states(c);
+    let off = states
+        .iter()
+        .find(|(_, s)| *s == "standby")
+        .map(|(h, _)| h.clone())
+        .unwrap();
+    (off, states)
+}
+
+/// Waits until standby host `off` is up again, its agent having joined.
+fn wait_woken(c: &Cluster, off: &str) {
+    c.wait_until("the standby host back", Duration::from_secs(120), |c| {
+        host_states(c).get(off).is_some_and(|s| s == "up")
+    });
+    let h = c.json(&["host", "show", off]);
+    assert!(
+        h["power_note"]
+            .as_str()
+            .is_some_and(|n| n.contains("joined")),
+        "{h}"
+    );
+}
+
+/// Waits until no migration runs, then checks every VM of `vms` runs once, beats on, and its
+/// memory stayed intact all along.
+fn settle_intact(c: &Cluster, vms: &[&str]) {
+    c.wait_until("no migration running", Duration::from_secs(120), |c| {
+        c.json(&["migration", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] != "running" && m["state"] != "queued")
+    });
+    for vm in vms {
+        // One worker (a status call to a busy worker can time out: asked again, never two).
+        c.wait_until(
+            &format!("one worker of {vm}"),
+            Duration::from_secs(30),
+            |c| {
+                let n = c.workers_of(vm).len();
+                assert!(n <= 1, "{vm} runs {n} times");
+                n == 1
+            },
+        );
+        let n = beats_now(&c.console(vm));
+        wait_beats(&c.console(vm), n + 2);
+        assert_one_run_intact(&c.console(vm));
+    }
+}
+
 #[test]
 fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand_returns() {
     // Each host offers its VMs one core (they share this machine's two); the power windows
@@ -1247,15 +1302,7 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
 
     // Auto: one host is emptied by live migration and switched off; min_on = 2 keeps two.
     c.json(&["cluster", "power", "--mode", "auto"]);
-    c.wait_until("a host in standby", Duration::from_secs(120), |c| {
-        host_states(c).values().any(|s| s == "standby")
-    });
-    let states = host_states(&c);
-    let off = states
-        .iter()
-        .find(|(_, s)| *s == "standby")
-        .map(|(h, _)| h.clone())
-        .unwrap();
+    let (off, states) = wait_standby(&c);
     assert_eq!(
         states.values().filter(|s| *s == "up").count(),
         2,
@@ -1312,8 +1359,8 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
     assert!(e.contains("ferry host wake"), "{e}");
 
     // Demand rises past what the hosts that are on hold: a VM that fits on neither (memory
-    // here; CPU the same way, after `on_after_s`, in the policy's unit tests) wakes the standby
-    // host at once, and is placed there.
+    // here; CPU demand, after `on_after_s`, in the next test) wakes the standby host at once,
+    // and is placed there.
     let on_host = states
         .iter()
         .find(|(_, s)| *s == "up")
@@ -1345,16 +1392,7 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
         ],
     );
     vms.push("big3");
-    c.wait_until("the standby host back", Duration::from_secs(120), |c| {
-        host_states(c).get(&off).is_some_and(|s| s == "up")
-    });
-    let h = c.json(&["host", "show", &off]);
-    assert!(
-        h["power_note"]
-            .as_str()
-            .is_some_and(|n| n.contains("joined")),
-        "{h}"
-    );
+    wait_woken(&c, &off);
     // ... and used again.
     c.wait_until(
         "big3 running on the woken host",
@@ -1365,28 +1403,88 @@ fn idle_hosts_are_emptied_and_switched_off_then_switched_on_and_used_when_demand
         },
     );
     c.json(&["cluster", "power", "--mode", "off"]);
-    c.wait_until("no migration running", Duration::from_secs(120), |c| {
-        c.json(&["migration", "list"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|m| m["state"] != "running" && m["state"] != "queued")
-    });
+    settle_intact(&c, &vms);
+}
+
+#[test]
+fn cpu_demand_that_rises_switches_a_standby_host_on_and_balancing_moves_load_to_it() {
+    // Three hosts of one core each; a band low enough that two guests busy 35 % of their time
+    // are above it on two hosts (about 37 % > 30 %) and inside it on three (about 25 %): the
+    // test needs less than this machine's two cores. Power (keeping two hosts on, and the HA
+    // reserve) and balancing on, at a test's time scale.
+    let c = Cluster::with_host_keys(
+        &bins(),
+        "cpuwake",
+        3,
+        "vm_cores = 1",
+        "\n[power]\nmode = \"auto\"\nlow = 0.1\nhigh = 0.3\noff_after_s = 3\non_after_s = 3\nwake_timeout_s = 60\n\
+         [balance]\nmode = \"auto\"\ninterval_s = 2\ncooldown_s = 5\n",
+    );
+    let idle = ["--cmdline", "mb=1 rate=50 beat_ms=200 busy=0"];
+    let mut vms = vec!["i1", "i2", "i3"];
     for vm in &vms {
-        // One worker (a status call to a busy worker can time out: asked again, never two).
-        c.wait_until(
-            &format!("one worker of {vm}"),
-            Duration::from_secs(30),
-            |c| {
-                let n = c.workers_of(vm).len();
-                assert!(n <= 1, "{vm} runs {n} times");
-                n == 1
-            },
-        );
-        let n = beats_now(&c.console(vm));
-        wait_beats(&c.console(vm), n + 2);
-        assert_one_run_intact(&c.console(vm));
+        c.create(vm, &idle);
     }
+    // Idle: one host is emptied and switched off.
+    let (off, _) = wait_standby(&c);
+    c.wait_until(
+        "the standby host's agent gone",
+        Duration::from_secs(30),
+        |c| c.api_get("/v1/cluster")["hosts"] == 2,
+    );
+    let migrations_before = c.json(&["migration", "list"]).as_array().unwrap().len();
+
+    // Two busy guests start on the hosts left (they fit there: memory is not what wakes the
+    // third).
+    for vm in ["busy1", "busy2"] {
+        let on = c.create(vm, &["--cmdline", "mb=1 rate=50 beat_ms=200 busy=35"]);
+        assert_ne!(on, off);
+        vms.push(vm);
+    }
+    // Their CPU demand keeps the cluster above the band for `on_after_s`: the standby host is
+    // switched on, and says why.
+    wait_woken(&c, &off);
+    // ... and balancing moves load to it: a `balance` migration onto the woken host.
+    c.wait_until(
+        "a VM balanced onto the woken host",
+        Duration::from_secs(120),
+        |c| {
+            c.json(&["migration", "list"])
+                .as_array()
+                .unwrap()
+                .iter()
+                .skip(migrations_before)
+                .any(|m| {
+                    m["to"] == off.as_str() && m["reason"] == "balance" && m["state"] == "succeeded"
+                })
+        },
+    );
+    // The wake was CPU's doing: the coordinator said so when it switched the host on.
+    let logs = c.all_logs();
+    assert!(
+        logs.lines().any(
+            |l| l.contains(&format!("power: switching {off} on: cluster load"))
+                && l.contains("above 30%")
+        ),
+        "no CPU-driven wake of {off} in the logs:\n{}",
+        c.logs()
+    );
+    let ms = c.json(&["migration", "list"]);
+    let balanced: Vec<&Value> = ms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["reason"] == "balance")
+        .collect();
+    for m in &balanced {
+        assert!(
+            m["why"].as_str().is_some_and(|w| w.contains("imbalance")),
+            "{m}"
+        );
+    }
+    c.json(&["cluster", "power", "--mode", "off"]);
+    c.json(&["cluster", "balance", "--mode", "off"]);
+    settle_intact(&c, &vms);
 }
 
 #[test]

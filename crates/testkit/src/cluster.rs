@@ -475,6 +475,16 @@ esac
         }
     }
 
+    /// Every line every host's agent logged, in host order.
+    pub fn all_logs(&self) -> String {
+        self.hosts
+            .iter()
+            .map(|h| std::fs::read_to_string(&h.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The last lines of every host's log (for a failure's message).
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for h in &self.hosts {
